@@ -1,0 +1,229 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) as pure functions over a parameter pytree.
+
+Parameter tree (layers stacked along a leading axis of size ``num_layers``; kernels are (in, out))::
+
+  embed/embedding                 [V, D]
+  layers/attn_norm/scale          [L, D]
+  layers/attn/{q,k,v}_proj/kernel [L, D, H*hd]     (+ bias [L, H*hd] for Qwen2)
+  layers/attn/o_proj/kernel       [L, Hq*hd, D]
+  layers/mlp_norm/scale           [L, D]
+  layers/mlp/{gate,up}_proj/kernel [L, D, F]
+  layers/mlp/down_proj/kernel     [L, F, D]
+  final_norm/scale                [D]
+  lm_head/kernel                  [D, V]           (absent when embeddings are tied)
+
+Math, per layer (pre-norm):  h = x + Attn(RMSNorm(x));  y = h + W_down(silu(W_gate n) * W_up n), n = RMSNorm(h).
+RMSNorm(x) = x / sqrt(mean(x²) + eps) * scale, computed in float32. RoPE uses the "rotate half" convention of
+transformers (GGUF q/k rows are un-permuted at load time). Attention uses grouped-query heads and a softmax in
+float32.
+
+Attention masking is expressed with a key-value *slot* axis shared by training and generation: a query at slot
+``q`` may attend to slot ``s`` iff ``s <= q``, the slot holds a real token (``kv_valid``) and, with a sliding
+window, ``pos(q) - pos(s) < window``. Without a cache the slots are the input positions; with a cache they are
+the cache entries, so the same function serves prefill, decode and full-sequence scoring.
+
+Layers run under `jax.lax.scan` over the stacked parameters: one compiled layer body regardless of depth, which
+keeps compile time flat (30 layers compile as fast as 2), and the cache is updated in place in the scan carry.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from ..ops import linear
+from ._config import ModelConfig
+
+Params = dict
+
+
+class KVCache(NamedTuple):
+  """Key/value cache: ``k``/``v`` [L, B, S, Hkv, hd]; ``valid`` [B, S] marks slots holding real tokens."""
+
+  k: Float[Array, "L B S Hkv hd"]
+  v: Float[Array, "L B S Hkv hd"]
+  valid: Bool[Array, "B S"]
+
+  @classmethod
+  def empty(cls, cfg: ModelConfig, batch: int, slots: int, dtype) -> "KVCache":
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool))
+
+
+def rms_norm(x: Float[Array, "... D"], scale: Float[Array, "D"], eps: float) -> Float[Array, "... D"]:
+  """RMSNorm in float32, cast back to the input dtype before the scale (as transformers does)."""
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return scale.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_angles(cfg: ModelConfig, positions: Int[Array, "B T"]) -> tuple[Array, Array]:
+  """cos/sin tables [B, T, hd] for the given positions (float32)."""
+  inv = jnp.asarray(cfg.inv_freq())
+  freqs = positions.astype(jnp.float32)[..., None] * inv
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Float[Array, "B T H hd"], cos: Array, sin: Array) -> Float[Array, "B T H hd"]:
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x.astype(jnp.float32) * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def attention_mask(q_slots: Int[Array, "B T"], kv_valid: Bool[Array, "B S"], cfg: ModelConfig) -> Bool[Array, "B T S"]:
+  """Which key slots each query may see: causal over slots, real tokens only, optional sliding window."""
+  s = jnp.arange(kv_valid.shape[1])
+  mask = (s[None, None, :] <= q_slots[:, :, None]) & kv_valid[:, None, :]
+  if cfg.sliding_window is not None:
+    kv_pos = jnp.cumsum(kv_valid, axis=1) - 1                             # position of the token in each slot
+    q_pos = jnp.take_along_axis(kv_pos, jnp.clip(q_slots, 0, kv_valid.shape[1] - 1), axis=1)
+    mask &= (q_pos[:, :, None] - kv_pos[:, None, :]) < cfg.sliding_window
+  return mask
+
+
+def attention(q: Float[Array, "B T Hq hd"], k: Float[Array, "B S Hkv hd"], v: Float[Array, "B S Hkv hd"],
+              mask: Bool[Array, "B T S"]) -> Float[Array, "B T Hq hd"]:
+  """Grouped-query softmax attention; scores and softmax in float32."""
+  b, t, hq, hd = q.shape
+  hkv = k.shape[2]
+  qg = q.reshape(b, t, hkv, hq // hkv, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / np.sqrt(hd)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, hq, hd).astype(q.dtype)
+
+
+def _proj(p: Params, name: str, x):
+  node = p[name]
+  return linear(x, node["kernel"], node.get("bias"))
+
+
+def layer(cfg: ModelConfig, p: Params, x: Float[Array, "B T D"], cos, sin, k_all, v_all, write_slot, mask):
+  """One decoder block. Writes this step's k/v at `write_slot` into the layer's cache ``k_all``/``v_all``
+  [B, S, Hkv, hd] and attends over it. Returns (new x, new k_all, new v_all)."""
+  b, t, _ = x.shape
+  n = rms_norm(x, p["attn_norm"]["scale"], cfg.rms_norm_eps)
+  a = p["attn"]
+  q = _proj(a, "q_proj", n).reshape(b, t, cfg.num_heads, cfg.head_dim)
+  k = _proj(a, "k_proj", n).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  v = _proj(a, "v_proj", n).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+  if k_all is None:  # no cache: the keys are this sequence
+    k_all, v_all = k, v
+  else:
+    k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), write_slot, axis=1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), write_slot, axis=1)
+  o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
+  x = x + _proj(a, "o_proj", o.reshape(b, t, cfg.q_size))
+  n = rms_norm(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
+  m = p["mlp"]
+  hidden = jax.nn.silu(_proj(m, "gate_proj", n)) * _proj(m, "up_proj", n)
+  x = x + _proj(m, "down_proj", hidden)
+  return x, k_all, v_all
+
+
+def hidden_states(params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], *,
+                  valid: Bool[Array, "B T"] | None = None, positions: Int[Array, "B T"] | None = None,
+                  cache: KVCache | None = None, write_slot: Int[Array, ""] | int = 0,
+                  dtype=None, remat: bool = False) -> tuple[Float[Array, "B T D"], KVCache | None]:
+  """Final-norm hidden states for `tokens`.
+
+  Args:
+    tokens: token ids; padding entries are marked False in `valid`.
+    valid: which entries are real tokens (default: all). Left padding is the generation convention.
+    positions: rotary positions (default: count of real tokens before each entry, as transformers derives
+      ``position_ids`` from the attention mask).
+    cache: when given, k/v of these tokens are written at slots ``write_slot + [0, T)`` and attention runs
+      over the whole cache; the updated cache is returned.
+    dtype: compute dtype (default: the embedding dtype).
+    remat: rematerialise each layer in the backward pass (saves activation memory in training).
+  """
+  b, t = tokens.shape
+  if valid is None:
+    valid = jnp.ones((b, t), bool)
+  embed = params["embed"]["embedding"]
+  dtype = dtype or embed.dtype
+  x = embed[tokens].astype(dtype)
+  if cache is None:
+    kv_valid, q_slots = valid, jnp.broadcast_to(jnp.arange(t), (b, t))
+    if positions is None:
+      positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+  else:
+    kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, write_slot, axis=1)
+    q_slots = jnp.broadcast_to(write_slot + jnp.arange(t), (b, t))
+    if positions is None:
+      before = jnp.sum(cache.valid & (jnp.arange(cache.valid.shape[1]) < write_slot), axis=1, keepdims=True)
+      positions = jnp.maximum(before + jnp.cumsum(valid, axis=1) - 1, 0)
+  cos, sin = rope_angles(cfg, positions)
+  mask = attention_mask(q_slots, kv_valid, cfg)
+
+  def body(carry, p):
+    x, i, ks, vs = carry
+    if ks is None:
+      x, _, _ = layer(cfg, p, x, cos, sin, None, None, 0, mask)
+    else:
+      x, k_new, v_new = layer(cfg, p, x, cos, sin, ks[i], vs[i], write_slot, mask)
+      ks = jax.lax.dynamic_update_index_in_dim(ks, k_new, i, axis=0)
+      vs = jax.lax.dynamic_update_index_in_dim(vs, v_new, i, axis=0)
+    return (x, i + 1, ks, vs), None
+
+  if remat:
+    body = jax.checkpoint(body)
+  ks, vs = (None, None) if cache is None else (cache.k, cache.v)
+  (x, _, ks, vs), _ = jax.lax.scan(body, (x, jnp.int32(0), ks, vs), params["layers"])
+  x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
+  new_cache = None if cache is None else KVCache(ks, vs, kv_valid)
+  return x, new_cache
+
+
+def lm_head_kernel(params: Params, cfg: ModelConfig):
+  """The output projection (D, V): the transposed embedding when tied."""
+  if cfg.tie_embeddings:
+    return params["embed"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
+def logits(params: Params, cfg: ModelConfig, h: Float[Array, "... D"]) -> Float[Array, "... V"]:
+  """Float32 logits from final hidden states."""
+  w = lm_head_kernel(params, cfg)
+  return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], **kwargs) -> Float[Array, "B T V"]:
+  """Logits for every position (no cache). Keyword arguments as in `hidden_states`."""
+  h, _ = hidden_states(params, cfg, tokens, **kwargs)
+  return logits(params, cfg, h)
+
+
+def init_params(cfg: ModelConfig, *, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+  """Random parameters (normal(0, std) matrices, unit norms): for tests and shape tracing."""
+  L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+  shapes = {
+      "q_proj": (L, D, cfg.q_size), "k_proj": (L, D, cfg.kv_size), "v_proj": (L, D, cfg.kv_size),
+      "o_proj": (L, cfg.q_size, D), "gate_proj": (L, D, F), "up_proj": (L, D, F), "down_proj": (L, F, D)}
+  keys = iter(jax.random.split(key, 16))
+  mat = lambda shape: (std * jax.random.normal(next(keys), shape)).astype(dtype)
+  attn = {n: {"kernel": mat(shapes[n])} for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+  if cfg.attention_bias:
+    for n in ("q_proj", "k_proj", "v_proj"):
+      attn[n]["bias"] = mat(shapes[n][:1] + shapes[n][2:])
+  params = {
+      "embed": {"embedding": mat((cfg.vocab_size, D))},
+      "layers": {
+          "attn_norm": {"scale": jnp.ones((L, D), dtype)},
+          "attn": attn,
+          "mlp_norm": {"scale": jnp.ones((L, D), dtype)},
+          "mlp": {n: {"kernel": mat(shapes[n])} for n in ("gate_proj", "up_proj", "down_proj")},
+      },
+      "final_norm": {"scale": jnp.ones((D,), dtype)},
+  }
+  if not cfg.tie_embeddings:
+    params["lm_head"] = {"kernel": mat((D, cfg.vocab_size))}
+  return params
