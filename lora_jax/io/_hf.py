@@ -137,7 +137,7 @@ def hf_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   out = {"model.embed_tokens.weight": np.asarray(params["embed"]["embedding"]),
          "model.norm.weight": np.asarray(params["final_norm"]["scale"])}
   if not cfg.tie_embeddings:
-    out["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"]).T
+    out["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["lm_head"]["kernel"]).T)
   layers = params["layers"]
   for suffix, (group, sub, leaf, transpose) in _LAYER_MAP.items():
     node = layers[group] if sub is None else layers[group].get(sub, {})

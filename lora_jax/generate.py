@@ -1,0 +1,213 @@
+"""Batched generation with a KV cache: one jit-compiled prefill, then jit-compiled decode chunks.
+
+Prompts are left-padded to a common length (rounded up to a multiple of 16 so that nearby prompt lengths share a
+compiled program); rotary positions count only real tokens, so padding changes nothing. The decode loop runs
+`chunk` steps inside one `lax.while_loop` on device and returns to the host between chunks only to check stop
+strings, so the host round-trip is paid once per chunk, not per token. Greedy decoding is ``temperature == 0``;
+otherwise tokens are sampled from ``softmax(logits / temperature)`` restricted to the top-p nucleus, from a
+`jax.random` key derived from `seed` (same seed, same output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._errors import LoraJaxError
+from .models import KVCache, ModelConfig
+from .models._llama import hidden_states, logits as lm_logits
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+  """How to pick each next token. ``temperature == 0`` is greedy; ``top_p < 1`` samples from the nucleus."""
+
+  temperature: float = 0.0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise LoraJaxError(f"--temperature must be >= 0, got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise LoraJaxError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def sample_token(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+  """Next token ids [B] from float32 logits [B, V]."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  scaled = logits / sampling.temperature
+  if sampling.top_p < 1:
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs          # mass strictly above each token
+    sorted_logits = jnp.where(before < sampling.top_p, sorted_logits, -jnp.inf)
+    choice = jax.random.categorical(key, sorted_logits, axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+  return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def prefill(params, cfg: ModelConfig, tokens, valid, cache: KVCache):
+  """Runs the prompt through the model, filling the cache; returns last-position logits [B, V] and the cache."""
+  h, cache = hidden_states(params, cfg, tokens, valid=valid, cache=cache, write_slot=0)
+  return lm_logits(params, cfg, h[:, -1]), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampling", "eos"), donate_argnames=("cache",))
+def decode_chunk(params, cfg: ModelConfig, cache: KVCache, last_logits, done, slot, limit, key, *,
+                 steps: int, sampling: SamplingConfig, eos: tuple[int, ...]):
+  """Up to `steps` (and at most `limit`) decode steps; stops early once every row is done.
+
+  Returns (tokens [B, steps] (-1 where not generated), cache, last logits, done, next slot, steps taken).
+  """
+  b = last_logits.shape[0]
+  eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+
+  def cond(state):
+    i, _, _, done, _ = state[:5]
+    return (i < limit) & ~jnp.all(done)
+
+  def body(state):
+    i, out, logits, done, cache, key = state
+    key, sub = jax.random.split(key)
+    tok = sample_token(logits, sub, sampling)
+    tok = jnp.where(done, -1, tok)
+    out = out.at[:, i].set(tok)
+    done = done | jnp.isin(tok, eos_arr)
+    feed = jnp.maximum(tok, 0)[:, None]
+    h, cache = hidden_states(params, cfg, feed, valid=(tok >= 0)[:, None], cache=cache, write_slot=slot + i)
+    return i + 1, out, lm_logits(params, cfg, h[:, -1]), done, cache, key
+
+  out = jnp.full((b, steps), -1, jnp.int32)
+  i, out, last_logits, done, cache, key = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), out, last_logits, done, cache, key))
+  return out, cache, last_logits, done, slot + i, i
+
+
+def _bucket(n: int, multiple: int = 16) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+@dataclasses.dataclass
+class Generation:
+  tokens: list[int]   # generated ids (without the EOS that ended it)
+  text: str           # decoded text, cut before the first stop string
+  finish_reason: str  # "eos" | "stop_string" | "length"
+
+
+def generate_ids(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 eos: Sequence[int] = (), pad_id: int = 0, sampling: SamplingConfig = SamplingConfig(),
+                 seed: int = 0, chunk: int = 32, stop_check=None, truncate: bool = False) -> list[tuple[list[int], str]]:
+  """Generates continuations of token-id prompts. Returns (ids, finish_reason) per prompt.
+
+  Args:
+    stop_check: optional callable(row, ids) -> bool, called between chunks, to stop a row early (stop strings).
+    truncate: cut prompts from the left to fit the context instead of raising.
+  """
+  if max_new_tokens < 1:
+    raise LoraJaxError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise LoraJaxError("empty prompt: give at least one token of prompt text")
+  context = cfg.max_position_embeddings
+  longest = max(len(p) for p in prompts)
+  if longest + max_new_tokens > context:
+    if not truncate:
+      raise LoraJaxError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model context of "
+                         f"{context} tokens; shorten the prompt, lower --max-new-tokens, or pass --truncate")
+    keep = context - max_new_tokens
+    if keep < 1:
+      raise LoraJaxError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in a context of {context}")
+    prompts = [list(p)[-keep:] for p in prompts]
+    longest = max(len(p) for p in prompts)
+  b = len(prompts)
+  t = _bucket(longest)
+  tokens = np.full((b, t), pad_id, np.int32)
+  valid = np.zeros((b, t), bool)
+  for i, p in enumerate(prompts):
+    tokens[i, t - len(p):] = p
+    valid[i, t - len(p):] = True
+  slots = _bucket(t + max_new_tokens, 64)
+  dtype = params["embed"]["embedding"].dtype
+  cache = KVCache.empty(cfg, b, slots, dtype)
+  last, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(valid), cache)
+  done = jnp.zeros((b,), bool)
+  slot = jnp.int32(t)
+  key = jax.random.key(seed)
+  pieces = []
+  produced = 0
+  stopped = [False] * b
+  while produced < max_new_tokens:
+    key, sub = jax.random.split(key)
+    out, cache, last, done, slot, n = decode_chunk(
+        params, cfg, cache, last, done, slot, jnp.int32(min(chunk, max_new_tokens - produced)), sub,
+        steps=chunk, sampling=sampling, eos=tuple(int(e) for e in eos))
+    n = int(n)
+    pieces.append(np.asarray(out)[:, :n])
+    produced += n
+    if n == 0 or bool(jnp.all(done)):
+      break
+    if stop_check is not None:
+      so_far = np.concatenate(pieces, axis=1)
+      newly = [i for i in range(b) if not stopped[i] and stop_check(i, [x for x in so_far[i] if x >= 0])]
+      if newly:
+        for i in newly:
+          stopped[i] = True
+        done = done.at[np.asarray(newly)].set(True)
+        if all(stopped[i] or bool(done[i]) for i in range(b)):
+          break
+  gen = np.concatenate(pieces, axis=1) if pieces else np.zeros((b, 0), np.int32)
+  eos_set = set(int(e) for e in eos)
+  results = []
+  for i in range(b):
+    ids, reason = [], "length"
+    for x in gen[i]:
+      if x < 0:
+        break
+      if int(x) in eos_set:
+        reason = "eos"
+        break
+      ids.append(int(x))
+    if stopped[i] and reason == "length":
+      reason = "stop_string"
+    results.append((ids, reason))
+  return results
+
+
+def generate(model, prompts: Sequence[str], *, max_new_tokens: int = 128, sampling: SamplingConfig = SamplingConfig(),
+             seed: int = 0, chat: bool = False, stop: Sequence[str] = (), system: str | None = None,
+             truncate: bool = False, params=None) -> list[Generation]:
+  """Text in, text out: tokenizes (optionally through the chat template), generates, decodes, applies stops."""
+  from .io import eos_ids
+  tok = model.tokenizer
+  if chat:
+    ids = []
+    for p in prompts:
+      messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+      ids.append(tok.encode_chat(messages))
+  else:
+    ids = [tok.encode(p) for p in prompts]
+  stop = [s for s in stop if s]
+
+  def stop_check(row, gen_ids):
+    text = tok.decode(gen_ids)
+    return any(s in text for s in stop)
+
+  raw = generate_ids(params if params is not None else model.params, model.config, ids,
+                     max_new_tokens=max_new_tokens, eos=eos_ids(model),
+                     pad_id=tok.pad_id if tok.pad_id is not None else 0, sampling=sampling, seed=seed,
+                     stop_check=stop_check if stop else None, truncate=truncate)
+  out = []
+  for gen_ids, reason in raw:
+    text = tok.decode(gen_ids)
+    cut = [text.index(s) for s in stop if s in text]
+    if cut:
+      text, reason = text[:min(cut)], "stop_string"
+    out.append(Generation(gen_ids, text, reason))
+  return out

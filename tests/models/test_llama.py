@@ -1,0 +1,177 @@
+"""Each layer of the Llama forward against a float64 numpy reference, and cache/padding invariants."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lora_jax.models import KVCache, ModelConfig, forward, init_params
+from lora_jax.models import _llama as L
+from lora_jax.testing import assert_allclose
+
+TINY = ModelConfig(architecture="llama", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0,
+                   max_position_embeddings=128)
+
+
+# ---------------------------------------------------------------- float64 numpy reference
+def ref_rms(x, w, eps):
+  return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def ref_rope(x, pos, cfg):
+  inv = cfg.inv_freq().astype(np.float64)
+  ang = pos[..., None].astype(np.float64) * inv
+  cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+  half = x.shape[-1] // 2
+  rot = np.concatenate([-x[..., half:], x[..., :half]], -1)
+  return x * cos[:, :, None] + rot * sin[:, :, None]
+
+
+def ref_attention(q, k, v, mask):
+  b, t, hq, hd = q.shape
+  rep = hq // k.shape[2]
+  k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+  s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(hd)
+  s = np.where(mask[:, None], s, -np.inf)
+  s = s - s.max(-1, keepdims=True)
+  p = np.exp(s)
+  p = p / p.sum(-1, keepdims=True)
+  return np.einsum("bhts,bshd->bthd", p, v)
+
+
+def ref_forward(params, cfg, tokens, valid):
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  b, t = tokens.shape
+  pos = np.maximum(np.cumsum(valid, 1) - 1, 0)
+  causal = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
+  if cfg.sliding_window:
+    causal &= (pos[:, :, None] - pos[:, None, :]) < cfg.sliding_window
+  causal |= ~valid[:, :, None] & np.eye(t, dtype=bool)[None]  # padding queries: see themselves (ignored later)
+  x = p["embed"]["embedding"][tokens]
+  lay = p["layers"]
+  for i in range(cfg.num_layers):
+    g = lambda *ks: _get(lay, ks)[i]
+    n = ref_rms(x, g("attn_norm", "scale"), cfg.rms_norm_eps)
+    def proj(name, h):
+      y = h @ g("attn", name, "kernel")
+      return y + g("attn", name, "bias") if "bias" in lay["attn"][name] else y
+    q = proj("q_proj", n).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = proj("k_proj", n).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = proj("v_proj", n).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    o = ref_attention(ref_rope(q, pos, cfg), ref_rope(k, pos, cfg), v, causal)
+    x = x + o.reshape(b, t, -1) @ g("attn", "o_proj", "kernel")
+    n = ref_rms(x, g("mlp_norm", "scale"), cfg.rms_norm_eps)
+    gate = n @ g("mlp", "gate_proj", "kernel")
+    x = x + (gate / (1 + np.exp(-gate)) * (n @ g("mlp", "up_proj", "kernel"))) @ g("mlp", "down_proj", "kernel")
+  x = ref_rms(x, p["final_norm"]["scale"], cfg.rms_norm_eps)
+  w = p["embed"]["embedding"].T if cfg.tie_embeddings else p["lm_head"]["kernel"]
+  return x @ w
+
+
+def _get(tree, keys):
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
+# ---------------------------------------------------------------- single ops
+def test_rms_norm_matches_reference():
+  x = np.random.default_rng(0).normal(size=(3, 5, 32)).astype(np.float32)
+  w = np.random.default_rng(1).normal(size=(32,)).astype(np.float32)
+  got = jax.jit(lambda x, w: L.rms_norm(x, w, 1e-6))(x, w)
+  assert got.dtype == jnp.float32
+  assert_allclose(got, ref_rms(x.astype(np.float64), w.astype(np.float64), 1e-6), "f32_op")
+
+
+@pytest.mark.parametrize("rope", [("default", ()), ("linear", (("factor", 4.0),)),
+                                  ("llama3", (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                                              ("original_max_position_embeddings", 16.0)))], ids=lambda r: r[0])
+def test_rope_matches_reference(rope):
+  cfg = dataclasses.replace(TINY, rope_type=rope[0], rope_scaling=rope[1], rope_theta=500000.0)
+  x = np.random.default_rng(0).normal(size=(2, 7, 4, 8)).astype(np.float32)
+  pos = np.array([[0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 1, 2, 30, 100]], np.int32)
+  got = jax.jit(lambda x, p: L.apply_rope(x, *L.rope_angles(cfg, p)))(x, pos)
+  assert_allclose(got, ref_rope(x.astype(np.float64), pos, cfg), "f32_op")
+
+
+def test_llama3_inv_freq_scales_only_low_frequencies():
+  cfg = dataclasses.replace(TINY, head_dim=64, rope_type="llama3", rope_theta=500000.0, rope_scaling=(
+      ("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+      ("original_max_position_embeddings", 8192.0)))
+  base = dataclasses.replace(cfg, rope_type="default", rope_scaling=()).inv_freq()
+  scaled = cfg.inv_freq()
+  assert scaled[0] == base[0]                      # highest frequency untouched
+  np.testing.assert_allclose(scaled[-1], base[-1] / 8, rtol=1e-6)  # lowest divided by the factor
+
+
+def test_attention_matches_reference_gqa_and_mask():
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(2, 5, 4, 8)).astype(np.float32)
+  k = rng.normal(size=(2, 6, 2, 8)).astype(np.float32)
+  v = rng.normal(size=(2, 6, 2, 8)).astype(np.float32)
+  mask = rng.random((2, 5, 6)) < 0.7
+  mask[..., 0] = True
+  got = jax.jit(L.attention)(q, k, v, mask)
+  assert_allclose(got, ref_attention(*(a.astype(np.float64) for a in (q, k, v)), mask), "f32_op")
+
+
+# ---------------------------------------------------------------- whole model
+@pytest.mark.parametrize("variant", ["llama", "tied", "qwen2_bias", "sliding_window"])
+def test_forward_matches_float64_reference(variant):
+  cfg = {"llama": TINY, "tied": dataclasses.replace(TINY, tie_embeddings=True),
+         "qwen2_bias": dataclasses.replace(TINY, architecture="qwen2", attention_bias=True),
+         "sliding_window": dataclasses.replace(TINY, architecture="mistral", sliding_window=3)}[variant]
+  params = init_params(cfg, key=jax.random.key(0), std=0.2)
+  tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 9)).astype(np.int32)
+  valid = np.ones((2, 9), bool)
+  valid[1, :3] = False  # left padding
+  got = jax.jit(forward, static_argnums=1)(params, cfg, tokens, valid=valid)
+  want = ref_forward(params, cfg, tokens, valid)
+  assert_allclose(np.asarray(got)[valid], want[valid], "f32_composite")
+
+
+def test_left_padding_does_not_change_logits():
+  params = init_params(TINY, key=jax.random.key(0), std=0.2)
+  ids = np.array([[5, 6, 7, 8]], np.int32)
+  padded = np.array([[0, 0, 0, 5, 6, 7, 8]], np.int32)
+  valid = padded != 0
+  f = jax.jit(forward, static_argnums=1)
+  assert_allclose(f(params, TINY, padded, valid=valid)[:, 3:], f(params, TINY, ids), "f32_composite")
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_cached_decode_matches_full_forward(window):
+  cfg = dataclasses.replace(TINY, sliding_window=window, architecture="mistral" if window else "llama")
+  params = init_params(cfg, key=jax.random.key(0), std=0.2)
+  tokens = np.random.default_rng(2).integers(1, cfg.vocab_size, (2, 10)).astype(np.int32)
+  valid = np.ones((2, 10), bool)
+  valid[0, :2] = False
+  full = jax.jit(forward, static_argnums=1)(params, cfg, tokens, valid=valid)
+  cache = KVCache.empty(cfg, 2, 16, jnp.float32)
+  h, cache = L.hidden_states(params, cfg, tokens[:, :6], valid=valid[:, :6], cache=cache, write_slot=0)
+  steps = [L.logits(params, cfg, h)]
+  for i in range(6, 10):
+    h, cache = L.hidden_states(params, cfg, tokens[:, i:i + 1], valid=valid[:, i:i + 1], cache=cache, write_slot=i)
+    steps.append(L.logits(params, cfg, h))
+  got = np.concatenate([np.asarray(s) for s in steps], axis=1)
+  assert_allclose(got[valid], np.asarray(full)[valid], "f32_composite")
+
+
+def test_bf16_forward_close_to_f32():
+  params = init_params(TINY, key=jax.random.key(0), std=0.2)
+  tokens = np.arange(1, 9, dtype=np.int32)[None]
+  f = jax.jit(forward, static_argnums=1)
+  low = f(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), TINY, tokens)
+  assert low.dtype == jnp.float32
+  ref = f(params, TINY, tokens)
+  # compare softmax probabilities: bf16 logits differ by O(eps * |logit|)
+  assert_allclose(jax.nn.softmax(low), jax.nn.softmax(ref), "bf16")
+
+
+def test_param_count_matches_config():
+  for cfg in (TINY, dataclasses.replace(TINY, tie_embeddings=True, attention_bias=True)):
+    params = init_params(cfg, key=jax.random.key(0))
+    assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_parameters()
