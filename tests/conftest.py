@@ -37,3 +37,28 @@ def hf_smollm2(smollm2):
   model = AutoModelForCausalLM.from_pretrained(path, gguf_file=name, dtype=torch.float32).eval()
   tok = AutoTokenizer.from_pretrained(path, gguf_file=name)
   return model, tok
+
+
+def make_tiny_folder(folder, *, max_position_embeddings=64, **overrides):
+  """A tiny random Llama HF folder written by lora_jax itself (no torch needed): config, safetensors, tokenizer."""
+  import dataclasses
+
+  from tokenizers import Tokenizer, models, pre_tokenizers
+
+  from lora_jax.io import Tokenizer as LJTokenizer, save_hf_folder
+  from lora_jax.models import ModelConfig, init_params
+  cfg = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=max_position_embeddings,
+                    eos_token_ids=(1,), bos_token_id=None)
+  cfg = dataclasses.replace(cfg, **overrides)
+  params = init_params(cfg, key=jax.random.key(0), std=0.3)
+  vocab = {"<unk>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, 64)}}
+  backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+  backend.pre_tokenizer = pre_tokenizers.Whitespace()
+  save_hf_folder(folder, params, cfg, LJTokenizer(backend=backend, eos_token="</s>", pad_token="<unk>"))
+  return folder
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+  return make_tiny_folder(tmp_path / "tiny")

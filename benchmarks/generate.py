@@ -1,0 +1,228 @@
+"""Generation benchmark: lora_jax vs Hugging Face transformers, same model, same prompt, same run, CPU fp32.
+
+Model: the ``smollm2-135m`` preset (SmolLM2-135M-Instruct GGUF, dequantized to float32 by both libraries).
+Each system runs in its own subprocess (``--worker lora_jax`` / ``--worker hf``) so that peak RSS figures are
+independent; a worker prints one ``RESULT {json}`` line on stdout. The lora_jax worker runs first and hands the
+prompt ids (the model tokenizer's encoding of a fixed paragraph, cut to exactly 32 tokens; a 512-token prompt
+repeats the paragraph) and the GGUF path to the HF worker, so both see identical inputs.
+
+Measured per system (median of 3 timed repetitions after one untimed warm-up call that compiles/caches):
+  * load_s:          wall time to load the cached model (lora_jax ``load_model``; HF ``from_pretrained(gguf_file=)``)
+  * prefill tok/s:   full-sequence forward (logits at every position, no KV cache) on 8x32 and 1x512 tokens
+  * generate tok/s:  end to end, batch x new tokens / wall time of the whole greedy generate call (with prefill)
+  * decode tok/s:    batch x new tokens / (generate wall - wall of the generate-internal prefill, timed apart:
+                     lora_jax ``prefill`` into an empty KV cache, HF forward with ``use_cache`` and
+                     ``logits_to_keep=1``)
+  * peak_rss_mib:    ``ru_maxrss`` of the worker process at the end (and right after loading)
+Greedy decoding must produce all new tokens: lora_jax gets ``eos=()``; HF gets ``min_new_tokens = max_new_tokens``.
+Threads: torch uses 2 threads (``torch.set_num_threads(2)``); XLA uses its default (all cores).
+
+Usage: python benchmarks/generate.py [--quick] [--out benchmarks/results/generate.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata as md
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PRESET = "smollm2-135m"
+BATCHES = (1, 8)
+PROMPT_LEN = 32
+LONG_LEN = 512
+PARAGRAPH = ("The old lighthouse stood at the edge of the cliff, its white paint peeling after decades of salt and "
+             "wind. Every evening the keeper climbed the narrow spiral staircase, trimmed the wick, and watched the "
+             "beam sweep across the dark water, counting the ships that passed safely into the harbour below. ")
+
+
+def timed(fn, reps):
+  """Median wall seconds of `reps` calls of fn() (fn must block until its result is ready)."""
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def peak_rss_mib():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def worker_lora_jax(args, _inputs):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from lora_jax import load_model
+  from lora_jax.generate import _bucket, generate_ids, prefill
+  from lora_jax.models import KVCache, forward
+
+  t0 = time.perf_counter()
+  m = load_model(PRESET)
+  out = {"load_s": time.perf_counter() - t0, "rss_after_load_mib": peak_rss_mib(), "gguf": m.source}
+  text = PARAGRAPH * 12
+  long_ids = m.tokenizer.encode(text)[:LONG_LEN]
+  assert len(long_ids) == LONG_LEN, len(long_ids)
+  ids = long_ids[:PROMPT_LEN]
+  out["prompt_ids"], out["long_ids"] = ids, long_ids
+  params, cfg, n = m.params, m.config, args.new_tokens
+  fwd = jax.jit(forward, static_argnums=1)
+
+  for b, t, tokens in ((8, PROMPT_LEN, [ids] * 8), (1, LONG_LEN, [long_ids])):
+    arr = jnp.asarray(np.asarray(tokens, np.int32))
+    call = lambda: fwd(params, cfg, arr).block_until_ready()
+    call()
+    out[f"prefill_{b}x{t}_tok_s"] = b * t / timed(call, args.reps)
+
+  for b in BATCHES:
+    prompts = [ids] * b
+    def gen():
+      res = generate_ids(params, cfg, prompts, max_new_tokens=n, eos=())
+      assert all(len(r[0]) == n for r in res), [len(r[0]) for r in res]
+      return res
+    first = gen()
+    if b == 1:
+      out["greedy_ids"] = first[0][0]
+    wall = timed(gen, args.reps)
+    # the prefill that generate_ids runs, with its shapes: prompt bucket and cache size as in generate_ids
+    toks, valid = jnp.asarray(np.asarray(prompts, np.int32)), jnp.ones((b, PROMPT_LEN), bool)
+    slots = _bucket(_bucket(PROMPT_LEN) + n, 64)
+    def pre():
+      cache = KVCache.empty(cfg, b, slots, params["embed"]["embedding"].dtype)
+      jax.block_until_ready(prefill(params, cfg, toks, valid, cache))
+    pre()
+    pre_wall = timed(pre, args.reps)
+    out[f"b{b}"] = {"generate_s": wall, "prefill_s": pre_wall, "generate_tok_s": b * n / wall,
+                    "decode_tok_s": b * n / (wall - pre_wall)}
+  out["peak_rss_mib"] = peak_rss_mib()
+  out["device"] = str(jax.devices()[0])
+  return out
+
+
+def worker_hf(args, inputs):
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  torch.set_num_threads(2)
+  path = inputs["gguf"]
+  t0 = time.perf_counter()
+  model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                               dtype=torch.float32).eval()
+  out = {"load_s": time.perf_counter() - t0, "rss_after_load_mib": peak_rss_mib()}
+  ids, long_ids, n = inputs["prompt_ids"], inputs["long_ids"], args.new_tokens
+
+  with torch.inference_mode():
+    for b, t, tokens in ((8, PROMPT_LEN, [ids] * 8), (1, LONG_LEN, [long_ids])):
+      x = torch.tensor(tokens)
+      call = lambda: model(input_ids=x, use_cache=False).logits
+      call()
+      out[f"prefill_{b}x{t}_tok_s"] = b * t / timed(call, args.reps)
+
+    for b in BATCHES:
+      x = torch.tensor([ids] * b)
+      mask = torch.ones_like(x)
+      def gen():
+        res = model.generate(input_ids=x, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                             min_new_tokens=n, pad_token_id=model.config.eos_token_id)
+        assert res.shape == (b, PROMPT_LEN + n), res.shape
+        return res
+      first = gen()
+      if b == 1:
+        out["greedy_ids"] = first[0, PROMPT_LEN:].tolist()
+      wall = timed(gen, args.reps)
+      pre = lambda: model(input_ids=x, attention_mask=mask, use_cache=True, logits_to_keep=1).logits
+      pre()
+      pre_wall = timed(pre, args.reps)
+      out[f"b{b}"] = {"generate_s": wall, "prefill_s": pre_wall, "generate_tok_s": b * n / wall,
+                      "decode_tok_s": b * n / (wall - pre_wall)}
+  out["peak_rss_mib"] = peak_rss_mib()
+  out["threads"] = torch.get_num_threads()
+  return out
+
+
+def run_worker(name, args, inputs=None):
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--new-tokens", str(args.new_tokens),
+         "--reps", str(args.reps)]
+  print(f"running {name} worker ...", file=sys.stderr, flush=True)
+  proc = subprocess.run(cmd, input=json.dumps(inputs or {}), stdout=subprocess.PIPE, text=True)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode != 0 or not lines:
+    sys.exit(f"{name} worker failed (exit {proc.returncode}); stdout:\n{proc.stdout[-2000:]}")
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def machine_info():
+  cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None) \
+      if os.path.exists("/proc/cpuinfo") else platform.processor()
+  versions = {p: md.version(p) for p in ("jax", "jaxlib", "torch", "transformers", "numpy")}
+  return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+          "python": platform.python_version(), **versions,
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--quick", action="store_true", help="smoke test: 32 new tokens, 1 repetition")
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "generate.json"))
+  ap.add_argument("--worker", choices=("lora_jax", "hf"), help=argparse.SUPPRESS)
+  ap.add_argument("--new-tokens", type=int, default=None, help=argparse.SUPPRESS)
+  ap.add_argument("--reps", type=int, default=None, help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  args.new_tokens = args.new_tokens or (32 if args.quick else 128)
+  args.reps = args.reps or (1 if args.quick else 3)
+
+  if args.worker:
+    fn = worker_lora_jax if args.worker == "lora_jax" else worker_hf
+    print("RESULT " + json.dumps(fn(args, json.loads(sys.stdin.read() or "{}"))), flush=True)
+    return
+
+  lj = run_worker("lora_jax", args)
+  hf = run_worker("hf", args, {k: lj[k] for k in ("gguf", "prompt_ids", "long_ids")})
+  same = 0
+  for a, b in zip(lj["greedy_ids"], hf["greedy_ids"]):
+    if a != b:
+      break
+    same += 1
+
+  rows = [("load time (s, lower is better)", "load_s"), ("peak RSS (MiB, lower is better)", "peak_rss_mib"),
+          (f"prefill 8x{PROMPT_LEN} (tok/s)", f"prefill_8x{PROMPT_LEN}_tok_s"),
+          (f"prefill 1x{LONG_LEN} (tok/s)", f"prefill_1x{LONG_LEN}_tok_s")]
+  for b in BATCHES:
+    rows += [(f"generate b={b}, end to end (tok/s)", (f"b{b}", "generate_tok_s")),
+             (f"generate b={b}, decode only (tok/s)", (f"b{b}", "decode_tok_s"))]
+  get = lambda r, k: r[k[0]][k[1]] if isinstance(k, tuple) else r[k]
+  figures = {label: {"lora_jax": get(lj, k), "transformers": get(hf, k), "ratio": get(lj, k) / get(hf, k)}
+             for label, k in rows}
+
+  w = max(len(l) for l in figures) + 2
+  print(f"\n{'metric':<{w}}{'lora_jax':>10}{'transformers':>14}{'ratio lj/hf':>13}")
+  for label, f in figures.items():
+    print(f"{label:<{w}}{f['lora_jax']:>10.1f}{f['transformers']:>14.1f}{f['ratio']:>13.2f}")
+  print(f"\ngreedy b=1: first {same}/{args.new_tokens} generated tokens identical between lora_jax and transformers")
+
+  result = {
+      "benchmark": "generate", "machine": machine_info(),
+      "config": {"model": PRESET, "gguf": lj["gguf"], "dtype": "float32", "prompt_tokens": PROMPT_LEN,
+                 "long_prompt_tokens": LONG_LEN, "new_tokens": args.new_tokens, "batches": list(BATCHES),
+                 "repetitions": args.reps, "statistic": "median", "decoding": "greedy, EOS ignored",
+                 "torch_threads": hf["threads"], "jax_device": lj["device"], "quick": args.quick},
+      "figures": figures, "greedy_b1_identical_prefix": same,
+      "raw": {name: {k: v for k, v in r.items() if k not in ("prompt_ids", "long_ids", "greedy_ids")}
+              for name, r in (("lora_jax", lj), ("transformers", hf))},
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

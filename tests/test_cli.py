@@ -1,0 +1,139 @@
+"""The lora-jax CLI: stdout carries only results; bad input gives one clear line on stderr and exit code 2."""
+
+import json
+import shutil
+
+import pytest
+
+from lora_jax.cli import main
+from tests.conftest import make_tiny_folder
+
+
+def run(capsys, *argv):
+  code = main(list(argv))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_generate_prints_only_the_continuation(capsys, smollm2):
+  code, out, err = run(capsys, "generate", "--model", "smollm2-135m", "--prompt", "What is 2+2?", "--chat",
+                       "--max-new-tokens", "16")
+  assert code == 0
+  assert "[lora_jax]" not in out and "[lora_jax]" in err
+  assert out.strip() and "<|im_start|>" not in out and "What is 2+2?" not in out
+
+
+def test_generate_json_batch(capsys, tiny_folder):
+  code, out, _ = run(capsys, "generate", "--model", str(tiny_folder), "--prompt", "w3 w4", "--prompt", "w5",
+                     "--max-new-tokens", "5", "--json", "-q")
+  assert code == 0
+  rows = [json.loads(line) for line in out.splitlines()]
+  assert [r["prompt"] for r in rows] == ["w3 w4", "w5"]
+  assert all(r["finish_reason"] in ("length", "eos") for r in rows)
+
+
+def test_perplexity_json_line(capsys, smollm2, tmp_path):
+  text = tmp_path / "t.txt"
+  text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+  code, out, _ = run(capsys, "perplexity", "--model", "smollm2-135m", "--text-file", str(text), "--max-length", "64")
+  assert code == 0
+  result = json.loads(out)
+  assert set(result) == {"tokens", "nll", "perplexity"}
+  n = len(smollm2.tokenizer.encode(text.read_text()))
+  windows = -(-n // 64)
+  assert result["tokens"] == n - windows  # one unpredicted first token per window
+  assert 1 < result["perplexity"] < 20   # repeated text is easy to predict
+
+
+def test_info(capsys):
+  code, out, _ = run(capsys, "info", "--model", "smollm2-135m", "-q")
+  info = json.loads(out)
+  assert code == 0
+  assert (info["architecture"], info["num_layers"], info["hidden_size"], info["num_heads"], info["num_kv_heads"]) == \
+      ("llama", 30, 576, 9, 3)
+  assert info["parameters"] == 134_515_008 and info["tie_embeddings"] and info["dtype"] == "float32"
+
+
+# ------------------------------------------------------------------ bad input
+def _one_line_error(code, err, *needles):
+  assert code == 2
+  lines = [line for line in err.splitlines() if line.startswith("lora-jax")]
+  assert len(lines) == 1 and "Traceback" not in err, err
+  for n in needles:
+    assert n in lines[0], lines[0]
+
+
+def test_unknown_preset_lists_valid_ones(capsys):
+  code, _, err = run(capsys, "info", "--model", "smollm9")
+  _one_line_error(code, err, "smollm9", "smollm2-135m", "minilm-l6")
+
+
+def test_truncated_gguf(capsys, smollm2, tmp_path):
+  bad = tmp_path / "cut.gguf"
+  with open(smollm2.source, "rb") as f:
+    bad.write_bytes(f.read(3_000_000))
+  code, _, err = run(capsys, "info", "--model", str(bad))
+  _one_line_error(code, err, "cut.gguf", "truncated")
+
+
+def test_not_a_gguf(capsys, tmp_path):
+  bad = tmp_path / "x.gguf"
+  bad.write_text("hello")
+  code, _, err = run(capsys, "info", "--model", str(bad))
+  _one_line_error(code, err, "x.gguf", "not a GGUF file")
+
+
+def test_unsupported_architecture(capsys, tiny_folder):
+  cfg = json.loads((tiny_folder / "config.json").read_text())
+  cfg["model_type"] = "gpt2"
+  (tiny_folder / "config.json").write_text(json.dumps(cfg))
+  code, _, err = run(capsys, "info", "--model", str(tiny_folder))
+  _one_line_error(code, err, "config.json", "'gpt2'", "llama", "mistral", "qwen2")
+
+
+def test_missing_and_truncated_safetensors(capsys, tiny_folder):
+  st = tiny_folder / "model.safetensors"
+  data = st.read_bytes()
+  st.write_bytes(data[: len(data) // 2])
+  code, _, err = run(capsys, "info", "--model", str(tiny_folder))
+  _one_line_error(code, err, "model.safetensors")
+  st.unlink()
+  (tiny_folder / "pytorch_model.bin").write_bytes(b"pickle")
+  code, _, err = run(capsys, "info", "--model", str(tiny_folder))
+  _one_line_error(code, err, "no model.safetensors", "pytorch_model.bin")
+
+
+def test_missing_tensor_is_named(capsys, tiny_folder):
+  from safetensors.numpy import load_file, save_file
+  st = tiny_folder / "model.safetensors"
+  tensors = load_file(st)
+  del tensors["model.layers.1.mlp.up_proj.weight"]
+  save_file(tensors, st)
+  code, _, err = run(capsys, "info", "--model", str(tiny_folder))
+  _one_line_error(code, err, "model.layers.1.mlp.up_proj.weight")
+
+
+def test_prompt_longer_than_context(capsys, tmp_path):
+  folder = make_tiny_folder(tmp_path / "short", max_position_embeddings=16)
+  prompt = " ".join(f"w{i % 60 + 2}" for i in range(20))
+  code, _, err = run(capsys, "generate", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", "4")
+  _one_line_error(code, err, "exceeds the model context of 16", "--truncate")
+  code, out, _ = run(capsys, "generate", "--model", str(folder), "--prompt", prompt, "--max-new-tokens", "4",
+                     "--truncate", "-q")
+  assert code == 0
+
+
+def test_empty_text_file(capsys, tiny_folder, tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("  \n")
+  code, _, err = run(capsys, "perplexity", "--model", str(tiny_folder), "--text-file", str(empty))
+  _one_line_error(code, err, "empty.txt", "empty")
+  code, _, err = run(capsys, "perplexity", "--model", str(tiny_folder), "--text-file", str(tmp_path / "nope.txt"))
+  _one_line_error(code, err, "nope.txt", "not found")
+
+
+def test_hub_id_offline_says_what_to_do(capsys, monkeypatch):
+  pytest.importorskip("huggingface_hub")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  code, _, err = run(capsys, "info", "--model", "someorg/some-model-that-is-not-cached")
+  _one_line_error(code, err, "someorg/some-model-that-is-not-cached", "pass its path with --model")

@@ -1,0 +1,96 @@
+"""Generation: batching with left padding, sampling determinism, stops, context limits."""
+
+import jax
+import numpy as np
+import pytest
+
+from lora_jax import LoraJaxError, load_model
+from lora_jax.generate import SamplingConfig, generate, generate_ids, sample_token
+from lora_jax.models import ModelConfig, init_params
+
+CFG = ModelConfig(architecture="llama", vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=96)
+PARAMS = init_params(CFG, key=jax.random.key(1), std=0.3)
+
+
+def test_batched_left_padded_equals_one_by_one():
+  prompts = [[3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24], [30]]
+  batched = generate_ids(PARAMS, CFG, prompts, max_new_tokens=20, chunk=8)
+  single = [generate_ids(PARAMS, CFG, [p], max_new_tokens=20)[0] for p in prompts]
+  assert batched == single
+  assert all(len(ids) == 20 and reason == "length" for ids, reason in batched)
+
+
+def test_eos_stops_only_that_row():
+  prompts = [[3, 4, 5], [9, 9]]
+  free = generate_ids(PARAMS, CFG, prompts, max_new_tokens=12)
+  eos = free[0][0][4]  # the 5th greedy token of row 0 becomes "EOS"
+  stopped = generate_ids(PARAMS, CFG, prompts, max_new_tokens=12, eos=(eos,))
+  assert stopped[0] == (free[0][0][:free[0][0].index(eos)], "eos")
+  row1 = free[1][0]
+  want = row1[:row1.index(eos)] if eos in row1 else row1
+  assert stopped[1][0] == want
+
+
+def test_sampling_is_deterministic_per_seed():
+  s = SamplingConfig(temperature=1.5, top_p=0.95)
+  a = generate_ids(PARAMS, CFG, [[3, 4]], max_new_tokens=24, sampling=s, seed=7)
+  b = generate_ids(PARAMS, CFG, [[3, 4]], max_new_tokens=24, sampling=s, seed=7)
+  c = generate_ids(PARAMS, CFG, [[3, 4]], max_new_tokens=24, sampling=s, seed=8)
+  assert a == b and a != c
+
+
+def test_tiny_top_p_is_greedy():
+  logits = jax.random.normal(jax.random.key(0), (4, 50))
+  got = sample_token(logits, jax.random.key(1), SamplingConfig(temperature=1.0, top_p=1e-6))
+  np.testing.assert_array_equal(got, np.argmax(logits, -1))
+
+
+def test_top_p_samples_only_from_nucleus():
+  logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+  keys = jax.random.split(jax.random.key(0), 400)
+  draws = np.array([int(sample_token(logits, k, SamplingConfig(temperature=1.0, top_p=0.7))[0]) for k in keys])
+  assert set(draws) == {0, 1}  # 0.5 + 0.3 covers 0.7; tokens 2 and 3 are never drawn
+
+
+def test_context_overflow_is_an_error_unless_truncating():
+  long = list(range(2, 50)) * 2  # 96 tokens
+  with pytest.raises(LoraJaxError, match="exceeds the model context of 96"):
+    generate_ids(PARAMS, CFG, [long], max_new_tokens=8)
+  (ids, _), = generate_ids(PARAMS, CFG, [long], max_new_tokens=8, truncate=True)
+  assert ids == generate_ids(PARAMS, CFG, [long[-88:]], max_new_tokens=8)[0][0]
+
+
+def test_bad_sampling_arguments():
+  with pytest.raises(LoraJaxError, match="temperature"):
+    SamplingConfig(temperature=-1)
+  with pytest.raises(LoraJaxError, match="top-p"):
+    SamplingConfig(top_p=0)
+  with pytest.raises(LoraJaxError, match="max-new-tokens"):
+    generate_ids(PARAMS, CFG, [[1]], max_new_tokens=0)
+
+
+# ------------------------------------------------------------------ real model
+def test_chat_generation_ends_at_eos(smollm2):
+  out, = generate(smollm2, ["What is the capital of France? Answer in one word."], chat=True, max_new_tokens=40)
+  assert out.finish_reason == "eos"
+  assert "Paris" in out.text
+
+
+def test_stop_string_cuts_output(smollm2):
+  free, = generate(smollm2, ["Count from one to ten: one, two,"], max_new_tokens=24)
+  assert "five" in free.text
+  cut, = generate(smollm2, ["Count from one to ten: one, two,"], max_new_tokens=24, stop=["five"])
+  assert cut.finish_reason == "stop_string"
+  assert cut.text == free.text[:free.text.index("five")]
+
+
+def test_chat_template_matches_transformers(smollm2, hf_smollm2):
+  _, hf_tok = hf_smollm2
+  for messages in ([{"role": "user", "content": "Hi!"}],
+                   [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                    {"role": "assistant", "content": "4"}, {"role": "user", "content": "Why?"}]):
+    want = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert smollm2.tokenizer.render_chat(messages) == want
+    assert smollm2.tokenizer.encode_chat(messages) == hf_tok.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=False)
