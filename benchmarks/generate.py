@@ -110,8 +110,10 @@ def worker_lora_jax(args, _inputs):
 def worker_hf(args, inputs):
   import torch
   from transformers import AutoModelForCausalLM
+  from transformers.utils import logging as hf_logging
 
   torch.set_num_threads(2)
+  hf_logging.disable_progress_bar()
   path = inputs["gguf"]
   t0 = time.perf_counter()
   model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),

@@ -17,6 +17,13 @@ def _has(module: str) -> bool:
 HAS_PARITY_STACK = _has("torch") and _has("transformers")
 
 
+@pytest.fixture
+def standard_promotion():
+  """Standard dtype promotion for tests that run third-party code (optax) not written for strict mode."""
+  with jax.numpy_dtype_promotion("standard"):
+    yield
+
+
 @pytest.fixture(scope="session")
 def smollm2():
   """The real SmolLM2-135M preset (fetched once into the cache), loaded in float32."""
