@@ -20,11 +20,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("-q", "--quiet", action="store_true", help="no log lines on stderr")
 
 
+def _load(args):
+  """The model, with the adapter of ``--adapter`` (if any) merged into its weights."""
+  from .io import load_model
+  model = load_model(args.model, dtype=args.dtype)
+  if getattr(args, "adapter", None):
+    from .peft import merged_params
+    model.params = merged_params(model, args.adapter)
+  return model
+
+
 def _cmd_generate(args) -> None:
   from .generate import SamplingConfig, generate
-  from .io import load_model
   sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
-  model = load_model(args.model, dtype=args.dtype)
+  model = _load(args)
   results = generate(model, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                      chat=args.chat, stop=args.stop or (), system=args.system, truncate=args.truncate)
   if args.json:
@@ -35,7 +44,6 @@ def _cmd_generate(args) -> None:
 
 
 def _cmd_perplexity(args) -> None:
-  from .io import load_model
   from .perplexity import perplexity
   path = Path(args.text_file)
   if not path.is_file():
@@ -46,14 +54,25 @@ def _cmd_perplexity(args) -> None:
     raise LoraJaxError(f"{path}: not UTF-8 text (byte {e.start})") from None
   if not text.strip():
     raise LoraJaxError(f"{path}: the file is empty: nothing to score")
-  model = load_model(args.model, dtype=args.dtype)
-  print(json.dumps(perplexity(model, text, max_length=args.max_length)))
+  model = _load(args)
+  max_length = args.max_length or min(1024, model.config.max_position_embeddings)
+  print(json.dumps(perplexity(model, text, max_length=max_length)))
 
 
 def _cmd_info(args) -> None:
   from .io import load_model
   model = load_model(args.model, dtype=args.dtype)
   print(json.dumps(model.info(), indent=2))
+
+
+def _cmd_merge(args) -> None:
+  from .io import save_hf_folder
+  if args.dtype != "float32":
+    raise LoraJaxError("merge writes float32 weights; drop --dtype")
+  model = _load(args)
+  out = save_hf_folder(args.out, model.params, model.config, model.tokenizer)
+  log(f"wrote merged model to {out}")
+  print(str(Path(out).absolute()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,18 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--stop", action="append", help="stop string (repeatable); the output is cut before it")
   g.add_argument("--truncate", action="store_true", help="cut over-long prompts from the left instead of failing")
   g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+  g.add_argument("--adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
   g.set_defaults(func=_cmd_generate)
 
   p = sub.add_parser("perplexity", help="perplexity of a text file; prints one JSON line")
   _add_model_args(p)
   p.add_argument("--text-file", required=True, help="UTF-8 text file, tokenized whole")
-  p.add_argument("--max-length", type=int, default=1024,
-                 help="window length in tokens; windows do not overlap (default 1024)")
+  p.add_argument("--max-length", type=int, default=None,
+                 help="window length in tokens; windows do not overlap (default: 1024, or the model context if shorter)")
+  p.add_argument("--adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
   p.set_defaults(func=_cmd_perplexity)
 
   i = sub.add_parser("info", help="architecture, sizes, parameter count and dtype as JSON")
   _add_model_args(i)
   i.set_defaults(func=_cmd_info)
+
+  m = sub.add_parser("merge", help="merge a PEFT adapter into the base; write an HF model folder (prints its path)")
+  _add_model_args(m)
+  m.add_argument("--adapter", required=True, help="PEFT adapter folder")
+  m.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, tokenizer files)")
+  m.set_defaults(func=_cmd_merge)
   return parser
 
 

@@ -190,3 +190,10 @@ def load_adapter(folder: str | Path, model_cfg: ModelConfig, *, dtype=jnp.float3
                    dropout=float(raw.get("lora_dropout", 0.0) or 0.0), use_rslora=bool(raw.get("use_rslora", False)),
                    use_dora=use_dora, init="gaussian" if init == "gaussian" else "default")
   return cfg, adapter
+
+
+def merged_params(model, folder: str | Path) -> dict:
+  """`model.params` with the PEFT adapter in `folder` merged into the kernels (for inference)."""
+  from ._lora import merge
+  cfg, adapter = load_adapter(folder, model.config, dtype=model.dtype)
+  return merge(cfg, model.config, model.params, adapter)

@@ -156,3 +156,40 @@ def test_bad_adapters_are_refused_with_names(base, tmp_path):
     save_adapter(tmp_path / "7", cfg, ours.config, {"layers/attn/q_proj": {"lora_A": jnp.zeros((2, 32, 2)),
                                                                             "lora_B": jnp.zeros((2, 2, 32))}})
   assert not (tmp_path / "7").exists()
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_merge_writes_a_folder_transformers_loads(base, tmp_path, capsys):
+  from lora_jax.cli import main
+  hf, ours = base
+  cfg = LoraConfig(**VARIANTS["dora"])
+  adapter, _ = init_lora(cfg, ours.config, ours.params, key=jax.random.key(3))
+  adapter = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(4), x.shape), adapter)
+  save_adapter(tmp_path / "a", cfg, ours.config, adapter)
+  assert main(["merge", "--model", ours.source, "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m"),
+               "-q"]) == 0
+  assert capsys.readouterr().out.strip() == str(tmp_path / "m")
+  merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+  pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "a").eval()
+  with torch.no_grad():
+    _assert_parity(merged(torch.tensor(IDS)).logits.numpy(), _peft_logits(pm))
+
+
+def test_cli_perplexity_and_generate_take_an_adapter(base, tmp_path, capsys):
+  from lora_jax.cli import main
+  _, ours = base
+  cfg = LoraConfig(**VARIANTS["lora"])
+  adapter, _ = init_lora(cfg, ours.config, ours.params, key=jax.random.key(3))
+  adapter = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(4), x.shape), adapter)
+  save_adapter(tmp_path / "a", cfg, ours.config, adapter)
+  text = tmp_path / "t.txt"
+  text.write_text(" ".join(f"t{i % 50}" for i in range(40)))
+  runs = {}
+  for name, extra in (("base", []), ("adapter", ["--adapter", str(tmp_path / "a")])):
+    assert main(["perplexity", "--model", ours.source, "--text-file", str(text), "-q", *extra]) == 0
+    runs[name] = json.loads(capsys.readouterr().out)
+  assert runs["base"]["tokens"] == runs["adapter"]["tokens"] and runs["base"]["nll"] != runs["adapter"]["nll"]
+  assert main(["generate", "--model", ours.source, "--prompt", "t1 t2", "--max-new-tokens", "4", "-q",
+               "--adapter", str(tmp_path / "a")]) == 0
+  assert main(["generate", "--model", ours.source, "--prompt", "t1", "--adapter", str(tmp_path / "nope")]) == 2
+  assert "adapter folder not found" in capsys.readouterr().err
