@@ -17,7 +17,10 @@ Measured per system (median of 3 timed repetitions after one untimed warm-up cal
 Greedy decoding must produce all new tokens: lora_jax gets ``eos=()``; HF gets ``min_new_tokens = max_new_tokens``.
 Threads: torch uses 2 threads (``torch.set_num_threads(2)``); XLA uses its default (all cores).
 
-Usage: python benchmarks/generate.py [--quick] [--out benchmarks/results/generate.json]
+Every repetition's time goes to stderr and into the JSON (``raw.*.times_s``): on a small shared VM single
+repetitions can be several times slower than the rest, so look at the spread before trusting a ratio.
+
+Usage: python benchmarks/generate.py [--quick] [--reps N] [--new-tokens N] [--out benchmarks/results/generate.json]
 """
 
 from __future__ import annotations
@@ -42,14 +45,18 @@ PARAGRAPH = ("The old lighthouse stood at the edge of the cliff, its white paint
              "wind. Every evening the keeper climbed the narrow spiral staircase, trimmed the wick, and watched the "
              "beam sweep across the dark water, counting the ships that passed safely into the harbour below. ")
 
+TIMES = {}  # every repetition's wall seconds, by label: reported in the JSON to show the spread
 
-def timed(fn, reps):
+
+def timed(label, fn, reps):
   """Median wall seconds of `reps` calls of fn() (fn must block until its result is ready)."""
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
+  TIMES[label] = [round(t, 4) for t in times]
+  print(f"  {label}: {' '.join(f'{t:.3f}s' for t in times)}", file=sys.stderr, flush=True)
   return statistics.median(times)
 
 
@@ -80,7 +87,7 @@ def worker_lora_jax(args, _inputs):
     arr = jnp.asarray(np.asarray(tokens, np.int32))
     call = lambda: fwd(params, cfg, arr).block_until_ready()
     call()
-    out[f"prefill_{b}x{t}_tok_s"] = b * t / timed(call, args.reps)
+    out[f"prefill_{b}x{t}_tok_s"] = b * t / timed(f"prefill_{b}x{t}", call, args.reps)
 
   for b in BATCHES:
     prompts = [ids] * b
@@ -91,7 +98,7 @@ def worker_lora_jax(args, _inputs):
     first = gen()
     if b == 1:
       out["greedy_ids"] = first[0][0]
-    wall = timed(gen, args.reps)
+    wall = timed(f"generate_b{b}", gen, args.reps)
     # the prefill that generate_ids runs, with its shapes: prompt bucket and cache size as in generate_ids
     toks, valid = jnp.asarray(np.asarray(prompts, np.int32)), jnp.ones((b, PROMPT_LEN), bool)
     slots = _bucket(_bucket(PROMPT_LEN) + n, 64)
@@ -99,10 +106,11 @@ def worker_lora_jax(args, _inputs):
       cache = KVCache.empty(cfg, b, slots, params["embed"]["embedding"].dtype)
       jax.block_until_ready(prefill(params, cfg, toks, valid, cache))
     pre()
-    pre_wall = timed(pre, args.reps)
+    pre_wall = timed(f"generate_prefill_b{b}", pre, args.reps)
     out[f"b{b}"] = {"generate_s": wall, "prefill_s": pre_wall, "generate_tok_s": b * n / wall,
                     "decode_tok_s": b * n / (wall - pre_wall)}
   out["peak_rss_mib"] = peak_rss_mib()
+  out["times_s"] = TIMES
   out["device"] = str(jax.devices()[0])
   return out
 
@@ -126,7 +134,7 @@ def worker_hf(args, inputs):
       x = torch.tensor(tokens)
       call = lambda: model(input_ids=x, use_cache=False).logits
       call()
-      out[f"prefill_{b}x{t}_tok_s"] = b * t / timed(call, args.reps)
+      out[f"prefill_{b}x{t}_tok_s"] = b * t / timed(f"prefill_{b}x{t}", call, args.reps)
 
     for b in BATCHES:
       x = torch.tensor([ids] * b)
@@ -139,13 +147,14 @@ def worker_hf(args, inputs):
       first = gen()
       if b == 1:
         out["greedy_ids"] = first[0, PROMPT_LEN:].tolist()
-      wall = timed(gen, args.reps)
+      wall = timed(f"generate_b{b}", gen, args.reps)
       pre = lambda: model(input_ids=x, attention_mask=mask, use_cache=True, logits_to_keep=1).logits
       pre()
-      pre_wall = timed(pre, args.reps)
+      pre_wall = timed(f"generate_prefill_b{b}", pre, args.reps)
       out[f"b{b}"] = {"generate_s": wall, "prefill_s": pre_wall, "generate_tok_s": b * n / wall,
                       "decode_tok_s": b * n / (wall - pre_wall)}
   out["peak_rss_mib"] = peak_rss_mib()
+  out["times_s"] = TIMES
   out["threads"] = torch.get_num_threads()
   return out
 
@@ -173,10 +182,11 @@ def machine_info():
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--quick", action="store_true", help="smoke test: 32 new tokens, 1 repetition")
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "generate.json"))
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "generate.json"),
+                  help="JSON output (default benchmarks/results/generate.json)")
+  ap.add_argument("--new-tokens", type=int, help="new tokens per generate call (default 128; 32 with --quick)")
+  ap.add_argument("--reps", type=int, help="timed repetitions, median reported (default 3; 1 with --quick)")
   ap.add_argument("--worker", choices=("lora_jax", "hf"), help=argparse.SUPPRESS)
-  ap.add_argument("--new-tokens", type=int, default=None, help=argparse.SUPPRESS)
-  ap.add_argument("--reps", type=int, default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
   args.new_tokens = args.new_tokens or (32 if args.quick else 128)
   args.reps = args.reps or (1 if args.quick else 3)
@@ -213,9 +223,9 @@ def main():
   result = {
       "benchmark": "generate", "machine": machine_info(),
       "config": {"model": PRESET, "gguf": lj["gguf"], "dtype": "float32", "prompt_tokens": PROMPT_LEN,
-                 "long_prompt_tokens": LONG_LEN, "new_tokens": args.new_tokens, "batches": list(BATCHES),
-                 "repetitions": args.reps, "statistic": "median", "decoding": "greedy, EOS ignored",
-                 "torch_threads": hf["threads"], "jax_device": lj["device"], "quick": args.quick},
+                 "prompt_ids": lj["prompt_ids"], "long_prompt_tokens": LONG_LEN, "new_tokens": args.new_tokens,
+                 "batches": list(BATCHES), "repetitions": args.reps, "statistic": "median",
+                 "decoding": "greedy, EOS ignored", "torch_threads": hf["threads"], "jax_device": lj["device"], "quick": args.quick},
       "figures": figures, "greedy_b1_identical_prefix": same,
       "raw": {name: {k: v for k, v in r.items() if k not in ("prompt_ids", "long_ids", "greedy_ids")}
               for name, r in (("lora_jax", lj), ("transformers", hf))},

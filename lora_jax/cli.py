@@ -75,9 +75,67 @@ def _cmd_merge(args) -> None:
   print(str(Path(out).absolute()))
 
 
+def _cmd_train(args) -> None:
+  from .config import load_config
+  from .runner import train
+  cfg = load_config(args.config, args.set or [])
+  if cfg.sweep:
+    raise LoraJaxError(f"{args.config} has a sweep: block; run it with `lora-jax sweep {args.config}`")
+  out = args.out or str(Path("runs") / (cfg.name or Path(args.config).stem))
+  summary = train(cfg, out, overwrite=args.overwrite, argv=sys.argv, progress=not args.quiet)
+  print(json.dumps({k: summary.get(k) for k in ("name", "status", "steps", "final_train_loss", "eval_loss",
+                                                   "exact_match_before", "exact_match", "trainable_params",
+                                                   "wall_time_s")}))
+
+
+def _cmd_sweep(args) -> None:
+  from .config import load_config
+  from .report import write_report
+  from .runner import sweep
+  cfg = load_config(args.config, args.set or [])
+  out = args.out or str(Path("runs") / (cfg.name or Path(args.config).stem))
+  sweep(cfg, out, source=args.config, argv=sys.argv, progress=not args.quiet)
+  paths = write_report(out)
+  print(Path(paths["results.md"]).read_text())
+
+
+def _cmd_report(args) -> None:
+  from .report import main_report
+  main_report(args.dir, args.out)
+
+
+def _cmd_eval(args) -> None:
+  import jax
+  from .data import read_examples
+  from .evaluate import eval_rows, exact_match, mean_loss
+  from .peft import LoraConfig, load_adapter, merge
+  from .train import make_eval_loss
+  model = load_model_only(args)
+  examples = read_examples(args.data)
+  if args.adapter:
+    lcfg, adapter = load_adapter(args.adapter, model.config, dtype=model.dtype)
+  else:
+    lcfg, adapter = LoraConfig(targets=("q_proj",)), {}
+  rows = eval_rows(model, examples, seq_len=args.seq_len, chat=not args.no_chat)
+  loss = mean_loss(make_eval_loss(model.config, lcfg), adapter, model.params, rows)
+  result = {"examples": len(examples), "loss": loss}
+  if any("text" not in e for e in examples):
+    params = merge(lcfg, model.config, model.params, adapter) if adapter else model.params
+    em = exact_match(model, params, examples, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+                     limit=args.limit)
+    result.update(exact_match=em["exact_match"], exact_match_n=em["n"])
+  print(json.dumps(result))
+
+
+def load_model_only(args):
+  from .io import load_model
+  return load_model(args.model, dtype=args.dtype)
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="lora-jax", description=__doc__.splitlines()[0] + " "
-                                   "Parameter-efficient fine-tuning of LLMs in JAX.")
+  parser = argparse.ArgumentParser(
+      prog="lora-jax", description="Parameter-efficient fine-tuning of LLMs in JAX. Results go to stdout; logs, "
+                                   "progress and errors go to stderr.")
   sub = parser.add_subparsers(dest="command", required=True)
 
   g = sub.add_parser("generate", help="generate a continuation of a prompt (prints only the continuation)")
@@ -113,6 +171,36 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--adapter", required=True, help="PEFT adapter folder")
   m.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, tokenizer files)")
   m.set_defaults(func=_cmd_merge)
+  t = sub.add_parser("train", help="fine-tune from a YAML config (resumes if --out holds this run)")
+  t.add_argument("config", help="YAML run config (see experiments/)")
+  t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-4")
+  t.add_argument("--out", help="run directory (default runs/<name or config stem>)")
+  t.add_argument("--overwrite", action="store_true", help="replace an output directory holding a different run")
+  t.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
+  t.set_defaults(func=_cmd_train)
+
+  s = sub.add_parser("sweep", help="run every point of a config's sweep: grid (finished points are skipped), "
+                                   "then write the report")
+  s.add_argument("config", help="YAML run config with a sweep: block")
+  s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+  s.add_argument("--out", help="sweep directory (default runs/<name or config stem>)")
+  s.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
+  s.set_defaults(func=_cmd_sweep)
+
+  r = sub.add_parser("report", help="results.csv, results.md (mean ± std over seeds) and plots for a sweep/run dir")
+  r.add_argument("dir", help="directory holding run directories (searched recursively for summary.json)")
+  r.add_argument("--out", help="where to write the report (default: DIR)")
+  r.set_defaults(func=_cmd_report)
+
+  e = sub.add_parser("eval", help="loss and exact match of a model (+ adapter) on a JSONL file; prints JSON")
+  _add_model_args(e)
+  e.add_argument("--adapter", help="PEFT adapter folder")
+  e.add_argument("--data", required=True, help="JSONL examples (instruction/input/output or messages)")
+  e.add_argument("--seq-len", type=int, default=256, help="max tokens per example for the loss (default 256)")
+  e.add_argument("--max-new-tokens", type=int, default=48, help="generation budget for exact match (default 48)")
+  e.add_argument("--limit", type=int, default=None, help="at most this many examples for exact match")
+  e.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
+  e.set_defaults(func=_cmd_eval)
   return parser
 
 

@@ -132,7 +132,7 @@ def layer(cfg: ModelConfig, p: Params, x: Float[Array, "B T D"], cos, sin, k_all
 def hidden_states(params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], *,
                   valid: Bool[Array, "B T"] | None = None, positions: Int[Array, "B T"] | None = None,
                   cache: KVCache | None = None, write_slot: Int[Array, ""] | int = 0,
-                  dtype=None, remat: bool = False) -> tuple[Float[Array, "B T D"], KVCache | None]:
+                  segment_ids: Int[Array, "B T"] | None = None, dtype=None, remat: bool = False) -> tuple[Float[Array, "B T D"], KVCache | None]:
   """Final-norm hidden states for `tokens`.
 
   Args:
@@ -143,6 +143,8 @@ def hidden_states(params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], *
     cache: when given, k/v of these tokens are written at slots ``write_slot + [0, T)`` and attention runs
       over the whole cache; the updated cache is returned.
     dtype: compute dtype (default: the embedding dtype).
+    segment_ids: for packed rows (no cache): tokens attend only within their own segment; pass `positions`
+      restarting at each segment.
     remat: rematerialise each layer in the backward pass (saves activation memory in training).
   """
   b, t = tokens.shape
@@ -163,6 +165,10 @@ def hidden_states(params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], *
       positions = jnp.maximum(before + jnp.cumsum(valid, axis=1) - 1, 0)
   cos, sin = rope_angles(cfg, positions)
   mask = attention_mask(q_slots, kv_valid, cfg)
+  if segment_ids is not None:
+    if cache is not None:
+      raise ValueError("segment_ids (packed rows) are for full-sequence calls, not for cached decoding")
+    mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
 
   def body(carry, p):
     x, i, ks, vs = carry

@@ -1,0 +1,290 @@
+"""Training runs: a run directory per config, checkpoints that resume exactly, sweeps that skip finished points.
+
+A run directory holds::
+
+  config.yaml        the resolved config (re-running with a different one is refused unless --overwrite)
+  provenance.json    git SHA, package versions, device, command line
+  metrics.jsonl      one JSON object per logged train step / evaluation
+  tb/                TensorBoard event files (tensorboardX)
+  checkpoints/       orbax checkpoints: adapter, optimizer state, step, data position, RNG
+  adapter/           the final adapter in HF PEFT format
+  summary.json       final figures (read by `lora-jax report`)
+
+Re-running the same command resumes from the last checkpoint; since the data stream, the dropout keys and the
+optimizer state are all functions of the checkpointed values, a resumed run reproduces the uninterrupted one
+bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from ._errors import LoraJaxError
+from ._log import log
+from .config import RunConfig, expand_sweep, flatten, to_dict
+from .data import batch_at, build_rows, read_examples, split_examples
+from .peft import LoraConfig, init_lora, lora_optimizer, merge, save_adapter, trainable_summary
+from .train import TrainState, make_eval_loss, make_schedule, make_train_step
+
+PACKAGES = ("lora_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tokenizers", "safetensors",
+            "gguf", "tensorboardX")
+
+
+def lora_config(cfg: RunConfig) -> LoraConfig:
+  p = cfg.peft
+  return LoraConfig(rank=p.rank, alpha=p.alpha, targets=p.targets, layers_to_transform=p.layers_to_transform,
+                    dropout=p.dropout, use_rslora=p.method == "rslora", use_dora=p.method == "dora", init=p.init)
+
+
+def peak_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def provenance(argv: list[str] | None) -> dict[str, Any]:
+  from importlib import metadata
+  root = Path(__file__).resolve().parent.parent
+  try:
+    sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                         timeout=10).stdout.strip() or None
+    dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True,
+                                timeout=10).stdout.strip())
+  except (OSError, subprocess.SubprocessError):
+    sha, dirty = None, None
+  versions = {}
+  for p in PACKAGES:
+    try:
+      versions[p] = metadata.version(p)
+    except metadata.PackageNotFoundError:
+      versions[p] = None
+  dev = jax.devices()[0]
+  return {"git_sha": sha, "git_dirty": dirty, "versions": versions, "python": sys.version.split()[0],
+          "device": {"platform": dev.platform, "kind": dev.device_kind, "count": jax.device_count()},
+          "command": argv if argv is not None else sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _write_json(path: Path, obj) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(json.dumps(obj, indent=2, default=float))
+  os.replace(tmp, path)
+
+
+class _Metrics:
+  """metrics.jsonl (appending; on resume, lines past the restored step are dropped) + TensorBoard."""
+
+  def __init__(self, out: Path, resume_step: int):
+    self.path = out / "metrics.jsonl"
+    if self.path.exists():
+      def kept(rec):  # what the resumed run will not write again
+        return rec["step"] < resume_step or (rec["step"] == resume_step and rec["split"] == "train")
+      keep = [line for line in self.path.read_text().splitlines() if line.strip() and kept(json.loads(line))]
+      self.path.write_text("".join(line + "\n" for line in keep))
+    self.f = open(self.path, "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step + 1 if resume_step else None)
+    except ImportError:
+      log("tensorboardX is not installed: no TensorBoard events")
+      self.tb = None
+
+  def write(self, record: dict) -> None:
+    self.f.write(json.dumps(record) + "\n")
+    self.f.flush()
+    if self.tb is not None:
+      for k, v in record.items():
+        if k not in ("step", "split") and isinstance(v, (int, float)):
+          self.tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
+
+  def close(self):
+    self.f.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _check_out_dir(out: Path, resolved: dict, overwrite: bool) -> bool:
+  """True when `out` holds this same run (resume). Refuses another run's directory unless `overwrite`."""
+  cfg_path = out / "config.yaml"
+  if not cfg_path.exists():
+    if out.exists() and any(out.iterdir()) and not overwrite:
+      raise LoraJaxError(f"{out}: output directory is not empty and holds no run config; pass --overwrite to reuse it")
+    return False
+  old = yaml.safe_load(cfg_path.read_text())
+  if old == resolved:
+    return True
+  if not overwrite:
+    diff = sorted(k for k in set(flatten(old)) | set(flatten(resolved)) if flatten(old).get(k) != flatten(resolved).get(k))
+    raise LoraJaxError(f"{out}: output directory holds a different run (config differs in {', '.join(diff[:5])}); "
+                       f"pass --overwrite to replace it, or choose another --out")
+  shutil.rmtree(out)
+  return False
+
+
+def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: list[str] | None = None,
+          progress: bool = True, model=None) -> dict[str, Any]:
+  """Runs (or resumes) one training run into `out`; returns its summary."""
+  import orbax.checkpoint as ocp
+  out = Path(out).absolute()
+  resolved = to_dict(cfg)
+  resolved.pop("sweep", None)
+  resuming = _check_out_dir(out, resolved, overwrite)
+  if resuming and (out / "summary.json").exists():
+    summary = json.loads((out / "summary.json").read_text())
+    if summary.get("status") == "finished":
+      log(f"{out.name}: already finished, skipping")
+      return summary
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+  _write_json(out / "provenance.json", provenance(argv))
+  t_start = time.perf_counter()
+
+  from .io import load_model
+  model = model or load_model(cfg.model, dtype="float32")
+  tc, dc = cfg.train, cfg.data
+  examples = read_examples(dc.train)
+  train_ex, held = split_examples(examples, dc.validation_split, cfg.seed)
+  val_ex = read_examples(dc.validation) if dc.validation else held
+  test_ex = read_examples(dc.test) if dc.test else val_ex
+  tok = model.tokenizer
+  pad = tok.pad_id if tok.pad_id is not None else 0
+  rows = build_rows(train_ex, tok, seq_len=tc.seq_len, chat=dc.chat_template, loss_on=dc.loss_on,
+                    packing=dc.packing, truncate=dc.truncate, pad_id=pad, source=dc.train)
+  log(f"data: {rows.n_examples} train examples in {len(rows)} rows of {tc.seq_len} tokens "
+      f"({'packed' if dc.packing else 'padded'}), {len(val_ex)} validation, {len(test_ex)} test")
+  val_rows = build_rows(val_ex, tok, seq_len=tc.seq_len, chat=dc.chat_template, loss_on=dc.loss_on, packing=False,
+                        truncate=True, pad_id=pad, source="validation") if val_ex else None
+
+  lcfg = lora_config(cfg)
+  base = model.params
+  adapter, frozen = init_lora(lcfg, model.config, base, key=jax.random.key(cfg.seed))
+  # (a copy: the train step donates the state's buffers)
+  initial_adapter = jax.tree.map(jnp.copy, adapter) if lcfg.init in ("pissa", "olora") else None
+  if tc.dtype == "bfloat16":
+    frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)
+  schedule = make_schedule(tc.lr, tc.steps, tc.warmup_steps, tc.schedule)
+  tx = lora_optimizer(schedule, adapter, weight_decay=tc.weight_decay, lora_plus_ratio=tc.lora_plus_ratio,
+                      max_grad_norm=tc.max_grad_norm)
+  state = TrainState(jnp.int32(0), adapter, tx.init(adapter), jax.random.key_data(jax.random.key(cfg.seed + 1)))
+  data_pos = 0
+  ckpt_dir = out / "checkpoints"
+  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+      max_to_keep=2, enable_async_checkpointing=False, create=True))
+  latest = mngr.latest_step()
+  if latest is not None:
+    target = {"state": state, "data_pos": np.zeros((), np.int64)}
+    restored = mngr.restore(latest, args=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                                                                  target)))
+    state, data_pos = restored["state"], int(restored["data_pos"])
+    log(f"resumed from checkpoint at step {latest}")
+  start_step = int(state.step)
+  metrics = _Metrics(out, start_step)
+  summary = {"name": cfg.name or out.name, "status": "running", "steps": tc.steps}
+  try:
+    before_path = out / "eval_before.json"
+    if tc.exact_match and test_ex and not before_path.exists():
+      from .evaluate import exact_match
+      log(f"exact match of the base model on {min(len(test_ex), dc.max_eval_examples)} test examples ...")
+      em0 = exact_match(model, base, test_ex, max_new_tokens=dc.max_new_tokens, chat=dc.chat_template,
+                        limit=dc.max_eval_examples)
+      _write_json(before_path, em0)
+    eval_fn = make_eval_loss(model.config, lcfg)
+    step_fn = make_train_step(model.config, lcfg, tx, grad_accum=tc.grad_accum, remat=tc.remat)
+    from tqdm import tqdm
+    bar = tqdm(total=tc.steps, initial=start_step, disable=not progress, file=sys.stderr, dynamic_ncols=True,
+               desc=out.name)
+    t_log, tokens_since = time.perf_counter(), 0.0
+    last_loss = None
+    for step in range(start_step, tc.steps):
+      batch = batch_at(rows, data_pos, tc.batch_size, cfg.seed)
+      state, m = step_fn(state, frozen, batch)
+      data_pos += tc.batch_size
+      loss = float(m["loss"])
+      tokens_since += float(m["tokens"])
+      if not bool(m["ok"]):
+        good = mngr.latest_step()
+        summary.update(status="diverged", diverged_step=step + 1, last_good_checkpoint=good)
+        raise LoraJaxError(f"non-finite loss or gradient at step {step + 1}: training stopped; the last good "
+                           f"checkpoint is step {good} in {ckpt_dir}")
+      last_loss = loss
+      n = step + 1
+      if n % tc.log_every == 0 or n == tc.steps:
+        now = time.perf_counter()
+        rec = {"split": "train", "step": n, "loss": loss, "lr": float(schedule(step)),
+               "grad_norm": float(m["grad_norm"]), "tokens_per_s": tokens_since / (now - t_log),
+               "time_s": now - t_start}
+        metrics.write(rec)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        t_log, tokens_since = now, 0.0
+      if tc.eval_every and n % tc.eval_every == 0 and val_rows is not None and n != tc.steps:
+        from .evaluate import mean_loss
+        metrics.write({"split": "eval", "step": n, "loss": mean_loss(eval_fn, state.adapter, frozen, val_rows)})
+      if n % tc.checkpoint_every == 0 or n == tc.steps:
+        mngr.save(n, args=ocp.args.StandardSave({"state": state, "data_pos": np.asarray(data_pos, np.int64)}), force=True)
+      bar.update(1)
+    bar.close()
+
+    from .evaluate import exact_match, mean_loss
+    final = {"split": "eval", "step": tc.steps}
+    if val_rows is not None:
+      final["loss"] = mean_loss(eval_fn, state.adapter, frozen, val_rows)
+    em = None
+    if tc.exact_match and test_ex:
+      log("exact match of the fine-tuned model ...")
+      merged = merge(lcfg, model.config, jax.tree.map(lambda x: x.astype(jnp.float32), frozen), state.adapter)
+      em = exact_match(model, merged, test_ex, max_new_tokens=dc.max_new_tokens, chat=dc.chat_template,
+                       limit=dc.max_eval_examples)
+      final["exact_match"] = em["exact_match"]
+      _write_json(out / "eval_after.json", em)
+    metrics.write(final)
+    save_adapter(out / "adapter", lcfg, model.config, state.adapter, base_model_name_or_path=cfg.model,
+                 initial_adapter=initial_adapter)
+    before = json.loads(before_path.read_text()) if before_path.exists() else None
+    if last_loss is None:  # resumed at the very end
+      last_loss = next((json.loads(l)["loss"] for l in reversed((out / "metrics.jsonl").read_text().splitlines())
+                        if json.loads(l)["split"] == "train"), None)
+    summary.update(
+        status="finished", overrides={}, config=flatten(resolved), seed=cfg.seed,
+        trainable_params=trainable_summary(lcfg, model.config, state.adapter)["trainable"],
+        wall_time_s=time.perf_counter() - t_start, peak_rss_mib=peak_rss_mib(), final_train_loss=last_loss,
+        eval_loss=final.get("loss"), exact_match=em["exact_match"] if em else None,
+        exact_match_before=before["exact_match"] if before else None)
+    return summary
+  finally:
+    metrics.close()
+    mngr.close()
+    if summary.get("status") != "running":
+      _write_json(out / "summary.json", summary)
+
+
+def sweep(cfg: RunConfig, out: str | Path, *, source: str, argv=None, progress: bool = True) -> list[dict]:
+  """Runs every grid point of `cfg.sweep` into ``out/<point>`` (finished points are skipped)."""
+  out = Path(out).absolute()
+  points = expand_sweep(cfg, source)
+  out.mkdir(parents=True, exist_ok=True)
+  _write_json(out / "sweep.json", {"source": source, "points": [{"name": n, "overrides": o} for n, o, _ in points]})
+  from .io import load_model
+  models = {}
+  summaries = []
+  for i, (name, overrides, point) in enumerate(points, 1):
+    log(f"sweep point {i}/{len(points)}: {name}")
+    if point.model not in models:
+      models.clear()
+      models[point.model] = load_model(point.model)
+    s = train(point, out / name, argv=argv, progress=progress, model=models[point.model])
+    if s.get("overrides") != overrides:
+      s["overrides"] = overrides
+      _write_json(out / name / "summary.json", s)
+    summaries.append(s)
+  return summaries

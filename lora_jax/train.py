@@ -1,0 +1,95 @@
+"""The training step and the loss: pure functions of (trainable, frozen, batch).
+
+Only the adapter is differentiated (`jax.value_and_grad` w.r.t. its first argument), so the frozen base never gets
+a gradient or optimizer state. The loss is the mean next-token cross-entropy over the batch's target tokens: each
+micro-batch returns a *sum* and a *count*, and the accumulated sum is divided once by the total count, so gradient
+accumulation gives the same update as one large batch. A step whose loss or gradient norm is not finite leaves the
+state untouched and reports ``ok = False`` (the NaN/inf guard); the run loop then stops.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from .models import ModelConfig
+from .models._llama import hidden_states, logits as lm_logits
+from .peft import LoraConfig, apply_lora
+
+
+class TrainState(NamedTuple):
+  step: jax.Array          # int32 []
+  adapter: dict
+  opt_state: Any
+  rng: jax.Array           # raw uint32 key data (checkpointable)
+
+
+def batch_loss(adapter, frozen, batch, *, model_cfg: ModelConfig, lora_cfg: LoraConfig, dropout_key=None,
+               remat: bool = False):
+  """Summed cross-entropy over target tokens of `batch` and their count (float32)."""
+  params = apply_lora(lora_cfg, model_cfg, frozen, adapter, dropout_key=dropout_key)
+  seg = batch["segments"]
+  h, _ = hidden_states(params, model_cfg, batch["ids"], valid=seg > 0, positions=batch["positions"],
+                       segment_ids=seg, remat=remat)
+  logits = lm_logits(params, model_cfg, h[:, :-1])
+  targets = batch["ids"][:, 1:]
+  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  mask = batch["loss"][:, 1:]
+  return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask).astype(jnp.float32)
+
+
+def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, tx: optax.GradientTransformation, *,
+                    grad_accum: int = 1, remat: bool = False):
+  """A jitted ``step(state, frozen, batch) -> (state, metrics)``; `batch` leaves are [batch, T]."""
+
+  def micro(adapter, frozen, mb, key):
+    return batch_loss(adapter, frozen, mb, model_cfg=model_cfg, lora_cfg=lora_cfg,
+                      dropout_key=key if lora_cfg.dropout > 0 else None, remat=remat)
+
+  grad_fn = jax.value_and_grad(micro, has_aux=True)
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state: TrainState, frozen, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    mbs = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+    def acc(carry, xs):
+      g_sum, l_sum, n_sum = carry
+      mb, i = xs
+      (l, n), g = grad_fn(state.adapter, frozen, mb, jax.random.fold_in(key, i))
+      return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, n_sum + n), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.adapter)
+    (g, total, count), _ = jax.lax.scan(acc, (zeros, jnp.float32(0), jnp.float32(0)),
+                                        (mbs, jnp.arange(grad_accum)))
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda x: x / count, g)
+    loss = total / count
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.adapter)
+    adapter = optax.apply_updates(state.adapter, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new = TrainState(state.step + 1, keep(adapter, state.adapter), keep(opt_state, state.opt_state), state.rng)
+    return new, {"loss": loss, "grad_norm": grad_norm, "tokens": count, "ok": ok}
+
+  return step
+
+
+def make_eval_loss(model_cfg: ModelConfig, lora_cfg: LoraConfig):
+  """A jitted ``(adapter, frozen, batch) -> (sum, count)`` without dropout."""
+  return jax.jit(functools.partial(batch_loss, model_cfg=model_cfg, lora_cfg=lora_cfg))
+
+
+def make_schedule(lr: float, steps: int, warmup: int, kind: str):
+  warmup = min(warmup, max(steps - 1, 0))
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=0.0)
+  decay = optax.linear_schedule(lr, 0.0, max(steps - warmup, 1)) if kind == "linear" else optax.constant_schedule(lr)
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])

@@ -1,0 +1,80 @@
+"""Data: reading with file:line errors, response-only loss masks, packing with segments, deterministic order."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lora_jax import LoraJaxError
+from lora_jax.data import batch_at, build_rows, read_examples, split_examples, tokenize_example
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+  p = tmp_path / "d.jsonl"
+  p.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
+  with pytest.raises(LoraJaxError, match=r"d.jsonl:2: malformed JSON"):
+    read_examples(p)
+  p.write_text('{"prompt": "a"}\n')
+  with pytest.raises(LoraJaxError, match=r"d.jsonl:1: expected keys"):
+    read_examples(p)
+  p.write_text("\n")
+  with pytest.raises(LoraJaxError, match="empty"):
+    read_examples(p)
+  with pytest.raises(LoraJaxError, match="not found"):
+    read_examples(tmp_path / "nope.jsonl")
+
+
+def test_chat_loss_mask_covers_only_the_answer(smollm2):
+  tok = smollm2.tokenizer
+  ex = {"instruction": "Say hi.", "output": "Hi there!"}
+  ids, mask = tokenize_example(ex, tok, chat=True, loss_on="response")
+  text = tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+  assert text == "Hi there!<|im_end|>\n"
+  assert tok.decode(ids, skip_special_tokens=False) == tok.render_chat(
+      [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"}],
+      add_generation_prompt=False)
+  _, all_mask = tokenize_example(ex, tok, chat=True, loss_on="all")
+  assert all(all_mask)
+
+
+def test_multi_turn_messages_mask_every_assistant_turn(smollm2):
+  tok = smollm2.tokenizer
+  ex = {"messages": [{"role": "user", "content": "1?"}, {"role": "assistant", "content": "one"},
+                     {"role": "user", "content": "2?"}, {"role": "assistant", "content": "two"}]}
+  ids, mask = tokenize_example(ex, tok, chat=True, loss_on="response")
+  text = tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+  assert text == "one<|im_end|>\ntwo<|im_end|>\n"
+
+
+def test_packing_segments_positions_and_truncation(smollm2):
+  tok = smollm2.tokenizer
+  exs = [{"instruction": f"Repeat {i}", "output": "x" * (i + 1)} for i in range(6)]
+  rows = build_rows(exs, tok, seq_len=64, chat=False, packing=True)
+  assert rows.n_examples == 6 and len(rows) < 6
+  for r in range(len(rows)):
+    seg, pos = rows.segments[r], rows.positions[r]
+    for s in set(seg[seg > 0].tolist()):
+      np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
+      assert not rows.loss[r][np.argmax(seg == s)]  # first token of each example is never a target
+  padded = build_rows(exs, tok, seq_len=64, chat=False, packing=False)
+  assert len(padded) == 6 and padded.segments.max() == 1
+  long = [{"instruction": "a " * 100, "output": "b"}]
+  with pytest.raises(LoraJaxError, match="more than train.seq_len=16"):
+    build_rows(long + exs, tok, seq_len=16, chat=False, truncate=False)
+
+
+def test_order_is_deterministic_and_epoch_shuffled(smollm2):
+  exs = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]
+  rows = build_rows(exs, smollm2.tokenizer, seq_len=16, chat=False, packing=False)
+  a = batch_at(rows, 0, 10, seed=1)["ids"]
+  assert (batch_at(rows, 0, 10, seed=1)["ids"] == a).all()
+  assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, rows.ids.tolist()))  # an epoch is a permutation
+  assert not (batch_at(rows, 10, 10, seed=1)["ids"] == a).all()                 # the next epoch differs
+  assert not (batch_at(rows, 0, 10, seed=2)["ids"] == a).all()
+  np.testing.assert_array_equal(batch_at(rows, 3, 4, seed=1)["ids"], a[3:7])
+
+
+def test_split_is_deterministic():
+  exs = list(range(100))
+  tr, va = split_examples(exs, 0.1, seed=0)
+  assert len(va) == 10 and sorted(tr + va) == exs and split_examples(exs, 0.1, seed=0) == (tr, va)

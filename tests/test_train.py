@@ -1,0 +1,159 @@
+"""Training runs on a tiny model: loss goes down, same seed = same curve, accumulation = big batch,
+kill -9 + resume = uninterrupted, NaN guard, refusing another run's directory."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+from lora_jax import LoraJaxError
+from lora_jax.config import config_from_dict
+from lora_jax.runner import train
+from lora_jax.testing import assert_trees_all_close
+from tests.conftest import make_tiny_folder
+
+pytestmark = pytest.mark.usefixtures("standard_promotion")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("train")
+  make_tiny_folder(root / "tiny")
+  rng = np.random.default_rng(0)
+  for name, n in (("train", 160), ("val", 16)):
+    with open(root / f"{name}.jsonl", "w") as f:
+      for _ in range(n):
+        a, b = rng.integers(2, 30, 2)
+        f.write(json.dumps({"instruction": f"w{a} w{b}", "output": f"w{b} w{a} w{a + 30}"}) + "\n")
+  raw = {"model": str(root / "tiny"), "seed": 0,
+         "data": {"train": str(root / "train.jsonl"), "validation": str(root / "val.jsonl"), "chat_template": False,
+                  "max_new_tokens": 4, "max_eval_examples": 8},
+         "peft": {"rank": 4, "alpha": 8, "dropout": 0.1},
+         "train": {"steps": 12, "batch_size": 4, "seq_len": 32, "lr": 1e-2, "log_every": 1, "checkpoint_every": 4,
+                   "warmup_steps": 2}}
+  return root, raw
+
+
+def _cfg(raw, **sections):
+  out = json.loads(json.dumps(raw))
+  for sec, vals in sections.items():
+    if isinstance(vals, dict):
+      out[sec].update(vals)
+    else:
+      out[sec] = vals
+  return config_from_dict(out)
+
+
+def _losses(run):
+  return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines()
+          if json.loads(l)["split"] == "train"]
+
+
+def test_run_directory_and_learning(setup):
+  root, raw = setup
+  s = train(_cfg(raw, train={"steps": 40}), root / "r1", progress=False)
+  run = root / "r1"
+  for f in ("config.yaml", "provenance.json", "metrics.jsonl", "summary.json", "adapter/adapter_config.json",
+            "adapter/adapter_model.safetensors"):
+    assert (run / f).exists(), f
+  assert list((run / "tb").iterdir()), "TensorBoard events"
+  prov = json.loads((run / "provenance.json").read_text())
+  assert prov["versions"]["jax"] and prov["device"]["platform"] == "cpu" and "command" in prov
+  losses = _losses(run)
+  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+  assert s["status"] == "finished" and s["trainable_params"] > 0 and s["eval_loss"] is not None
+  assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 40
+
+
+def test_same_seed_same_curve_and_rerun_is_a_noop(setup):
+  root, raw = setup
+  train(_cfg(raw), root / "a", progress=False)
+  train(_cfg(raw), root / "b", progress=False)
+  assert _losses(root / "a") == _losses(root / "b")  # bit-identical
+  before = (root / "a" / "summary.json").read_text()
+  train(_cfg(raw), root / "a", progress=False)  # finished: skipped
+  assert (root / "a" / "summary.json").read_text() == before
+  train(_cfg(raw, seed=1), root / "c", progress=False)
+  assert _losses(root / "c") != _losses(root / "a")
+
+
+def test_other_runs_directory_is_refused(setup):
+  root, raw = setup
+  train(_cfg(raw, train={"steps": 2}), root / "d", progress=False)
+  with pytest.raises(LoraJaxError, match="holds a different run.*train.steps.*--overwrite"):
+    train(_cfg(raw, train={"steps": 3}), root / "d", progress=False)
+  train(_cfg(raw, train={"steps": 3}), root / "d", overwrite=True, progress=False)
+  assert json.loads((root / "d" / "summary.json").read_text())["steps"] == 3
+
+
+def test_gradient_accumulation_equals_big_batch(setup):
+  from lora_jax.io import load_model
+  from lora_jax.peft import init_lora, lora_optimizer
+  from lora_jax.runner import lora_config
+  from lora_jax.train import TrainState, make_train_step
+  root, raw = setup
+  cfg = _cfg(raw, peft={"dropout": 0.0})
+  model = load_model(cfg.model)
+  lcfg = lora_config(cfg)
+  adapter, frozen = init_lora(lcfg, model.config, model.params, key=jax.random.key(0))
+  adapter = jax.tree.map(lambda x: x + 0.05, adapter)
+  tx = lora_optimizer(1e-2, adapter)
+  rng = np.random.default_rng(1)
+  batch = {"ids": rng.integers(0, 64, (4, 16)).astype(np.int32), "positions": np.tile(np.arange(16), (4, 1)),
+           "segments": np.ones((4, 16), np.int32), "loss": rng.random((4, 16)) < 0.5}
+  results = []
+  for accum in (1, 2, 4):
+    fresh = jax.tree.map(jnp.copy, adapter)  # the step donates its state
+    state = TrainState(jnp.int32(0), fresh, tx.init(fresh), jax.random.key_data(jax.random.key(0)))
+    new, m = make_train_step(model.config, lcfg, tx, grad_accum=accum)(state, frozen, batch)
+    results.append((new.adapter, float(m["loss"])))
+  for other, loss in results[1:]:
+    assert_trees_all_close(other, results[0][0], "f32_composite")
+    assert abs(loss - results[0][1]) < 1e-5
+
+
+def test_nan_guard_stops_and_names_the_step(setup):
+  root, raw = setup
+  with pytest.raises(LoraJaxError, match=r"non-finite loss or gradient at step 1: .*last good checkpoint is step None"):
+    train(_cfg(raw, train={"lr": float("nan"), "warmup_steps": 0, "schedule": "constant"}), root / "nan",
+          progress=False)
+  s = json.loads((root / "nan" / "summary.json").read_text())
+  assert s["status"] == "diverged" and s["diverged_step"] == 1
+  assert not (root / "nan" / "adapter").exists()
+
+
+def test_sigkill_and_resume_reach_the_same_final_loss(setup, tmp_path):
+  root, raw = setup
+  cfg_path = tmp_path / "c.yaml"
+  raw2 = json.loads(json.dumps(raw))
+  raw2["train"].update(steps=16, checkpoint_every=2)
+  raw2["data"]["max_eval_examples"] = 2
+  cfg_path.write_text(yaml.safe_dump(raw2))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "lora_jax", "train", str(cfg_path), "-q"]
+  whole = tmp_path / "whole"
+  subprocess.run(cmd + ["--out", str(whole)], check=True, env=env, capture_output=True)
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(cmd + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and not (killed / "checkpoints" / "6").exists():
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert (killed / "checkpoints" / "6").exists(), "the run never reached step 6"
+  assert not (killed / "summary.json").exists(), "killed too late: the run had finished"
+  subprocess.run(cmd + ["--out", str(killed)], check=True, env=env, capture_output=True)
+  a = json.loads((whole / "summary.json").read_text())
+  b = json.loads((killed / "summary.json").read_text())
+  assert a["final_train_loss"] == b["final_train_loss"] and a["eval_loss"] == b["eval_loss"]
+  assert _losses(whole) == _losses(killed)
