@@ -83,9 +83,30 @@ def _cmd_train(args) -> None:
     raise LoraJaxError(f"{args.config} has a sweep: block; run it with `lora-jax sweep {args.config}`")
   out = args.out or str(Path("runs") / (cfg.name or Path(args.config).stem))
   summary = train(cfg, out, overwrite=args.overwrite, argv=sys.argv, progress=not args.quiet)
+  if args.show:
+    print(_side_by_side(Path(out), summary, args.show))
+    return
   print(json.dumps({k: summary.get(k) for k in ("name", "status", "steps", "final_train_loss", "eval_loss",
                                                    "exact_match_before", "exact_match", "trainable_params",
                                                    "wall_time_s")}))
+
+
+def _side_by_side(out: Path, summary: dict, n: int) -> str:
+  """Before/after exact match and a few test generations of the base and the fine-tuned model."""
+  before = json.loads((out / "eval_before.json").read_text()) if (out / "eval_before.json").exists() else None
+  after = json.loads((out / "eval_after.json").read_text()) if (out / "eval_after.json").exists() else None
+  pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
+  lines = [f"run: {out}", f"adapter: {out / 'adapter'} (HF PEFT format)",
+           f"trainable params: {summary.get('trainable_params'):,}   steps: {summary.get('steps')}   "
+           f"final train loss: {summary.get('final_train_loss'):.4f}   wall time: {summary.get('wall_time_s'):.0f}s",
+           f"exact match on {after['n'] if after else 0} held-out examples: "
+           f"base {pct(summary.get('exact_match_before'))} -> fine-tuned {pct(summary.get('exact_match'))}", ""]
+  if before and after:
+    for b, a in list(zip(before["samples"], after["samples"]))[:n]:
+      prompt = a["prompt"].replace("\n", " ")
+      lines += [f"prompt:     {prompt[:150]}", f"reference:  {a['reference']}",
+                f"base:       {b['prediction'][:150]!r}", f"fine-tuned: {a['prediction']!r}", ""]
+  return "\n".join(lines)
 
 
 def _cmd_sweep(args) -> None:
@@ -177,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--out", help="run directory (default runs/<name or config stem>)")
   t.add_argument("--overwrite", action="store_true", help="replace an output directory holding a different run")
   t.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
+  t.add_argument("--show", type=int, default=0, metavar="N",
+                 help="print before/after exact match and N side-by-side generations instead of the JSON summary")
   t.set_defaults(func=_cmd_train)
 
   s = sub.add_parser("sweep", help="run every point of a config's sweep: grid (finished points are skipped), "

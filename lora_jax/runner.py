@@ -38,7 +38,7 @@ from ._log import log
 from .config import RunConfig, expand_sweep, flatten, to_dict
 from .data import batch_at, build_rows, read_examples, split_examples
 from .peft import LoraConfig, init_lora, lora_optimizer, merge, save_adapter, trainable_summary
-from .train import TrainState, make_eval_loss, make_schedule, make_train_step
+from .train import TrainState, make_eval_loss, make_schedule, make_train_step, target_budget
 
 PACKAGES = ("lora_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tokenizers", "safetensors",
             "gguf", "tensorboardX")
@@ -200,7 +200,8 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
                         limit=dc.max_eval_examples)
       _write_json(before_path, em0)
     eval_fn = make_eval_loss(model.config, lcfg)
-    step_fn = make_train_step(model.config, lcfg, tx, grad_accum=tc.grad_accum, remat=tc.remat)
+    budget = target_budget(rows.loss, tc.batch_size // tc.grad_accum)
+    step_fn = make_train_step(model.config, lcfg, tx, grad_accum=tc.grad_accum, remat=tc.remat, max_targets=budget)
     from tqdm import tqdm
     bar = tqdm(total=tc.steps, initial=start_step, disable=not progress, file=sys.stderr, dynamic_ncols=True,
                desc=out.name)

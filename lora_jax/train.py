@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from .models import ModelConfig
@@ -29,26 +30,38 @@ class TrainState(NamedTuple):
 
 
 def batch_loss(adapter, frozen, batch, *, model_cfg: ModelConfig, lora_cfg: LoraConfig, dropout_key=None,
-               remat: bool = False):
-  """Summed cross-entropy over target tokens of `batch` and their count (float32)."""
+               remat: bool = False, max_targets: int | None = None):
+  """Summed cross-entropy over target tokens of `batch` and their count (float32).
+
+  With `max_targets`, the vocabulary projection runs only on (at most that many) target positions, gathered
+  first: in instruction tuning most tokens are prompt tokens without loss, and the [tokens, vocab] logits and their
+  gradient are the largest matmuls of the step. The caller guarantees that no batch has more targets.
+  """
   params = apply_lora(lora_cfg, model_cfg, frozen, adapter, dropout_key=dropout_key)
   seg = batch["segments"]
   h, _ = hidden_states(params, model_cfg, batch["ids"], valid=seg > 0, positions=batch["positions"],
                        segment_ids=seg, remat=remat)
-  logits = lm_logits(params, model_cfg, h[:, :-1])
-  targets = batch["ids"][:, 1:]
+  h, targets, mask = h[:, :-1], batch["ids"][:, 1:], batch["loss"][:, 1:]
+  if max_targets is not None:
+    (idx,) = jnp.nonzero(mask.reshape(-1), size=max_targets, fill_value=0)
+    h = h.reshape(-1, h.shape[-1])[idx]
+    targets = targets.reshape(-1)[idx]
+    mask = jnp.arange(max_targets) < jnp.sum(mask)
+  logits = lm_logits(params, model_cfg, h)
   nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  mask = batch["loss"][:, 1:]
   return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask).astype(jnp.float32)
 
 
 def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, tx: optax.GradientTransformation, *,
-                    grad_accum: int = 1, remat: bool = False):
-  """A jitted ``step(state, frozen, batch) -> (state, metrics)``; `batch` leaves are [batch, T]."""
+                    grad_accum: int = 1, remat: bool = False, max_targets: int | None = None):
+  """A jitted ``step(state, frozen, batch) -> (state, metrics)``; `batch` leaves are [batch, T].
+
+  `max_targets` bounds the target tokens of one micro-batch (see `batch_loss`).
+  """
 
   def micro(adapter, frozen, mb, key):
     return batch_loss(adapter, frozen, mb, model_cfg=model_cfg, lora_cfg=lora_cfg,
-                      dropout_key=key if lora_cfg.dropout > 0 else None, remat=remat)
+                      dropout_key=key if lora_cfg.dropout > 0 else None, remat=remat, max_targets=max_targets)
 
   grad_fn = jax.value_and_grad(micro, has_aux=True)
 
@@ -83,6 +96,16 @@ def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, tx: optax.Grad
 def make_eval_loss(model_cfg: ModelConfig, lora_cfg: LoraConfig):
   """A jitted ``(adapter, frozen, batch) -> (sum, count)`` without dropout."""
   return jax.jit(functools.partial(batch_loss, model_cfg=model_cfg, lora_cfg=lora_cfg))
+
+
+def target_budget(loss_mask, rows_per_micro_batch: int, multiple: int = 128) -> int | None:
+  """A static bound on the target tokens of any micro-batch drawn from rows with this loss mask, or None when
+  gathering would not pay off (most tokens are targets anyway)."""
+  per_row = loss_mask[:, 1:].sum(axis=1)
+  bound = int(np.sort(per_row)[::-1][:rows_per_micro_batch].sum())
+  total = rows_per_micro_batch * (loss_mask.shape[1] - 1)
+  budget = -(-max(bound, 1) // multiple) * multiple
+  return budget if budget < 0.75 * total else None
 
 
 def make_schedule(lr: float, steps: int, warmup: int, kind: str):

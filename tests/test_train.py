@@ -157,3 +157,27 @@ def test_sigkill_and_resume_reach_the_same_final_loss(setup, tmp_path):
   b = json.loads((killed / "summary.json").read_text())
   assert a["final_train_loss"] == b["final_train_loss"] and a["eval_loss"] == b["eval_loss"]
   assert _losses(whole) == _losses(killed)
+
+
+def test_gathered_targets_give_the_same_loss_and_gradient(setup):
+  from lora_jax.io import load_model
+  from lora_jax.peft import init_lora
+  from lora_jax.runner import lora_config
+  from lora_jax.train import batch_loss, target_budget
+  root, raw = setup
+  cfg = _cfg(raw, peft={"dropout": 0.0})
+  model = load_model(cfg.model)
+  lcfg = lora_config(cfg)
+  adapter, frozen = init_lora(lcfg, model.config, model.params, key=jax.random.key(0))
+  adapter = jax.tree.map(lambda x: x + 0.05, adapter)
+  rng = np.random.default_rng(2)
+  batch = {"ids": rng.integers(0, 64, (4, 32)).astype(np.int32), "positions": np.tile(np.arange(32), (4, 1)),
+           "segments": np.ones((4, 32), np.int32), "loss": rng.random((4, 32)) < 0.2}
+  budget = target_budget(batch["loss"], 4, multiple=8)
+  assert budget is not None and budget < 4 * 31
+  f = lambda a, k: batch_loss(a, frozen, batch, model_cfg=model.config, lora_cfg=lcfg, max_targets=k)
+  (s1, n1), g1 = jax.value_and_grad(lambda a: f(a, None), has_aux=True)(adapter)
+  (s2, n2), g2 = jax.value_and_grad(lambda a: f(a, budget), has_aux=True)(adapter)
+  assert float(n1) == float(n2) == batch["loss"][:, 1:].sum()
+  assert abs(float(s1) - float(s2)) <= 1e-4 * abs(float(s1))
+  assert_trees_all_close(g2, g1, "f32_composite")
