@@ -11,6 +11,12 @@ from ._errors import LoraJaxError
 from ._log import log, set_verbose
 
 
+def _add_quantize_arg(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--quantize", default="none", choices=["none", "nf4", "int4", "native"],
+                 help="4-bit base weights for the block linears: nf4 (double-quantized, block 64), int4 (symmetric, "
+                      "group 64), native (a GGUF file's own Q4_0/Q4_1 blocks, no requantization); default none")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", required=True,
                  help="preset name (smollm2-135m, minilm-l6), a .gguf file, an HF model folder, or an HF hub id "
@@ -27,6 +33,11 @@ def _load(args):
   if getattr(args, "adapter", None):
     from .peft import merged_params
     model.params = merged_params(model, args.adapter)
+  if getattr(args, "quantize", "none") != "none":
+    from .quant import quantize_model_params
+    model.params = quantize_model_params(model.params, args.quantize, gguf_blocks=model.quantized)
+    if args.adapter:
+      log("note: the adapter was merged before quantizing (merge-and-requantize); see docs for the drift")
   return model
 
 
@@ -173,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--truncate", action="store_true", help="cut over-long prompts from the left instead of failing")
   g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
   g.add_argument("--adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+  _add_quantize_arg(g)
   g.set_defaults(func=_cmd_generate)
 
   p = sub.add_parser("perplexity", help="perplexity of a text file; prints one JSON line")
@@ -181,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-length", type=int, default=None,
                  help="window length in tokens; windows do not overlap (default: 1024, or the model context if shorter)")
   p.add_argument("--adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+  _add_quantize_arg(p)
   p.set_defaults(func=_cmd_perplexity)
 
   i = sub.add_parser("info", help="architecture, sizes, parameter count and dtype as JSON")

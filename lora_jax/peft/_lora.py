@@ -76,7 +76,7 @@ class LoRAWeight:
   Leaves may carry a leading layer axis (scan slices it away). ``scale == 0`` marks an inactive layer.
   """
 
-  w: Any                      # base kernel (in, out): an array (or, later, a quantized tensor)
+  w: Any                      # base kernel (in, out): an array, or a `QTensor` (QLoRA)
   a: Float[Array, "in r"]
   b: Float[Array, "r out"]
   scale: Float[Array, ""]
@@ -95,7 +95,13 @@ class LoRAWeight:
     return self.scale[..., None, None] * jnp.einsum("...ir,...ro->...io", self.a, self.b.astype(self.a.dtype))
 
   def _base(self):
-    return self.w
+    """The base kernel as a dense array (a quantized base is dequantized: QLoRA)."""
+    return self.w.dequantize() if hasattr(self.w, "dequantize") else self.w
+
+  def _base_linear(self, x):
+    if hasattr(self.w, "linear"):  # quantized base: the 4-bit kernel, no dense copy
+      return self.w.linear(x)
+    return jnp.einsum("...i,io->...o", x, self.w.astype(x.dtype), preferred_element_type=jnp.float32)
 
   def materialize(self) -> Float[Array, "in out"]:
     """The effective kernel: ``W + s A B`` (DoRA: ``m ⊙ (W + s A B) / ‖W + s A B‖_c``). The definition."""
@@ -109,23 +115,23 @@ class LoRAWeight:
 
   def linear(self, x: Float[Array, "... in"]) -> Float[Array, "... out"]:
     """``x @ materialize()`` without forming the dense update (float32 accumulation)."""
-    w = self._base()
     xd = x
     if self.dropout > 0 and self.dropout_key is not None:
       keep = jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x.shape)
       xd = jnp.where(keep, x / (1 - self.dropout), 0).astype(x.dtype)
-    base = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    base = self._base_linear(x)
     low = jnp.einsum("...i,ir->...r", xd, self.a.astype(x.dtype), preferred_element_type=jnp.float32)
     lora = jnp.einsum("...r,ro->...o", low.astype(x.dtype), self.b.astype(x.dtype),
                       preferred_element_type=jnp.float32) * self.scale
     if self.magnitude is None:
       return base + lora
     # DoRA (PEFT's DoraLinearLayer.forward): the column norm is a constant for the backward pass.
+    w = self._base()
     adapted = w.astype(jnp.float32) + self._delta().astype(jnp.float32)
     norm = jax.lax.stop_gradient(jnp.linalg.norm(adapted, axis=0))
     factor = self.magnitude.astype(jnp.float32) / norm
     if xd is not x:  # with dropout PEFT recomputes the base term on the dropped input
-      base_d = jnp.einsum("...i,io->...o", xd, w.astype(x.dtype), preferred_element_type=jnp.float32)
+      base_d = self._base_linear(xd)
       dora = base + (factor - 1) * base_d + factor * lora
     else:
       dora = factor * (base + lora)
@@ -140,7 +146,7 @@ def _kernel(params, path):
 
 
 def _check_rank(cfg: LoraConfig, path: str, w) -> None:
-  n_in, n_out = w.shape[-2:]
+  n_in, n_out = _kshape(w)[-2:]
   if cfg.rank > min(n_in, n_out):
     raise LoraJaxError(f"LoRA rank {cfg.rank} is larger than {path} allows (weight {n_in}x{n_out}: at most "
                        f"{min(n_in, n_out)})")
@@ -161,7 +167,9 @@ def init_lora(cfg: LoraConfig, model_cfg: ModelConfig, params: dict, *, key: jax
   for i, path in enumerate(paths):
     w = _kernel(params, path)
     _check_rank(cfg, path, w)
-    n_layers, n_in, n_out = w.shape
+    n_layers, n_in, n_out = _kshape(w)
+    if hasattr(w, "dequantize") and (cfg.init in ("pissa", "olora") or cfg.use_dora):
+      w = w.dequantize()  # SVD/QR inits and DoRA magnitudes need the dense kernel
     k = jax.random.fold_in(key, i)
     if cfg.init in ("default", "gaussian"):
       if cfg.init == "default":  # PEFT: kaiming_uniform_(a=√5) on lora_A (r, in) → U(±1/√in)
@@ -182,6 +190,13 @@ def init_lora(cfg: LoraConfig, model_cfg: ModelConfig, params: dict, *, key: jax
       entry["lora_magnitude"] = jnp.linalg.norm(w.astype(jnp.float32), axis=1).astype(w.dtype)
     adapter[path] = entry
   return adapter, frozen
+
+
+def _kshape(w) -> tuple[int, ...]:
+  """(L, in, out) of a stacked kernel, dense or quantized."""
+  if hasattr(w, "codes"):
+    return (*w.codes.shape[:-2], *w.shape)
+  return tuple(w.shape)
 
 
 def _svd_or_qr_init(w, r, scale, kind):

@@ -1,0 +1,88 @@
+"""Kernels behind one op each, with a pure-jnp reference beside every fast implementation.
+
+`qmatmul(x, w)` computes ``x @ dequantize(w)`` for a `QTensor` ``w``:
+
+* ``impl="reference"``: dequantize + dot (float32 accumulation); runs on every backend.
+* ``impl="pallas"``: the Pallas GPU kernel (`kernels/qmatmul/pallas_gpu.py`); an error where it cannot run
+  (unless ``interpret=True``, which runs it on CPU for tests).
+* ``impl="auto"`` (default): Pallas on GPU when `supports(...)` holds, otherwise the reference, logging the reason
+  once.
+
+The op is differentiable in ``x`` through a `jax.custom_vjp` (``dx = dy · Wᵀ`` with the dequantized kernel), so a
+LoRA adapter on a quantized base trains; the quantized base itself gets no gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._errors import LoraJaxError
+from .._log import log
+from ..quant._qtensor import QTensor, dequantize
+from .qmatmul.pallas_gpu import BlockSizes, qmatmul_pallas, supports
+from .qmatmul.reference import qmatmul_reference
+
+_DEFAULT_IMPL = "auto"
+_LOGGED: set[str] = set()
+
+
+def set_default_impl(impl: str) -> None:
+  """Process-wide default for `qmatmul` (``auto`` | ``reference`` | ``pallas``)."""
+  global _DEFAULT_IMPL
+  if impl not in ("auto", "reference", "pallas"):
+    raise LoraJaxError(f"unknown kernel implementation {impl!r}; choose auto, reference or pallas")
+  _DEFAULT_IMPL = impl
+
+
+def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
+  if impl == "reference":
+    return "reference"
+  on_gpu = jax.default_backend() == "gpu"
+  ok, why = supports(x, w)
+  if impl == "pallas":
+    if not (on_gpu or interpret):
+      raise LoraJaxError(f"the Pallas qmatmul kernel needs a GPU (backend is {jax.default_backend()}); "
+                         f"use impl='auto' or 'reference'")
+    if not ok:
+      raise LoraJaxError(f"the Pallas qmatmul kernel does not support this call: {why}")
+    return "pallas"
+  if on_gpu and ok:
+    return "pallas"
+  reason = f"backend {jax.default_backend()}" if not on_gpu else why
+  if reason not in _LOGGED:
+    _LOGGED.add(reason)
+    log(f"qmatmul: using the reference (dequantize + dot) path ({reason})")
+  return "reference"
+
+
+def qmatmul(x, w: QTensor, *, impl: str | None = None, interpret: bool = False):
+  """``x @ dequantize(w)``, float32 result of shape (..., N); differentiable in `x`."""
+  choice = _choose(x, w, impl or _DEFAULT_IMPL, interpret)
+  return _qmatmul_vjp(choice, interpret, x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _qmatmul_vjp(choice, interpret, x, w):
+  if choice == "pallas":
+    return qmatmul_pallas(x, w, interpret=interpret)
+  return qmatmul_reference(x, w)
+
+
+def _fwd(choice, interpret, x, w):
+  return _qmatmul_vjp(choice, interpret, x, w), w
+
+
+def _bwd(choice, interpret, w, dy):
+  dx = jnp.einsum("...n,kn->...k", dy, dequantize(w).astype(jnp.float32))
+  zero = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.floating)
+                      else jnp.zeros_like(a), w)
+  return dx, zero
+
+
+_qmatmul_vjp.defvjp(_fwd, _bwd)
+
+__all__ = ["BlockSizes", "qmatmul", "qmatmul_pallas", "qmatmul_reference", "set_default_impl", "supports"]

@@ -1,0 +1,129 @@
+"""Pallas (Triton) GPU kernel: 4-bit dequantize-and-multiply without materialising the float kernel.
+
+Grid: one program per (bm × bn) output tile. Each program walks K one quantization block at a time: it loads that
+block's packed codes (B/2 × bn bytes) and its per-block scale (and offset) row, unpacks the low and high nibbles
+(even and odd rows of K), maps codes to values in registers (NF4: a 4-level select tree over the code bits;
+int4/q4: an affine map), and accumulates two dots ``x_even · W_even + x_odd · W_odd`` in float32. The activation
+is split into its even and odd columns outside the kernel (a copy of M × K elements, negligible next to the
+weights for the small M of decoding), which turns the nibble interleave into two plain dots.
+
+Weight bytes read per output tile: K·bn/2 (+ K/B·bn·2 for f16 scales): the 4-bit traffic the decode-time speed
+depends on. `interpret=True` runs the same kernel on CPU (tests); on GPU it lowers through Triton.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from ...quant._qtensor import NF4_TABLE, QTensor
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Output tile sizes. Defaults are the usual Triton matmul tiles for skinny (decode) shapes; they are the
+  values to sweep with `benchmarks/int4_matmul.py` on a GPU (not yet tuned on hardware: no GPU in this session)."""
+
+  bm: int = 16
+  bn: int = 64
+
+  def for_shape(self, m: int, n: int) -> "BlockSizes":
+    bm = max(16, min(self.bm if m <= 16 else 64, _pow2_at_least(m)))
+    bn = next((b for b in (self.bn, 128, 64, 32, 16) if n % b == 0), None)
+    return BlockSizes(bm, bn or self.bn)
+
+
+def _pow2_at_least(m: int) -> int:
+  return 1 << max(0, (m - 1).bit_length())
+
+
+def _nf4(q):
+  """NF4 code -> value with a select tree on the 4 code bits (no table gather in Triton)."""
+  t = [float(v) for v in NF4_TABLE]
+  b0, b1, b2, b3 = (q & 1) != 0, (q & 2) != 0, (q & 4) != 0, (q & 8) != 0
+  level1 = [jnp.where(b0, t[i + 1], t[i]) for i in range(0, 16, 2)]
+  level2 = [jnp.where(b1, level1[i + 1], level1[i]) for i in range(0, 8, 2)]
+  level3 = [jnp.where(b2, level2[i + 1], level2[i]) for i in range(0, 4, 2)]
+  return jnp.where(b3, level3[1], level3[0])
+
+
+def _values(q, scale, offset, fmt):
+  if fmt == "nf4":
+    return _nf4(q) * scale
+  if fmt in ("int4_sym", "q4_0"):
+    return (q.astype(jnp.float32) - 8.0) * scale
+  return q.astype(jnp.float32) * scale + offset
+
+
+def _kernel(xe_ref, xo_ref, codes_ref, scale_ref, *rest, fmt: str, half: int, n_blocks: int):
+  if fmt in ("int4_asym", "q4_1"):
+    offset_ref, o_ref = rest
+  else:
+    (o_ref,), offset_ref = rest, None
+
+  def body(i, acc):
+    rows = pl.ds(i * half, half)
+    c = codes_ref[rows, :].astype(jnp.int32)
+    s = scale_ref[pl.ds(i, 1), :].astype(jnp.float32)
+    off = offset_ref[pl.ds(i, 1), :].astype(jnp.float32) if offset_ref is not None else None
+    w_even = _values(c & 0xF, s, off, fmt).astype(xe_ref.dtype)
+    w_odd = _values(c >> 4, s, off, fmt).astype(xe_ref.dtype)
+    acc += jnp.dot(xe_ref[:, rows], w_even, preferred_element_type=jnp.float32)
+    acc += jnp.dot(xo_ref[:, rows], w_odd, preferred_element_type=jnp.float32)
+    return acc
+
+  acc = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros(o_ref.shape, jnp.float32))
+  o_ref[...] = acc
+
+
+def supports(x, w: QTensor, blocks: BlockSizes = BlockSizes()) -> tuple[bool, str]:
+  """Whether this kernel handles the call, and why not."""
+  if w.double_quantized:
+    return False, "double-quantized scales"
+  if w.block_size // 2 < 16 or w.block_size & (w.block_size - 1):
+    return False, f"block size {w.block_size} (needs a power of two >= 32)"
+  k, n = w.shape
+  if blocks.for_shape(int(np.prod(x.shape[:-1])), n).bn is None or n % 16:
+    return False, f"N={n} not a multiple of 16"
+  if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    return False, f"activation dtype {x.dtype}"
+  return True, ""
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def qmatmul_pallas(x, w: QTensor, *, blocks: BlockSizes = BlockSizes(), interpret: bool = False):
+  """``x @ dequantize(w)`` (float32 result, shape (..., N)) with the Pallas kernel."""
+  k, n = w.shape
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, k)
+  m = x2.shape[0]
+  bs = blocks.for_shape(m, n)
+  mp = -(-m // bs.bm) * bs.bm
+  x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
+  xe, xo = x2[:, 0::2], x2[:, 1::2]
+  half = w.block_size // 2
+  nb = k // w.block_size
+  in_specs = [
+      pl.BlockSpec((bs.bm, k // 2), lambda i, j: (i, 0)),
+      pl.BlockSpec((bs.bm, k // 2), lambda i, j: (i, 0)),
+      pl.BlockSpec((k // 2, bs.bn), lambda i, j: (0, j)),
+      pl.BlockSpec((nb, bs.bn), lambda i, j: (0, j)),
+  ]
+  args = [xe, xo, w.codes, w.scale]
+  if w.offset is not None:
+    in_specs.append(pl.BlockSpec((nb, bs.bn), lambda i, j: (0, j)))
+    args.append(w.offset)
+  out = pl.pallas_call(
+      functools.partial(_kernel, fmt=w.fmt, half=half, n_blocks=nb),
+      out_shape=jax.ShapeDtypeStruct((mp, n), jnp.float32),
+      grid=(mp // bs.bm, n // bs.bn),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((bs.bm, bs.bn), lambda i, j: (i, j)),
+      interpret=interpret,
+  )(*args)
+  return out[:m].reshape(*lead, n)

@@ -1,0 +1,150 @@
+"""`QTensor`: a 4-bit quantized kernel as a pytree node, and the formats it holds.
+
+Layout (all formats): the kernel is (K, N) = (in, out) and ``y = x @ W``. Quantization blocks of `block_size`
+consecutive elements run along K, as in bitsandbytes (blocks over each output row of the (out, in) weight) and in
+GGUF. Codes are 4-bit integers packed two per byte along K: ``codes[k2, n] = q[2·k2, n] | q[2·k2 + 1, n] << 4``
+(uint8, shape (K/2, N)). Per-block parameters have shape (K / block_size, N).
+
+Formats and their dequantization ``w = f(q, block parameters)``:
+
+* ``nf4``  (QLoRA, Dettmers et al. 2023): ``w = NF4[q] · absmax``; block 64; NF4 is bitsandbytes' 16-value table.
+  With double quantization the absmax values are themselves stored in 8 bits: ``absmax = c · s2[g] + offset`` with
+  ``c`` int8, one f32 ``s2`` per group of 256 blocks and one f32 ``offset`` (the mean), i.e.
+  4 + 8/64 + 32/(64·256) ≈ 4.127 bits per parameter instead of 4.5.
+* ``int4``  symmetric: ``w = (q − 8) · scale``; asymmetric: ``w = q · scale + min``; block (group) 32, 64 or 128.
+* ``q4_0`` / ``q4_1``: llama.cpp's GGUF blocks of 32: ``w = (q − 8) · d`` / ``w = q · d + m`` with f16 ``d``, ``m``.
+  The f16 block parameters are kept as stored and the nibbles are only moved to the layout above, so the
+  dequantized values equal `gguf.quants.dequantize` bit for bit (no requantization).
+
+Invariants (checked in `__post_init__`, raising ValueError): codes are uint8 of shape (K/2, N); K is a multiple of
+`block_size` and `block_size` is even; every block-parameter array has shape (K / block_size, N).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# bitsandbytes' NF4 code book (bitsandbytes/functional.py, `get_4bit_type("nf4")`): quantiles of N(0, 1)
+# normalised to [-1, 1], with an exact zero.
+NF4_TABLE = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], np.float32)
+
+FORMATS = ("nf4", "int4_sym", "int4_asym", "q4_0", "q4_1")
+DQ_GROUP = 256  # blocks per second-level scale (double quantization), as bitsandbytes
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class QTensor:
+  """A quantized (K, N) kernel. Children: arrays; aux data: format, block size, shape, dtype."""
+
+  codes: Any                   # uint8 (K/2, N)
+  scale: Any                   # (K/B, N): absmax (nf4), scale (int4), d (q4_*); int8 codes when double-quantized
+  offset: Any = None           # (K/B, N): min (int4_asym), m (q4_1); None otherwise
+  dq_scale: Any = None         # nf4 double quantization: f32 (ceil(n_blocks / 256),)
+  dq_offset: Any = None        # nf4 double quantization: f32 ()
+  fmt: str = "nf4"
+  block_size: int = 64
+  shape: tuple[int, int] = (0, 0)
+  dtype: Any = jnp.float32     # dtype of the dequantized kernel
+
+  def __post_init__(self):
+    if self.fmt not in FORMATS:
+      raise ValueError(f"unknown quantization format {self.fmt!r}; supported: {FORMATS}")
+    k, n = self.shape
+    if self.block_size % 2 or k % self.block_size:
+      raise ValueError(f"K={k} must be a multiple of block_size={self.block_size} (an even number)")
+    if _shape(self.codes)[-2:] != (k // 2, n) or _dtype(self.codes) not in (None, np.uint8):
+      raise ValueError(f"codes must be uint8 of shape (..., {k // 2}, {n}), got {_dtype(self.codes)} "
+                       f"{_shape(self.codes)}")
+    nb = (k // self.block_size, n)
+    for name in ("scale", "offset"):
+      v = getattr(self, name)
+      if v is not None and _shape(v)[-2:] != nb:
+        raise ValueError(f"{name} must have shape (..., {nb[0]}, {nb[1]}), got {_shape(v)}")
+    if (self.offset is None) != (self.fmt not in ("int4_asym", "q4_1")):
+      raise ValueError(f"format {self.fmt} {'needs' if self.offset is None else 'takes no'} offsets")
+
+  def tree_flatten(self):
+    return ((self.codes, self.scale, self.offset, self.dq_scale, self.dq_offset),
+            (self.fmt, self.block_size, self.shape, jnp.dtype(self.dtype).name))
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    obj = object.__new__(cls)  # skip validation: leaves may be tracers, sliced layer stacks or sentinels
+    for f, v in zip(("codes", "scale", "offset", "dq_scale", "dq_offset"), children):
+      object.__setattr__(obj, f, v)
+    for f, v in zip(("fmt", "block_size", "shape", "dtype"), aux):
+      object.__setattr__(obj, f, v)
+    return obj
+
+  @property
+  def double_quantized(self) -> bool:
+    return self.dq_scale is not None
+
+  def block_scales(self):
+    """Per-block scales as float32 (K/B, N), undoing double quantization."""
+    if not self.double_quantized:
+      return self.scale.astype(jnp.float32)
+    nb = self.scale.shape[-2] * self.scale.shape[-1]
+    group = jnp.repeat(self.dq_scale, DQ_GROUP, axis=-1)[..., :nb].reshape(self.scale.shape)
+    return self.scale.astype(jnp.float32) * group + jnp.asarray(self.dq_offset)[..., None, None]
+
+  def dequantize(self):
+    """The (K, N) kernel in `self.dtype`. The reference every kernel is tested against."""
+    return dequantize(self)
+
+  def linear(self, x):
+    from ..kernels import qmatmul
+    return qmatmul(x, self)
+
+  def nbytes(self) -> int:
+    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+               for a in (self.codes, self.scale, self.offset, self.dq_scale, self.dq_offset) if a is not None)
+
+  def bits_per_parameter(self) -> float:
+    return 8 * self.nbytes() / (self.shape[0] * self.shape[1])
+
+
+def _shape(a):
+  return tuple(a.shape) if hasattr(a, "shape") else (None, None)
+
+
+def _dtype(a):
+  return np.dtype(a.dtype) if hasattr(a, "dtype") else None
+
+
+def unpack(codes):
+  """uint8 (..., K/2, N) -> int32 codes (..., K, N) in 0..15."""
+  lo = (codes & 0xF).astype(jnp.int32)
+  hi = (codes >> 4).astype(jnp.int32)
+  k2, n = codes.shape[-2:]
+  return jnp.stack([lo, hi], axis=-2).reshape(*codes.shape[:-2], 2 * k2, n)
+
+
+def pack(q):
+  """int codes (..., K, N) in 0..15 -> uint8 (..., K/2, N)."""
+  q = jnp.asarray(q).astype(jnp.uint8)
+  return q[..., 0::2, :] | (q[..., 1::2, :] << 4)
+
+
+def dequantize(t: QTensor):
+  q = unpack(t.codes)
+  b = t.block_size
+  k, n = q.shape[-2:]
+  rep = lambda p: jnp.repeat(p.astype(jnp.float32), b, axis=-2)
+  if t.fmt == "nf4":
+    w = jnp.asarray(NF4_TABLE)[q] * rep(t.block_scales())
+  elif t.fmt in ("int4_sym", "q4_0"):
+    w = (q - 8).astype(jnp.float32) * rep(t.scale)
+  else:
+    w = q.astype(jnp.float32) * rep(t.scale) + rep(t.offset)
+  return w.astype(t.dtype)

@@ -1,0 +1,79 @@
+"""The Pallas 4-bit matmul (interpret mode on CPU) against the reference; gradients through the custom VJP."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lora_jax import LoraJaxError
+from lora_jax.kernels import qmatmul, qmatmul_pallas, qmatmul_reference, supports
+from lora_jax.quant import QTensor, quantize
+from lora_jax.quant._qtensor import pack
+from lora_jax.testing import assert_allclose
+
+
+def _q(fmt, k, n, block):
+  w = jax.random.normal(jax.random.key(k * 7 + n), (k, n), jnp.float32) * 0.05
+  if fmt in ("q4_0", "q4_1"):  # GGUF-style: f16 block parameters
+    q = quantize(w, "int4_sym" if fmt == "q4_0" else "int4_asym", block_size=32)
+    return QTensor(q.codes, q.scale.astype(jnp.float16), None if q.offset is None else q.offset.astype(jnp.float16),
+                   fmt=fmt, block_size=32, shape=(k, n))
+  return quantize(w, fmt, block_size=block)
+
+
+SHAPES = [(576, 192), (576, 1536), (1536, 576), (256, 128)]
+CASES = [(m, k, n, fmt, 64 if fmt in ("nf4", "int4_sym", "int4_asym") else 32)
+         for m in (1, 8, 33) for (k, n) in SHAPES for fmt in ("nf4", "int4_sym", "int4_asym", "q4_0", "q4_1")
+         if (m, k, n) != (33, 576, 1536)]  # keep the interpret-mode grid affordable
+CASES += [(512, 256, 128, "nf4", 64), (512, 256, 128, "q4_1", 32), (16, 1024, 256, "int4_sym", 128),
+          (4, 512, 64, "int4_asym", 32)]
+
+
+@pytest.mark.parametrize("m,k,n,fmt,block", CASES, ids=lambda v: str(v))
+def test_pallas_matches_reference_f32(m, k, n, fmt, block):
+  w = _q(fmt, k, n, block)
+  x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32)
+  ok, why = supports(x, w)
+  assert ok, why
+  got = qmatmul_pallas(x, w, interpret=True)
+  with jax.default_matmul_precision("highest"):
+    want = qmatmul_reference(x, w)
+  assert got.shape == (m, n) and got.dtype == jnp.float32
+  assert_allclose(got, want, "f32_composite")
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "q4_1"])
+def test_pallas_bf16_activations(fmt):
+  w = _q(fmt, 576, 192, 64 if fmt == "nf4" else 32)
+  x = jax.random.normal(jax.random.key(3), (5, 576), jnp.float32)
+  got = qmatmul_pallas(x.astype(jnp.bfloat16), w, interpret=True)
+  want = qmatmul_reference(x, w)
+  scale = float(jnp.max(jnp.abs(want)))
+  assert_allclose(got / scale, want / scale, "bf16")
+
+
+def test_leading_axes_are_kept():
+  w = _q("nf4", 256, 128, 64)
+  x = jax.random.normal(jax.random.key(0), (2, 3, 256))
+  assert_allclose(qmatmul_pallas(x, w, interpret=True), qmatmul_reference(x, w), "f32_composite")
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_gradient_through_custom_vjp(impl):
+  w = _q("nf4", 256, 128, 64)
+  x = jax.random.normal(jax.random.key(0), (4, 256))
+  f = lambda x: jnp.sum(jnp.tanh(qmatmul(x, w, impl=impl, interpret=True)))
+  g = lambda x: jnp.sum(jnp.tanh(x @ w.dequantize()))
+  assert_allclose(jax.grad(f)(x), jax.grad(g)(x), "f32_composite")
+
+
+def test_dispatch_errors_and_fallback():
+  w = _q("nf4", 256, 128, 64)
+  x = jnp.ones((2, 256))
+  with pytest.raises(LoraJaxError, match="needs a GPU"):
+    qmatmul(x, w, impl="pallas")
+  dq = quantize(jnp.ones((256, 128)), "nf4", double_quant=True)
+  assert supports(x, dq) == (False, "double-quantized scales")
+  with pytest.raises(LoraJaxError, match="does not support this call: double-quantized"):
+    qmatmul(x, dq, impl="pallas", interpret=True)
+  assert_allclose(qmatmul(x, w), qmatmul_reference(x, w), "f32_op")  # auto on CPU = reference
