@@ -94,10 +94,13 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
+  """One run. ``quantize`` picks the frozen base format (QLoRA when not "none")."""
+
   model: str
   data: DataConfig
   seed: int = 0
   name: str | None = None
+  quantize: str = "none"                      # frozen base in 4 bits (QLoRA): none | nf4 | int4 | native
   peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   sweep: dict[str, list] | None = None        # dotted key -> values; expanded into a grid by `expand_sweep`

@@ -37,7 +37,7 @@ from ._errors import LoraJaxError
 from ._log import log
 from .config import RunConfig, expand_sweep, flatten, to_dict
 from .data import batch_at, build_rows, read_examples, split_examples
-from .peft import LoraConfig, init_lora, lora_optimizer, merge, save_adapter, trainable_summary
+from .peft import LoraConfig, apply_lora, init_lora, lora_optimizer, merge, save_adapter, trainable_summary
 from .train import TrainState, make_eval_loss, make_schedule, make_train_step, target_budget
 
 PACKAGES = ("lora_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tokenizers", "safetensors",
@@ -151,6 +151,7 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
   t_start = time.perf_counter()
 
   from .io import load_model
+  owned = model is None
   model = model or load_model(cfg.model, dtype="float32")
   tc, dc = cfg.train, cfg.data
   examples = read_examples(dc.train)
@@ -167,12 +168,17 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
                         truncate=True, pad_id=pad, source="validation") if val_ex else None
 
   lcfg = lora_config(cfg)
-  base = model.params
-  adapter, frozen = init_lora(lcfg, model.config, base, key=jax.random.key(cfg.seed))
+  adapter, frozen = init_lora(lcfg, model.config, model.params, key=jax.random.key(cfg.seed))
+  if cfg.quantize != "none":  # QLoRA: the frozen base in 4 bits
+    from .quant import quantize_model_params
+    frozen = quantize_model_params(frozen, cfg.quantize, gguf_blocks=model.quantized)
+    if owned:
+      model.params = None  # release the float copy: the point of QLoRA is the memory
+  base = frozen
   # (a copy: the train step donates the state's buffers)
   initial_adapter = jax.tree.map(jnp.copy, adapter) if lcfg.init in ("pissa", "olora") else None
   if tc.dtype == "bfloat16":
-    frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)
+    frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
   schedule = make_schedule(tc.lr, tc.steps, tc.warmup_steps, tc.schedule)
   tx = lora_optimizer(schedule, adapter, weight_decay=tc.weight_decay, lora_plus_ratio=tc.lora_plus_ratio,
                       max_grad_norm=tc.max_grad_norm)
@@ -243,7 +249,10 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
     em = None
     if tc.exact_match and test_ex:
       log("exact match of the fine-tuned model ...")
-      merged = merge(lcfg, model.config, jax.tree.map(lambda x: x.astype(jnp.float32), frozen), state.adapter)
+      if cfg.quantize != "none":  # keep the 4-bit base and the adapter apart: exactly the trained model
+        merged = apply_lora(lcfg, model.config, frozen, state.adapter)
+      else:
+        merged = merge(lcfg, model.config, jax.tree.map(lambda x: x.astype(jnp.float32), frozen), state.adapter)
       em = exact_match(model, merged, test_ex, max_new_tokens=dc.max_new_tokens, chat=dc.chat_template,
                        limit=dc.max_eval_examples)
       final["exact_match"] = em["exact_match"]
