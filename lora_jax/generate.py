@@ -54,9 +54,11 @@ def sample_token(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) ->
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def prefill(params, cfg: ModelConfig, tokens, valid, cache: KVCache):
-  """Runs the prompt through the model, filling the cache; returns last-position logits [B, V] and the cache."""
-  h, cache = hidden_states(params, cfg, tokens, valid=valid, cache=cache, write_slot=0)
+def prefill(params, cfg: ModelConfig, tokens, valid, cache: KVCache, write_slot=0, virtual_tokens=None):
+  """Runs the prompt through the model, filling the cache from `write_slot`; returns last-position logits [B, V]
+  and the cache. `virtual_tokens` (prompt tuning) are written before the prompt."""
+  h, cache = hidden_states(params, cfg, tokens, valid=valid, cache=cache, write_slot=write_slot,
+                           virtual_tokens=virtual_tokens)
   return lm_logits(params, cfg, h[:, -1]), cache
 
 
@@ -104,10 +106,13 @@ class Generation:
 
 def generate_ids(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  eos: Sequence[int] = (), pad_id: int = 0, sampling: SamplingConfig = SamplingConfig(),
-                 seed: int = 0, chunk: int = 32, stop_check=None, truncate: bool = False) -> list[tuple[list[int], str]]:
+                 seed: int = 0, chunk: int = 32, stop_check=None, truncate: bool = False,
+                 virtual_tokens=None, kv_prefix=None) -> list[tuple[list[int], str]]:
   """Generates continuations of token-id prompts. Returns (ids, finish_reason) per prompt.
 
   Args:
+    virtual_tokens: prompt-tuning embeddings [n, D] placed before every prompt.
+    kv_prefix: prefix-tuning keys/values ([L, n, Hkv, hd] each) placed in the first cache slots.
     stop_check: optional callable(row, ids) -> bool, called between chunks, to stop a row early (stop strings).
     truncate: cut prompts from the left to fit the context instead of raising.
   """
@@ -115,12 +120,19 @@ def generate_ids(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, 
     raise LoraJaxError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
   if not prompts or any(len(p) == 0 for p in prompts):
     raise LoraJaxError("empty prompt: give at least one token of prompt text")
-  context = cfg.max_position_embeddings
+  n_virtual = 0 if virtual_tokens is None else int(virtual_tokens.shape[0])
+  n_prefix = 0 if kv_prefix is None else int(kv_prefix[0].shape[1])
+  context = cfg.max_position_embeddings - n_virtual - n_prefix
+  if context < 1:
+    raise LoraJaxError(f"{n_virtual + n_prefix} virtual tokens leave no room in the model context of "
+                       f"{cfg.max_position_embeddings}")
   longest = max(len(p) for p in prompts)
   if longest + max_new_tokens > context:
     if not truncate:
+      extra = f" ({n_virtual + n_prefix} of its {cfg.max_position_embeddings} go to virtual tokens)" \
+          if n_virtual + n_prefix else ""
       raise LoraJaxError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model context of "
-                         f"{context} tokens; shorten the prompt, lower --max-new-tokens, or pass --truncate")
+                         f"{context} tokens{extra}; shorten the prompt, lower --max-new-tokens, or pass --truncate")
     keep = context - max_new_tokens
     if keep < 1:
       raise LoraJaxError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in a context of {context}")
@@ -133,12 +145,17 @@ def generate_ids(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, 
   for i, p in enumerate(prompts):
     tokens[i, t - len(p):] = p
     valid[i, t - len(p):] = True
-  slots = _bucket(t + max_new_tokens, 64)
+  slots = _bucket(n_prefix + n_virtual + t + max_new_tokens, 64)
   dtype = params["embed"]["embedding"].dtype
-  cache = KVCache.empty(cfg, b, slots, dtype)
-  last, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(valid), cache)
+  if kv_prefix is not None:
+    from .models._llama import prefix_cache
+    cache = prefix_cache(cfg, kv_prefix, b, slots, dtype)
+  else:
+    cache = KVCache.empty(cfg, b, slots, dtype)
+  last, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(valid), cache, jnp.int32(n_prefix),
+                        virtual_tokens)
   done = jnp.zeros((b,), bool)
-  slot = jnp.int32(t)
+  slot = jnp.int32(n_prefix + n_virtual + t)
   key = jax.random.key(seed)
   pieces = []
   produced = 0
@@ -182,7 +199,7 @@ def generate_ids(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, 
 
 def generate(model, prompts: Sequence[str], *, max_new_tokens: int = 128, sampling: SamplingConfig = SamplingConfig(),
              seed: int = 0, chat: bool = False, stop: Sequence[str] = (), system: str | None = None,
-             truncate: bool = False, params=None) -> list[Generation]:
+             truncate: bool = False, params=None, virtual_tokens=None, kv_prefix=None) -> list[Generation]:
   """Text in, text out: tokenizes (optionally through the chat template), generates, decodes, applies stops."""
   from .io import eos_ids
   tok = model.tokenizer
@@ -202,7 +219,8 @@ def generate(model, prompts: Sequence[str], *, max_new_tokens: int = 128, sampli
   raw = generate_ids(params if params is not None else model.params, model.config, ids,
                      max_new_tokens=max_new_tokens, eos=eos_ids(model),
                      pad_id=tok.pad_id if tok.pad_id is not None else 0, sampling=sampling, seed=seed,
-                     stop_check=stop_check if stop else None, truncate=truncate)
+                     stop_check=stop_check if stop else None, truncate=truncate,
+                     virtual_tokens=virtual_tokens, kv_prefix=kv_prefix)
   out = []
   for gen_ids, reason in raw:
     text = tok.decode(gen_ids)

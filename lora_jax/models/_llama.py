@@ -132,7 +132,8 @@ def layer(cfg: ModelConfig, p: Params, x: Float[Array, "B T D"], cos, sin, k_all
 def hidden_states(params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], *,
                   valid: Bool[Array, "B T"] | None = None, positions: Int[Array, "B T"] | None = None,
                   cache: KVCache | None = None, write_slot: Int[Array, ""] | int = 0,
-                  segment_ids: Int[Array, "B T"] | None = None, dtype=None, remat: bool = False) -> tuple[Float[Array, "B T D"], KVCache | None]:
+                  segment_ids: Int[Array, "B T"] | None = None, dtype=None, remat: bool = False,
+                  virtual_tokens: Float[Array, "n D"] | None = None, kv_prefix: tuple | None = None) -> tuple[Float[Array, "B T D"], KVCache | None]:
   """Final-norm hidden states for `tokens`.
 
   Args:
@@ -146,6 +147,10 @@ def hidden_states(params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], *
     segment_ids: for packed rows (no cache): tokens attend only within their own segment; pass `positions`
       restarting at each segment.
     remat: rematerialise each layer in the backward pass (saves activation memory in training).
+    virtual_tokens: embeddings [n, D] prepended to every row (prompt tuning / P-tuning); they take positions
+      0..n-1 and the returned hidden states cover only `tokens`.
+    kv_prefix: per-layer keys and values ([L, n, Hkv, hd] each) every token attends to first (prefix tuning);
+      placed in cache slots 0..n-1 (a cache is created when none is given).
   """
   b, t = tokens.shape
   if valid is None:
@@ -153,6 +158,19 @@ def hidden_states(params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], *
   embed = params["embed"]["embedding"]
   dtype = dtype or embed.dtype
   x = embed[tokens].astype(dtype)
+  n_virtual = 0
+  if virtual_tokens is not None:
+    if segment_ids is not None or positions is not None:
+      raise ValueError("virtual tokens need unpacked rows (no segment_ids / explicit positions)")
+    n_virtual = virtual_tokens.shape[0]
+    x = jnp.concatenate([jnp.broadcast_to(virtual_tokens.astype(dtype), (b, *virtual_tokens.shape)), x], axis=1)
+    valid = jnp.concatenate([jnp.ones((b, n_virtual), bool), valid], axis=1)
+    t = t + n_virtual
+  if kv_prefix is not None and cache is None:
+    if segment_ids is not None or positions is not None:
+      raise ValueError("a kv prefix needs unpacked rows (no segment_ids / explicit positions)")
+    cache = prefix_cache(cfg, kv_prefix, b, kv_prefix[0].shape[1] + t, dtype)
+    write_slot = kv_prefix[0].shape[1]
   if cache is None:
     kv_valid, q_slots = valid, jnp.broadcast_to(jnp.arange(t), (b, t))
     if positions is None:
@@ -186,7 +204,17 @@ def hidden_states(params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], *
   (x, _, ks, vs), _ = jax.lax.scan(body, (x, jnp.int32(0), ks, vs), params["layers"])
   x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
   new_cache = None if cache is None else KVCache(ks, vs, kv_valid)
-  return x, new_cache
+  return x[:, n_virtual:], new_cache
+
+
+def prefix_cache(cfg: ModelConfig, kv_prefix, batch: int, slots: int, dtype) -> KVCache:
+  """A cache of `slots` entries whose first n hold the prefix keys/values (prefix tuning)."""
+  k, v = kv_prefix
+  n = k.shape[1]
+  cache = KVCache.empty(cfg, batch, slots, dtype)
+  put = lambda c, p: jax.lax.dynamic_update_slice_in_dim(
+      c, jnp.broadcast_to(p[:, None].astype(dtype), (cfg.num_layers, batch, *p.shape[1:])), 0, axis=2)
+  return KVCache(put(cache.k, k), put(cache.v, v), cache.valid.at[:, :n].set(True))
 
 
 def lm_head_kernel(params: Params, cfg: ModelConfig):

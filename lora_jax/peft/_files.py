@@ -23,6 +23,7 @@ from ._lora import LoraConfig
 from ._targets import HF_PREFIX, MODULE_PATHS, PATH_MODULES, hf_module_name
 
 CONFIG_NAME = "adapter_config.json"
+OTHER_TYPES = ("IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 WEIGHTS_NAME = "adapter_model.safetensors"
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
                   r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$")
@@ -49,6 +50,9 @@ def save_adapter(folder: str | Path, cfg: LoraConfig, model_cfg: ModelConfig, ad
   from safetensors.numpy import save_file
 
   from ..io._hf import atomic_dir
+  if not isinstance(cfg, LoraConfig):
+    from ._files_prompt import save_other
+    return save_other(folder, cfg, model_cfg, adapter, base_model_name_or_path=base_model_name_or_path)
   rank, alpha, init = cfg.rank, cfg.alpha, "gaussian" if cfg.init == "gaussian" else True
   if cfg.init in ("pissa", "olora"):
     if initial_adapter is None:
@@ -115,8 +119,12 @@ def load_adapter(folder: str | Path, model_cfg: ModelConfig, *, dtype=jnp.float3
   raw = read_adapter_config(folder)
   src = folder / CONFIG_NAME
   peft_type = raw.get("peft_type")
+  if peft_type in OTHER_TYPES:
+    from ._files_prompt import load_other
+    return load_other(folder, raw, model_cfg, dtype)
   if peft_type != "LORA":
-    raise LoraJaxError(f"{src}: peft_type {peft_type!r} is not a LoRA adapter (supported here: 'LORA')")
+    raise LoraJaxError(f"{src}: peft_type {peft_type!r} is not supported (supported: "
+                       f"{', '.join(['LORA', *OTHER_TYPES])})")
   for key, default in _UNSUPPORTED:
     value = raw.get(key, default)
     if value not in (default, None) and value != {} and value != []:
@@ -193,7 +201,19 @@ def load_adapter(folder: str | Path, model_cfg: ModelConfig, *, dtype=jnp.float3
 
 
 def merged_params(model, folder: str | Path) -> dict:
-  """`model.params` with the PEFT adapter in `folder` merged into the kernels (for inference)."""
-  from ._lora import merge
+  """`model.params` with the PEFT adapter (LoRA/DoRA/IA3) in `folder` merged into the kernels (for inference)."""
   cfg, adapter = load_adapter(folder, model.config, dtype=model.dtype)
-  return merge(cfg, model.config, model.params, adapter)
+  return cfg.merge(model.config, model.params, adapter)
+
+
+def load_for_inference(model, folder: str | Path) -> tuple[dict, dict]:
+  """(params, extras) for running `model` with the adapter in `folder`: weight methods are merged into the params;
+  prompt methods give ``{"virtual_tokens": ...}`` or ``{"kv_prefix": ...}`` for generate/perplexity."""
+  cfg, adapter = load_adapter(folder, model.config, dtype=model.dtype)
+  vt = cfg.virtual_tokens(model.config, adapter)
+  if vt is not None:
+    return model.params, {"virtual_tokens": vt.astype(model.dtype)}
+  kv = cfg.kv_prefix(model.config, adapter) if hasattr(cfg, "kv_prefix") else None
+  if kv is not None:
+    return model.params, {"kv_prefix": kv}
+  return cfg.merge(model.config, model.params, adapter), {}

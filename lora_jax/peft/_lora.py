@@ -67,6 +67,25 @@ class LoraConfig:
   def scale(self) -> float:
     return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
 
+  # the PEFT-method interface shared with IA3Config and the prompt-method configs
+  def init_adapter(self, model_cfg, params, *, key, tokenizer=None):
+    return init_lora(self, model_cfg, params, key=key)
+
+  def apply(self, model_cfg, frozen, adapter, *, dropout_key=None):
+    return apply_lora(self, model_cfg, frozen, adapter, dropout_key=dropout_key)
+
+  def merge(self, model_cfg, frozen, adapter):
+    return merge(self, model_cfg, frozen, adapter)
+
+  def virtual_tokens(self, model_cfg, adapter):
+    return None
+
+  def kv_prefix(self, model_cfg, adapter):
+    return None
+
+  def count_trainable(self, model_cfg, adapter) -> int:
+    return count_trainable(self, model_cfg, adapter)
+
 
 @jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)

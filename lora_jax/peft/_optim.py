@@ -16,13 +16,18 @@ import jax
 import optax
 
 
-def param_labels(adapter: dict) -> dict:
+def _leaf_name(path) -> str:
+  return str(getattr(path[-1], "key", getattr(path[-1], "idx", ""))) if path else ""
+
+
+def param_labels(adapter) -> dict:
   """``"b"`` for every ``lora_B`` leaf, ``"default"`` for everything else (same tree structure as `adapter`)."""
-  return {path: {leaf: ("b" if leaf == "lora_B" else "default") for leaf in entry} for path, entry in adapter.items()}
+  return jax.tree_util.tree_map_with_path(lambda p, _: "b" if _leaf_name(p) == "lora_B" else "default", adapter)
 
 
-def _decay_mask(adapter: dict) -> dict:
-  return {path: {leaf: leaf in ("lora_A", "lora_B") for leaf in entry} for path, entry in adapter.items()}
+def _decay_mask(adapter) -> dict:
+  """Weight decay on LoRA factors only (not DoRA magnitudes, IA3 vectors or virtual tokens)."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: _leaf_name(p) in ("lora_A", "lora_B"), adapter)
 
 
 def lora_optimizer(learning_rate: float | Callable[[int], float], adapter: dict, *, weight_decay: float = 0.0,
