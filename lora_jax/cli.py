@@ -30,9 +30,10 @@ def _load(args):
   """The model, with the adapter of ``--adapter`` (if any) merged into its weights."""
   from .io import load_model
   model = load_model(args.model, dtype=args.dtype)
+  model.extras = {}
   if getattr(args, "adapter", None):
-    from .peft import merged_params
-    model.params = merged_params(model, args.adapter)
+    from .peft import load_for_inference
+    model.params, model.extras = load_for_inference(model, args.adapter)
   if getattr(args, "quantize", "none") != "none":
     from .quant import quantize_model_params
     model.params = quantize_model_params(model.params, args.quantize, gguf_blocks=model.quantized)
@@ -46,7 +47,8 @@ def _cmd_generate(args) -> None:
   sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
   model = _load(args)
   results = generate(model, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-                     chat=args.chat, stop=args.stop or (), system=args.system, truncate=args.truncate)
+                     chat=args.chat, stop=args.stop or (), system=args.system, truncate=args.truncate,
+                     **model.extras)
   if args.json:
     for prompt, r in zip(args.prompt, results):
       print(json.dumps({"prompt": prompt, "text": r.text, "tokens": len(r.tokens), "finish_reason": r.finish_reason}))
@@ -67,7 +69,7 @@ def _cmd_perplexity(args) -> None:
     raise LoraJaxError(f"{path}: the file is empty: nothing to score")
   model = _load(args)
   max_length = args.max_length or min(1024, model.config.max_position_embeddings)
-  print(json.dumps(perplexity(model, text, max_length=max_length)))
+  print(json.dumps(perplexity(model, text, max_length=max_length, **model.extras)))
 
 
 def _cmd_info(args) -> None:
@@ -81,6 +83,9 @@ def _cmd_merge(args) -> None:
   if args.dtype != "float32":
     raise LoraJaxError("merge writes float32 weights; drop --dtype")
   model = _load(args)
+  if model.extras:
+    raise LoraJaxError(f"{args.adapter}: a prompt-learning adapter changes the inputs, not the weights: nothing to "
+                       f"merge (use it with --adapter in generate/perplexity)")
   out = save_hf_folder(args.out, model.params, model.config, model.tokenizer)
   log(f"wrote merged model to {out}")
   print(str(Path(out).absolute()))
@@ -140,7 +145,7 @@ def _cmd_eval(args) -> None:
   import jax
   from .data import read_examples
   from .evaluate import eval_rows, exact_match, mean_loss
-  from .peft import LoraConfig, load_adapter, merge
+  from .peft import LoraConfig, load_adapter, load_for_inference
   from .train import make_eval_loss
   model = load_model_only(args)
   examples = read_examples(args.data)
@@ -152,9 +157,9 @@ def _cmd_eval(args) -> None:
   loss = mean_loss(make_eval_loss(model.config, lcfg), adapter, model.params, rows)
   result = {"examples": len(examples), "loss": loss}
   if any("text" not in e for e in examples):
-    params = merge(lcfg, model.config, model.params, adapter) if adapter else model.params
+    params, extras = (load_for_inference(model, args.adapter) if args.adapter else (model.params, {}))
     em = exact_match(model, params, examples, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-                     limit=args.limit)
+                     limit=args.limit, **extras)
     result.update(exact_match=em["exact_match"], exact_match_n=em["n"])
   print(json.dumps(result))
 

@@ -20,7 +20,8 @@ import yaml
 
 from ._errors import LoraJaxError
 
-METHODS = ("lora", "rslora", "dora")
+METHODS = ("lora", "rslora", "dora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
+PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -48,13 +49,24 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PeftConfig:
-  method: str = "lora"                        # lora | rslora | dora
+  """The adapter. LoRA-family keys: rank, alpha, targets, dropout, init, layers_to_transform. IA3: targets (default
+  k_proj, v_proj, down_proj when left at the LoRA default) and feedforward. Prompt methods: num_virtual_tokens,
+  prompt_init / prompt_init_text (prompt tuning), encoder_hidden_size (p_tuning; prefix_tuning with
+  prefix_projection)."""
+
+  method: str = "lora"                        # lora | rslora | dora | ia3 | prompt_tuning | p_tuning | prefix_tuning
   rank: int = 8
   alpha: float = 16.0
   targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
   dropout: float = 0.0
   init: str = "default"                       # default | gaussian | pissa | olora
   layers_to_transform: tuple[int, ...] | None = None
+  feedforward: tuple[str, ...] = ("down_proj",)
+  num_virtual_tokens: int = 20
+  prompt_init: str = "random"                 # random | vocab | text
+  prompt_init_text: str | None = None
+  encoder_hidden_size: int = 128
+  prefix_projection: bool = False
 
   def __post_init__(self):
     if self.method not in METHODS:

@@ -9,7 +9,7 @@ from .generate import generate_ids
 
 
 def exact_match(model, params, examples, *, max_new_tokens: int = 48, batch_size: int = 32, chat: bool = True,
-                limit: int | None = None) -> dict:
+                limit: int | None = None, virtual_tokens=None, kv_prefix=None) -> dict:
   """Greedy-generates an answer for each example and compares it (whitespace-stripped) with the reference.
 
   Returns ``{"exact_match": fraction, "n": count, "samples": [{"prompt", "reference", "prediction"}, ...]}``.
@@ -28,7 +28,8 @@ def exact_match(model, params, examples, *, max_new_tokens: int = 48, batch_size
       else:
         prompts.append(tok.encode("\n".join(m["content"] for m in msgs) + "\n"))
     outs = generate_ids(params, model.config, prompts, max_new_tokens=max_new_tokens, eos=eos_ids(model),
-                        pad_id=tok.pad_id if tok.pad_id is not None else 0, truncate=True)
+                        pad_id=tok.pad_id if tok.pad_id is not None else 0, truncate=True,
+                        virtual_tokens=virtual_tokens, kv_prefix=kv_prefix)
     for ex, (ids, _) in zip(chunk, outs):
       pred = tok.decode(ids).strip()
       ref = reference_answer(ex).strip()

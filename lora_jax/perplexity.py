@@ -21,9 +21,9 @@ from .models._llama import hidden_states, logits as lm_logits
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def window_nll(params, cfg: ModelConfig, tokens, valid):
+def window_nll(params, cfg: ModelConfig, tokens, valid, virtual_tokens=None, kv_prefix=None):
   """Summed NLL (float32) of tokens[:, 1:] given their prefixes, over valid targets; and the target count."""
-  h, _ = hidden_states(params, cfg, tokens, valid=valid)
+  h, _ = hidden_states(params, cfg, tokens, valid=valid, virtual_tokens=virtual_tokens, kv_prefix=kv_prefix)
   logits = lm_logits(params, cfg, h[:, :-1])
   target = tokens[:, 1:]
   nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
@@ -31,12 +31,16 @@ def window_nll(params, cfg: ModelConfig, tokens, valid):
   return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask)
 
 
-def perplexity_of_ids(params, cfg: ModelConfig, ids, *, max_length: int = 1024) -> dict:
+def perplexity_of_ids(params, cfg: ModelConfig, ids, *, max_length: int = 1024, virtual_tokens=None,
+                      kv_prefix=None) -> dict:
   """``{"tokens", "nll", "perplexity"}`` for a token-id sequence (see module docstring)."""
   if max_length < 2:
     raise LoraJaxError(f"--max-length must be >= 2, got {max_length}")
-  if max_length > cfg.max_position_embeddings:
-    raise LoraJaxError(f"--max-length {max_length} exceeds the model context of {cfg.max_position_embeddings}")
+  n_virtual = sum(int(x.shape[0]) for x in (virtual_tokens,) if x is not None) + (
+      int(kv_prefix[0].shape[1]) if kv_prefix is not None else 0)
+  if max_length + n_virtual > cfg.max_position_embeddings:
+    raise LoraJaxError(f"--max-length {max_length}{f' + {n_virtual} virtual tokens' if n_virtual else ''} exceeds "
+                       f"the model context of {cfg.max_position_embeddings}")
   ids = np.asarray(ids, np.int32)
   total, count = 0.0, 0
   for start in range(0, len(ids), max_length):
@@ -47,7 +51,7 @@ def perplexity_of_ids(params, cfg: ModelConfig, ids, *, max_length: int = 1024) 
     valid = np.zeros((1, max_length), bool)
     tokens[0, :len(window)] = window
     valid[0, :len(window)] = True
-    s, n = window_nll(params, cfg, jnp.asarray(tokens), jnp.asarray(valid))
+    s, n = window_nll(params, cfg, jnp.asarray(tokens), jnp.asarray(valid), virtual_tokens, kv_prefix)
     total += float(s)
     count += int(n)
   if count == 0:
@@ -56,8 +60,9 @@ def perplexity_of_ids(params, cfg: ModelConfig, ids, *, max_length: int = 1024) 
   return {"tokens": count, "nll": nll, "perplexity": math.exp(nll)}
 
 
-def perplexity(model, text: str, *, max_length: int = 1024, params=None) -> dict:
+def perplexity(model, text: str, *, max_length: int = 1024, params=None, **extras) -> dict:
+  """Perplexity of `text`; `extras` are ``virtual_tokens`` / ``kv_prefix`` of a prompt-method adapter."""
   if not text.strip():
     raise LoraJaxError("the text is empty: nothing to score")
   return perplexity_of_ids(params if params is not None else model.params, model.config,
-                           model.tokenizer.encode(text), max_length=max_length)
+                           model.tokenizer.encode(text), max_length=max_length, **extras)

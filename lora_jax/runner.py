@@ -35,17 +35,33 @@ import yaml
 
 from ._errors import LoraJaxError
 from ._log import log
-from .config import RunConfig, expand_sweep, flatten, to_dict
+from .config import PROMPT_METHODS, PeftConfig, RunConfig, expand_sweep, flatten, to_dict
 from .data import batch_at, build_rows, read_examples, split_examples
-from .peft import LoraConfig, apply_lora, init_lora, lora_optimizer, merge, save_adapter, trainable_summary
+from .peft import (IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, lora_optimizer,
+                   save_adapter)
 from .train import TrainState, make_eval_loss, make_schedule, make_train_step, target_budget
 
 PACKAGES = ("lora_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tokenizers", "safetensors",
             "gguf", "tensorboardX")
 
 
-def lora_config(cfg: RunConfig) -> LoraConfig:
+DEFAULT_TARGETS = PeftConfig().targets
+
+
+def lora_config(cfg: RunConfig):
+  """The PEFT method object (LoraConfig, IA3Config, PromptTuningConfig, ...) a run config describes."""
   p = cfg.peft
+  if p.method == "ia3":
+    targets = ("k_proj", "v_proj", "down_proj") if p.targets == DEFAULT_TARGETS else p.targets
+    return IA3Config(targets=targets, feedforward=tuple(f for f in p.feedforward if f in targets))
+  if p.method == "prompt_tuning":
+    return PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens, init=p.prompt_init,
+                              init_text=p.prompt_init_text)
+  if p.method == "p_tuning":
+    return PTuningConfig(num_virtual_tokens=p.num_virtual_tokens, encoder_hidden_size=p.encoder_hidden_size)
+  if p.method == "prefix_tuning":
+    return PrefixTuningConfig(num_virtual_tokens=p.num_virtual_tokens, projection=p.prefix_projection,
+                              encoder_hidden_size=p.encoder_hidden_size)
   return LoraConfig(rank=p.rank, alpha=p.alpha, targets=p.targets, layers_to_transform=p.layers_to_transform,
                     dropout=p.dropout, use_rslora=p.method == "rslora", use_dora=p.method == "dora", init=p.init)
 
@@ -160,6 +176,8 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
   test_ex = read_examples(dc.test) if dc.test else val_ex
   tok = model.tokenizer
   pad = tok.pad_id if tok.pad_id is not None else 0
+  if cfg.peft.method in PROMPT_METHODS and dc.packing:
+    raise LoraJaxError(f"peft.method={cfg.peft.method} prepends virtual tokens to every row: set data.packing: false")
   rows = build_rows(train_ex, tok, seq_len=tc.seq_len, chat=dc.chat_template, loss_on=dc.loss_on,
                     packing=dc.packing, truncate=dc.truncate, pad_id=pad, source=dc.train)
   log(f"data: {rows.n_examples} train examples in {len(rows)} rows of {tc.seq_len} tokens "
@@ -168,7 +186,7 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
                         truncate=True, pad_id=pad, source="validation") if val_ex else None
 
   lcfg = lora_config(cfg)
-  adapter, frozen = init_lora(lcfg, model.config, model.params, key=jax.random.key(cfg.seed))
+  adapter, frozen = lcfg.init_adapter(model.config, model.params, key=jax.random.key(cfg.seed), tokenizer=tok)
   if cfg.quantize != "none":  # QLoRA: the frozen base in 4 bits
     from .quant import quantize_model_params
     frozen = quantize_model_params(frozen, cfg.quantize, gguf_blocks=model.quantized)
@@ -176,7 +194,7 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
       model.params = None  # release the float copy: the point of QLoRA is the memory
   base = frozen
   # (a copy: the train step donates the state's buffers)
-  initial_adapter = jax.tree.map(jnp.copy, adapter) if lcfg.init in ("pissa", "olora") else None
+  initial_adapter = jax.tree.map(jnp.copy, adapter) if getattr(lcfg, "init", None) in ("pissa", "olora") else None
   if tc.dtype == "bfloat16":
     frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
   schedule = make_schedule(tc.lr, tc.steps, tc.warmup_steps, tc.schedule)
@@ -203,7 +221,7 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
       from .evaluate import exact_match
       log(f"exact match of the base model on {min(len(test_ex), dc.max_eval_examples)} test examples ...")
       em0 = exact_match(model, base, test_ex, max_new_tokens=dc.max_new_tokens, chat=dc.chat_template,
-                        limit=dc.max_eval_examples)
+                        limit=dc.max_eval_examples)  # the base as it is trained (a quantized base when QLoRA)
       _write_json(before_path, em0)
     eval_fn = make_eval_loss(model.config, lcfg)
     budget = target_budget(rows.loss, tc.batch_size // tc.grad_accum)
@@ -249,12 +267,17 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
     em = None
     if tc.exact_match and test_ex:
       log("exact match of the fine-tuned model ...")
-      if cfg.quantize != "none":  # keep the 4-bit base and the adapter apart: exactly the trained model
-        merged = apply_lora(lcfg, model.config, frozen, state.adapter)
+      extras = {}
+      if cfg.peft.method in PROMPT_METHODS:
+        merged = frozen
+        extras = {"virtual_tokens": lcfg.virtual_tokens(model.config, state.adapter),
+                  "kv_prefix": lcfg.kv_prefix(model.config, state.adapter)}
+      elif cfg.quantize != "none":  # keep the 4-bit base and the adapter apart: exactly the trained model
+        merged = lcfg.apply(model.config, frozen, state.adapter)
       else:
-        merged = merge(lcfg, model.config, jax.tree.map(lambda x: x.astype(jnp.float32), frozen), state.adapter)
+        merged = lcfg.merge(model.config, jax.tree.map(lambda x: x.astype(jnp.float32), frozen), state.adapter)
       em = exact_match(model, merged, test_ex, max_new_tokens=dc.max_new_tokens, chat=dc.chat_template,
-                       limit=dc.max_eval_examples)
+                       limit=dc.max_eval_examples, **extras)
       final["exact_match"] = em["exact_match"]
       _write_json(out / "eval_after.json", em)
     metrics.write(final)
@@ -266,7 +289,7 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
                         if json.loads(l)["split"] == "train"), None)
     summary.update(
         status="finished", overrides={}, config=flatten(resolved), seed=cfg.seed,
-        trainable_params=trainable_summary(lcfg, model.config, state.adapter)["trainable"],
+        trainable_params=lcfg.count_trainable(model.config, state.adapter),
         wall_time_s=time.perf_counter() - t_start, peak_rss_mib=peak_rss_mib(), final_train_loss=last_loss,
         eval_loss=final.get("loss"), exact_match=em["exact_match"] if em else None,
         exact_match_before=before["exact_match"] if before else None)

@@ -19,7 +19,7 @@ import optax
 
 from .models import ModelConfig
 from .models._llama import hidden_states, logits as lm_logits
-from .peft import LoraConfig, apply_lora
+from .peft import LoraConfig
 
 
 class TrainState(NamedTuple):
@@ -37,10 +37,18 @@ def batch_loss(adapter, frozen, batch, *, model_cfg: ModelConfig, lora_cfg: Lora
   first: in instruction tuning most tokens are prompt tokens without loss, and the [tokens, vocab] logits and their
   gradient are the largest matmuls of the step. The caller guarantees that no batch has more targets.
   """
-  params = apply_lora(lora_cfg, model_cfg, frozen, adapter, dropout_key=dropout_key)
+  params = lora_cfg.apply(model_cfg, frozen, adapter, dropout_key=dropout_key)
   seg = batch["segments"]
-  h, _ = hidden_states(params, model_cfg, batch["ids"], valid=seg > 0, positions=batch["positions"],
-                       segment_ids=seg, remat=remat)
+  dtype = params["embed"]["embedding"].dtype
+  vt = lora_cfg.virtual_tokens(model_cfg, adapter)
+  kv = lora_cfg.kv_prefix(model_cfg, adapter)
+  if vt is None and kv is None:
+    h, _ = hidden_states(params, model_cfg, batch["ids"], valid=seg > 0, positions=batch["positions"],
+                         segment_ids=seg, remat=remat)
+  else:  # prompt methods: one example per row, positions follow the virtual tokens
+    h, _ = hidden_states(params, model_cfg, batch["ids"], valid=seg > 0, remat=remat,
+                         virtual_tokens=None if vt is None else vt.astype(dtype),
+                         kv_prefix=None if kv is None else jax.tree.map(lambda a: a.astype(dtype), kv))
   h, targets, mask = h[:, :-1], batch["ids"][:, 1:], batch["loss"][:, 1:]
   if max_targets is not None:
     (idx,) = jnp.nonzero(mask.reshape(-1), size=max_targets, fill_value=0)
@@ -61,7 +69,8 @@ def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, tx: optax.Grad
 
   def micro(adapter, frozen, mb, key):
     return batch_loss(adapter, frozen, mb, model_cfg=model_cfg, lora_cfg=lora_cfg,
-                      dropout_key=key if lora_cfg.dropout > 0 else None, remat=remat, max_targets=max_targets)
+                      dropout_key=key if getattr(lora_cfg, "dropout", 0) > 0 else None, remat=remat,
+                      max_targets=max_targets)
 
   grad_fn = jax.value_and_grad(micro, has_aux=True)
 

@@ -70,7 +70,7 @@ def test_every_experiment_point_traces_one_step(path):
   """Parses the config and every sweep point, and traces one train step with jax.eval_shape (no compute)."""
   from lora_jax.io import load_model
   from lora_jax.models import ModelConfig, init_params
-  from lora_jax.peft import init_lora, lora_optimizer
+  from lora_jax.peft import lora_optimizer
   from lora_jax.runner import lora_config
   from lora_jax.train import TrainState, make_schedule, make_train_step
   cfg = load_config(path)
@@ -85,7 +85,7 @@ def test_every_experiment_point_traces_one_step(path):
 
     def one_step():
       params = init_params(mcfg, key=jax.random.key(0))
-      adapter, frozen = init_lora(lcfg, mcfg, params, key=jax.random.key(point.seed))
+      adapter, frozen = lcfg.init_adapter(mcfg, params, key=jax.random.key(point.seed))
       tx = lora_optimizer(make_schedule(tc.lr, tc.steps, tc.warmup_steps, tc.schedule), adapter,
                           lora_plus_ratio=tc.lora_plus_ratio, max_grad_norm=tc.max_grad_norm)
       state = TrainState(jnp.int32(0), adapter, tx.init(adapter), jax.random.key_data(jax.random.key(0)))

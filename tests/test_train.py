@@ -181,3 +181,26 @@ def test_gathered_targets_give_the_same_loss_and_gradient(setup):
   assert float(n1) == float(n2) == batch["loss"][:, 1:].sum()
   assert abs(float(s1) - float(s2)) <= 1e-4 * abs(float(s1))
   assert_trees_all_close(g2, g1, "f32_composite")
+
+
+@pytest.mark.parametrize("method,extra", [("ia3", {}), ("prompt_tuning", {"num_virtual_tokens": 4}),
+                                          ("p_tuning", {"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
+                                          ("prefix_tuning", {"num_virtual_tokens": 4}), ("dora", {})])
+def test_every_method_trains_through_the_same_runner(setup, method, extra):
+  root, raw = setup
+  cfg = _cfg(raw, peft={"method": method, "dropout": 0.0, **extra},
+             data={"packing": False, "max_eval_examples": 4}, train={"steps": 16, "lr": 3e-2, "log_every": 1})
+  s = train(cfg, root / f"m-{method}", progress=False)
+  losses = _losses(root / f"m-{method}")
+  assert s["status"] == "finished" and s["trainable_params"] > 0
+  assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+  from lora_jax.peft import load_adapter
+  from lora_jax.io import load_model
+  lcfg, adapter = load_adapter(root / f"m-{method}" / "adapter", load_model(cfg.model).config)
+  assert lcfg.count_trainable(load_model(cfg.model).config, adapter) <= s["trainable_params"]
+
+
+def test_prompt_methods_need_unpacked_rows(setup):
+  root, raw = setup
+  with pytest.raises(LoraJaxError, match="data.packing: false"):
+    train(_cfg(raw, peft={"method": "prompt_tuning"}), root / "packed", progress=False)
