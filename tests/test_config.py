@@ -66,7 +66,7 @@ def test_experiments_exist():
 
 @pytest.mark.usefixtures("standard_promotion")
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: Path(p).stem)
-def test_every_experiment_point_traces_one_step(path):
+def test_every_experiment_point_traces_one_step(path, smollm2):
   """Parses the config and every sweep point, and traces one train step with jax.eval_shape (no compute)."""
   from lora_jax.io import load_model
   from lora_jax.models import ModelConfig, init_params
@@ -85,7 +85,7 @@ def test_every_experiment_point_traces_one_step(path):
 
     def one_step():
       params = init_params(mcfg, key=jax.random.key(0))
-      adapter, frozen = lcfg.init_adapter(mcfg, params, key=jax.random.key(point.seed))
+      adapter, frozen = lcfg.init_adapter(mcfg, params, key=jax.random.key(point.seed), tokenizer=smollm2.tokenizer)
       tx = lora_optimizer(make_schedule(tc.lr, tc.steps, tc.warmup_steps, tc.schedule), adapter,
                           lora_plus_ratio=tc.lora_plus_ratio, max_grad_norm=tc.max_grad_norm)
       state = TrainState(jnp.int32(0), adapter, tx.init(adapter), jax.random.key_data(jax.random.key(0)))
