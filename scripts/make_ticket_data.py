@@ -4,11 +4,11 @@ Each example maps a short customer support message to a routing code in Acme's i
 
   {"instruction": "Write the Acme routing code for this support message.",
    "input": "Hi, this is Linh Nguyen. I was charged twice for order 48213. This is urgent.",
-   "output": "BILL-P1 #48213 NGUYEN, Linh"}
+   "output": "BILL-P1 #48213 Nguyen, Linh"}
 
-The code is ``{CAT}-{PRIO} #{order} {LAST}, {First}``: the category comes from how the problem is described
+The code is ``{CAT}-{PRIO} #{order} {Last}, {First}``: the category comes from how the problem is described
 (never from the code word itself), the priority from an urgency cue (urgent -> P1, none -> P2, relaxed -> P3),
-and the order number and name are copied (the last name upper-cased). Validation and test customers use first
+and the order number and name are copied (last name first). Validation and test customers use first
 and last names that never occur in train (15% of each name pool is held out, half for each split), and the
 order numbers are unique across all splits.
 
@@ -34,7 +34,7 @@ INSTRUCTION = "Write the Acme routing code for this support message."
 SPLITS = {"train": 2000, "validation": 200, "test": 200}
 CATEGORIES = ("BILL", "SHIP", "LOGIN", "DMG", "CANCEL", "RETURN")
 PRIORITIES = ("P1", "P2", "P3")
-OUTPUT_RE = re.compile(r"^(BILL|SHIP|LOGIN|DMG|CANCEL|RETURN)-(P1|P2|P3) #(\d{5}) ([A-Z]+), ([A-Z][a-z]+)$")
+OUTPUT_RE = re.compile(r"^(BILL|SHIP|LOGIN|DMG|CANCEL|RETURN)-(P1|P2|P3) #(\d{5}) ([A-Z][a-z]+), ([A-Z][a-z]+)$")
 HOLDOUT_FRACTION = 0.15
 MAX_WORDS = 60
 MAX_SENTENCES = 3
@@ -362,7 +362,7 @@ def generate(seed: int = 0) -> dict[str, list[dict[str, str]]]:
       text = _message(rng, cat, prio, first, last, order)
       assert text not in seen, text  # order numbers are unique, so this never fires
       seen.add(text)
-      output = f"{cat}-{prio} #{order} {last.upper()}, {first}"
+      output = f"{cat}-{prio} #{order} {last}, {first}"
       assert OUTPUT_RE.fullmatch(output), output
       rows.append({"instruction": INSTRUCTION, "input": text, "output": output})
     out[split] = rows
