@@ -133,8 +133,8 @@ def test_bad_adapters_are_refused_with_names(base, tmp_path):
   a = np.zeros((2, 32), np.float32)
   b = np.zeros((32, 2), np.float32)
   key = "base_model.model.model.layers.0.self_attn.q_proj"
-  with pytest.raises(LoraJaxError, match="peft_type 'PREFIX_TUNING' is not a LoRA adapter"):
-    load_adapter(_write(tmp_path / "1", {**good, "peft_type": "PREFIX_TUNING"}), ours.config)
+  with pytest.raises(LoraJaxError, match="peft_type 'ADALORA' is not supported .supported: LORA, IA3, PROMPT_TUNING"):
+    load_adapter(_write(tmp_path / "1", {**good, "peft_type": "ADALORA"}), ours.config)
   with pytest.raises(LoraJaxError, match="rank_pattern"):
     load_adapter(_write(tmp_path / "2", {**good, "rank_pattern": {"q_proj": 4}}), ours.config)
   bins = _write(tmp_path / "3", good)
