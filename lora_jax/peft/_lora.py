@@ -178,11 +178,14 @@ def _lora_linear_fwd(x, w, a, b, scale):
   out = w.shape[-1]
   low = y[..., out:]
   lora = jnp.einsum("...r,ro->...o", low.astype(x.dtype), b.astype(x.dtype), preferred_element_type=jnp.float32)
-  return y[..., :out] + scale * lora, (x, wa, low, b, scale)
+  # keep W and A apart as residuals (W is already alive as a parameter; the concatenation would be a second copy
+  # of every adapted weight held until the backward pass) and concatenate again there
+  return y[..., :out] + scale * lora, (x, w, a, low, b, scale)
 
 
 def _lora_linear_bwd(res, dy):
-  x, wa, low, b, scale = res
+  x, w, a, low, b, scale = res
+  wa = jnp.concatenate([w.astype(x.dtype), a.astype(x.dtype)], axis=-1)
   dlow = scale * jnp.einsum("...o,ro->...r", dy, b.astype(jnp.float32))
   dx = jnp.einsum("...o,io->...i", jnp.concatenate([dy, dlow], axis=-1).astype(x.dtype), wa,
                   preferred_element_type=jnp.float32).astype(x.dtype)
