@@ -32,6 +32,27 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def hf_tiny_llama(tmp_path_factory):
+  """A tiny random Llama from transformers (eval mode) and the same folder loaded by lora_jax: the base for
+  adapter-file parity tests. Tests must not modify the transformers model (deep-copy it before wrapping)."""
+  if not HAS_PARITY_STACK:
+    pytest.fail("parity tests need the [parity] extra (torch==2.13.0, transformers); install it")
+  import torch
+  import transformers
+
+  from lora_jax import load_model
+  from tests.models.test_hf_parity import _write_tokenizer
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+  hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+  folder = tmp_path_factory.mktemp("tiny_llama")
+  hf.save_pretrained(folder)
+  _write_tokenizer(folder)
+  return hf, load_model(str(folder))
+
+
+@pytest.fixture(scope="session")
 def hf_smollm2(smollm2):
   """transformers loading the very same GGUF file, float32."""
   if not HAS_PARITY_STACK:

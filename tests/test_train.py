@@ -95,17 +95,23 @@ def test_other_runs_directory_is_refused(setup):
   assert json.loads((root / "d" / "summary.json").read_text())["steps"] == 3
 
 
-def test_gradient_accumulation_equals_big_batch(setup):
+def _tiny_lora(setup):
+  """(model, LoRA config, non-zero adapter, frozen params) on the tiny model, without dropout."""
   from lora_jax.io import load_model
-  from lora_jax.peft import init_lora, lora_optimizer
+  from lora_jax.peft import init_lora
   from lora_jax.runner import lora_config
-  from lora_jax.train import TrainState, make_train_step
   root, raw = setup
   cfg = _cfg(raw, peft={"dropout": 0.0})
   model = load_model(cfg.model)
   lcfg = lora_config(cfg)
   adapter, frozen = init_lora(lcfg, model.config, model.params, key=jax.random.key(0))
-  adapter = jax.tree.map(lambda x: x + 0.05, adapter)
+  return model, lcfg, jax.tree.map(lambda x: x + 0.05, adapter), frozen
+
+
+def test_gradient_accumulation_equals_big_batch(setup):
+  from lora_jax.peft import lora_optimizer
+  from lora_jax.train import TrainState, make_train_step
+  model, lcfg, adapter, frozen = _tiny_lora(setup)
   tx = lora_optimizer(1e-2, adapter)
   rng = np.random.default_rng(1)
   batch = {"ids": rng.integers(0, 64, (4, 16)).astype(np.int32), "positions": np.tile(np.arange(16), (4, 1)),
@@ -160,16 +166,8 @@ def test_sigkill_and_resume_reach_the_same_final_loss(setup, tmp_path):
 
 
 def test_gathered_targets_give_the_same_loss_and_gradient(setup):
-  from lora_jax.io import load_model
-  from lora_jax.peft import init_lora
-  from lora_jax.runner import lora_config
   from lora_jax.train import batch_loss, target_budget
-  root, raw = setup
-  cfg = _cfg(raw, peft={"dropout": 0.0})
-  model = load_model(cfg.model)
-  lcfg = lora_config(cfg)
-  adapter, frozen = init_lora(lcfg, model.config, model.params, key=jax.random.key(0))
-  adapter = jax.tree.map(lambda x: x + 0.05, adapter)
+  model, lcfg, adapter, frozen = _tiny_lora(setup)
   rng = np.random.default_rng(2)
   batch = {"ids": rng.integers(0, 64, (4, 32)).astype(np.int32), "positions": np.tile(np.arange(32), (4, 1)),
            "segments": np.ones((4, 32), np.int32), "loss": rng.random((4, 32)) < 0.2}

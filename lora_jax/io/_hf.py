@@ -96,12 +96,7 @@ def load_hf_params(folder: Path, cfg: ModelConfig, *, dtype=np.float32) -> dict:
   """Parameters of an HF Llama/Mistral/Qwen2 folder as our (stacked, (in, out)) numpy tree."""
   reader = _Reader(_tensor_files(folder))
   L = cfg.num_layers
-  expected = {
-      "q_proj": (cfg.hidden_size, cfg.q_size), "k_proj": (cfg.hidden_size, cfg.kv_size),
-      "v_proj": (cfg.hidden_size, cfg.kv_size), "o_proj": (cfg.q_size, cfg.hidden_size),
-      "gate_proj": (cfg.hidden_size, cfg.intermediate_size), "up_proj": (cfg.hidden_size, cfg.intermediate_size),
-      "down_proj": (cfg.intermediate_size, cfg.hidden_size), None: (cfg.hidden_size,),
-  }
+  expected = {**cfg.kernel_shapes(), None: (cfg.hidden_size,)}
   layers: dict = {"attn_norm": {}, "attn": {}, "mlp_norm": {}, "mlp": {}}
   for suffix, (group, sub, leaf, transpose) in _LAYER_MAP.items():
     if leaf == "bias" and not cfg.attention_bias:

@@ -69,6 +69,12 @@ class ModelConfig:
   def kv_size(self) -> int:
     return self.num_kv_heads * self.head_dim
 
+  def kernel_shapes(self) -> dict[str, tuple[int, int]]:
+    """(in, out) of every block linear, by HF module name (the one place these shapes are spelled out)."""
+    d, f = self.hidden_size, self.intermediate_size
+    return {"q_proj": (d, self.q_size), "k_proj": (d, self.kv_size), "v_proj": (d, self.kv_size),
+            "o_proj": (self.q_size, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+
   def num_parameters(self) -> int:
     """Number of parameters, counting tied embeddings once (as HF does)."""
     d, f, L = self.hidden_size, self.intermediate_size, self.num_layers

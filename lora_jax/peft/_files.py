@@ -94,6 +94,18 @@ def save_adapter(folder: str | Path, cfg: LoraConfig, model_cfg: ModelConfig, ad
   return folder
 
 
+def weights_file(folder: Path) -> Path:
+  """The adapter's safetensors file; pickled ``.bin`` adapters are refused with a message."""
+  weights = folder / WEIGHTS_NAME
+  if not weights.is_file():
+    bins = sorted(p.name for p in folder.glob("*.bin"))
+    if bins:
+      raise LoraJaxError(f"{folder}: found {bins[0]} but only safetensors adapters are loaded (pickle files can run "
+                         f"code); re-save it with safe_serialization=True")
+    raise LoraJaxError(f"{folder}: no {WEIGHTS_NAME}")
+  return weights
+
+
 def read_adapter_config(folder: str | Path) -> dict:
   folder = Path(folder)
   if not folder.is_dir():
@@ -133,13 +145,7 @@ def load_adapter(folder: str | Path, model_cfg: ModelConfig, *, dtype=jnp.float3
   if init not in _CONVERTIBLE_INITS:
     raise LoraJaxError(f"{src}: init_lora_weights={init!r} adapters need their modified base weights; save them "
                        f"converted to plain LoRA (PEFT: path_initial_model_for_weight_conversion)")
-  weights = folder / WEIGHTS_NAME
-  if not weights.is_file():
-    bins = sorted(p.name for p in folder.glob("*.bin"))
-    if bins:
-      raise LoraJaxError(f"{folder}: found {bins[0]} but only safetensors adapters are loaded (pickle files can run "
-                         f"code); re-save it with safe_serialization=True")
-    raise LoraJaxError(f"{folder}: no {WEIGHTS_NAME}")
+  weights = weights_file(folder)
   L = model_cfg.num_layers
   found: dict[str, dict[str, dict[int, np.ndarray]]] = {}
   try:
@@ -163,11 +169,7 @@ def load_adapter(folder: str | Path, model_cfg: ModelConfig, *, dtype=jnp.float3
   if not found:
     raise LoraJaxError(f"{weights}: contains no LoRA tensors")
   r = int(raw.get("r", 8))
-  sizes = {"q_proj": (model_cfg.hidden_size, model_cfg.q_size), "k_proj": (model_cfg.hidden_size, model_cfg.kv_size),
-           "v_proj": (model_cfg.hidden_size, model_cfg.kv_size), "o_proj": (model_cfg.q_size, model_cfg.hidden_size),
-           "gate_proj": (model_cfg.hidden_size, model_cfg.intermediate_size),
-           "up_proj": (model_cfg.hidden_size, model_cfg.intermediate_size),
-           "down_proj": (model_cfg.intermediate_size, model_cfg.hidden_size)}
+  sizes = model_cfg.kernel_shapes()
   layer_sets = {tuple(sorted(leaves["lora_A"])) for leaves in found.values() if "lora_A" in leaves}
   if len(layer_sets) != 1:
     raise LoraJaxError(f"{weights}: adapted modules cover different layer sets; not supported")

@@ -78,14 +78,9 @@ def save_other(folder, cfg, model_cfg: ModelConfig, adapter: dict, *, base_model
 def load_other(folder: Path, raw: dict, model_cfg: ModelConfig, dtype=jnp.float32):
   """(config, adapter) for IA3 / prompt-method files (called by `load_adapter` after the peft_type check)."""
   from safetensors import safe_open
+  from ._files import weights_file
   src = folder / "adapter_config.json"
-  weights = folder / "adapter_model.safetensors"
-  if not weights.is_file():
-    bins = sorted(p.name for p in folder.glob("*.bin"))
-    if bins:
-      raise LoraJaxError(f"{folder}: found {bins[0]} but only safetensors adapters are loaded (pickle files can run "
-                         f"code); re-save it with safe_serialization=True")
-    raise LoraJaxError(f"{folder}: no adapter_model.safetensors")
+  weights = weights_file(folder)
   try:
     with safe_open(str(weights), "numpy") as f:
       tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -109,11 +104,7 @@ def load_other(folder: Path, raw: dict, model_cfg: ModelConfig, dtype=jnp.float3
     ff = [ff] if isinstance(ff, str) else ff
     cfg = IA3Config(targets=tuple(PATH_MODULES[p] for p in sorted(found)),
                     feedforward=tuple(m for m in ff if m in {PATH_MODULES[p] for p in found}))
-    sizes = {"q_proj": (model_cfg.hidden_size, model_cfg.q_size), "k_proj": (model_cfg.hidden_size, model_cfg.kv_size),
-             "v_proj": (model_cfg.hidden_size, model_cfg.kv_size), "o_proj": (model_cfg.q_size, model_cfg.hidden_size),
-             "gate_proj": (model_cfg.hidden_size, model_cfg.intermediate_size),
-             "up_proj": (model_cfg.hidden_size, model_cfg.intermediate_size),
-             "down_proj": (model_cfg.intermediate_size, model_cfg.hidden_size)}
+    sizes = model_cfg.kernel_shapes()
     adapter = {}
     for path, per_layer in sorted(found.items()):
       n_in, n_out = sizes[PATH_MODULES[path]]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax import LoraJaxError, load_model
+from lora_jax import LoraJaxError
 from lora_jax.generate import generate_ids
 from lora_jax.models import forward
 from lora_jax.peft import (IA3Config, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, load_adapter,
@@ -22,16 +22,8 @@ IDS = np.array([[5, 9, 17, 33, 2, 8, 11, 60, 42, 7]])
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-  torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-  hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-  folder = tmp_path_factory.mktemp("base")
-  hf.save_pretrained(folder)
-  from tests.models.test_hf_parity import _write_tokenizer
-  _write_tokenizer(folder)
-  return hf, load_model(str(folder))
+def base(hf_tiny_llama):
+  return hf_tiny_llama
 
 
 def _ours(model, cfg, adapter, ids=IDS):
