@@ -14,6 +14,10 @@ Measured per system (median of 3 timed repetitions after one untimed warm-up cal
                      lora_jax ``prefill`` into an empty KV cache, HF forward with ``use_cache`` and
                      ``logits_to_keep=1``)
   * peak_rss_mib:    ``ru_maxrss`` of the worker process at the end (and right after loading)
+  * weight GB/s:     b=1 decode reads every weight once per token (538 MB in fp32): bytes x tok/s, against the
+                     machine's read bandwidth measured in the same run (a jitted sum over 1 GiB, own worker process)
+lora_jax decodes with the per-layer parameter layout (``Model.unstack_layers``, part of its load time); the
+stacked (``lax.scan``) layout's b=1 generate is timed last (after the RSS reading), the ablation behind that choice.
 Greedy decoding must produce all new tokens: lora_jax gets ``eos=()``; HF gets ``min_new_tokens = max_new_tokens``.
 Threads: torch uses 2 threads (``torch.set_num_threads(2)``); XLA uses its default (all cores).
 
@@ -70,17 +74,24 @@ def worker_lora_jax(args, _inputs):
   import numpy as np
   from lora_jax import load_model
   from lora_jax.generate import _bucket, generate_ids, prefill
-  from lora_jax.models import KVCache, forward
+  from lora_jax.models import KVCache, forward, stack_layers
 
   t0 = time.perf_counter()
   m = load_model(PRESET)
-  out = {"load_s": time.perf_counter() - t0, "rss_after_load_mib": peak_rss_mib(), "gguf": m.source}
+  out = {"load_stacked_s": time.perf_counter() - t0, "gguf": m.source}
   text = PARAGRAPH * 12
   long_ids = m.tokenizer.encode(text)[:LONG_LEN]
   assert len(long_ids) == LONG_LEN, len(long_ids)
   ids = long_ids[:PROMPT_LEN]
   out["prompt_ids"], out["long_ids"] = ids, long_ids
-  params, cfg, n = m.params, m.config, args.new_tokens
+  cfg, n = m.config, args.new_tokens
+  out["weight_bytes"] = sum(int(a.nbytes) for a in jax.tree.leaves(m.params))
+
+  t1 = time.perf_counter()
+  m.unstack_layers()
+  out["load_s"] = out["load_stacked_s"] + time.perf_counter() - t1
+  out["rss_after_load_mib"] = peak_rss_mib()
+  params = m.params
   fwd = jax.jit(forward, static_argnums=1)
 
   for b, t, tokens in ((8, PROMPT_LEN, [ids] * 8), (1, LONG_LEN, [long_ids])):
@@ -103,16 +114,33 @@ def worker_lora_jax(args, _inputs):
     toks, valid = jnp.asarray(np.asarray(prompts, np.int32)), jnp.ones((b, PROMPT_LEN), bool)
     slots = _bucket(_bucket(PROMPT_LEN) + n, 64)
     def pre():
-      cache = KVCache.empty(cfg, b, slots, params["embed"]["embedding"].dtype)
+      cache = KVCache.empty(cfg, b, slots, params["embed"]["embedding"].dtype, per_layer=True)
       jax.block_until_ready(prefill(params, cfg, toks, valid, cache))
     pre()
     pre_wall = timed(f"generate_prefill_b{b}", pre, args.reps)
     out[f"b{b}"] = {"generate_s": wall, "prefill_s": pre_wall, "generate_tok_s": b * n / wall,
                     "decode_tok_s": b * n / (wall - pre_wall)}
   out["peak_rss_mib"] = peak_rss_mib()
+
+  # ablation, after the RSS reading: the same b=1 generate with the stacked (lax.scan) layout
+  stacked = stack_layers(params)
+  def gen_b1():
+    assert len(generate_ids(stacked, cfg, [ids], max_new_tokens=n, eos=())[0][0]) == n
+  gen_b1()
+  out["generate_b1_stacked_tok_s"] = n / timed("generate_b1_stacked", gen_b1, args.reps)
   out["times_s"] = TIMES
   out["device"] = str(jax.devices()[0])
   return out
+
+
+def worker_bandwidth(args, _inputs):
+  """The machine's read bandwidth: a jitted sum over a 1 GiB array (its own process: keeps it out of RSS)."""
+  import jax
+  import jax.numpy as jnp
+  big = jnp.ones((1 << 28,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(big).block_until_ready()
+  return {"read_gb_s": big.nbytes / timed("read_1GiB", lambda: total(big).block_until_ready(), 5) / 1e9}
 
 
 def worker_hf(args, inputs):
@@ -186,24 +214,28 @@ def main():
                   help="JSON output (default benchmarks/results/generate.json)")
   ap.add_argument("--new-tokens", type=int, help="new tokens per generate call (default 128; 32 with --quick)")
   ap.add_argument("--reps", type=int, help="timed repetitions, median reported (default 3; 1 with --quick)")
-  ap.add_argument("--worker", choices=("lora_jax", "hf"), help=argparse.SUPPRESS)
+  ap.add_argument("--worker", choices=("lora_jax", "hf", "bandwidth"), help=argparse.SUPPRESS)
   args = ap.parse_args()
   args.new_tokens = args.new_tokens or (32 if args.quick else 128)
   args.reps = args.reps or (1 if args.quick else 3)
 
   if args.worker:
-    fn = worker_lora_jax if args.worker == "lora_jax" else worker_hf
+    fn = {"lora_jax": worker_lora_jax, "hf": worker_hf, "bandwidth": worker_bandwidth}[args.worker]
     print("RESULT " + json.dumps(fn(args, json.loads(sys.stdin.read() or "{}"))), flush=True)
     return
 
   lj = run_worker("lora_jax", args)
   hf = run_worker("hf", args, {k: lj[k] for k in ("gguf", "prompt_ids", "long_ids")})
+  lj["read_gb_s"] = run_worker("bandwidth", args)["read_gb_s"]
   same = 0
   for a, b in zip(lj["greedy_ids"], hf["greedy_ids"]):
     if a != b:
       break
     same += 1
 
+  decode_b1 = lj["b1"]["decode_tok_s"]
+  lj["weight_gb_s"] = lj["weight_bytes"] * decode_b1 / 1e9
+  floor_tok_s = lj["read_gb_s"] * 1e9 / lj["weight_bytes"]
   rows = [("load time (s, lower is better)", "load_s"), ("peak RSS (MiB, lower is better)", "peak_rss_mib"),
           (f"prefill 8x{PROMPT_LEN} (tok/s)", f"prefill_8x{PROMPT_LEN}_tok_s"),
           (f"prefill 1x{LONG_LEN} (tok/s)", f"prefill_1x{LONG_LEN}_tok_s")]
@@ -219,6 +251,10 @@ def main():
   for label, f in figures.items():
     print(f"{label:<{w}}{f['lora_jax']:>10.1f}{f['transformers']:>14.1f}{f['ratio']:>13.2f}")
   print(f"\ngreedy b=1: first {same}/{args.new_tokens} generated tokens identical between lora_jax and transformers")
+  print(f"lora_jax b=1 decode reads weights at {lj['weight_gb_s']:.1f} GB/s; this machine reads {lj['read_gb_s']:.1f} "
+        f"GB/s -> bandwidth floor {floor_tok_s:.1f} tok/s, decode at {decode_b1 / floor_tok_s:.0%} of it")
+  print(f"layout ablation: b=1 generate {lj['generate_b1_stacked_tok_s']:.1f} tok/s stacked (scan) vs "
+        f"{lj['b1']['generate_tok_s']:.1f} tok/s per-layer")
 
   result = {
       "benchmark": "generate", "machine": machine_info(),
@@ -227,6 +263,11 @@ def main():
                  "batches": list(BATCHES), "repetitions": args.reps, "statistic": "median",
                  "decoding": "greedy, EOS ignored", "torch_threads": hf["threads"], "jax_device": lj["device"], "quick": args.quick},
       "figures": figures, "greedy_b1_identical_prefix": same,
+      "bandwidth": {"weight_bytes": lj["weight_bytes"], "read_gb_s": lj["read_gb_s"],
+                    "decode_b1_weight_gb_s": lj["weight_gb_s"], "floor_tok_s": floor_tok_s,
+                    "fraction_of_floor": decode_b1 / floor_tok_s},
+      "layout_ablation": {"generate_b1_tok_s_stacked_scan": lj["generate_b1_stacked_tok_s"],
+                          "generate_b1_tok_s_per_layer": lj["b1"]["generate_tok_s"]},
       "raw": {name: {k: v for k, v in r.items() if k not in ("prompt_ids", "long_ids", "greedy_ids")}
               for name, r in (("lora_jax", lj), ("transformers", hf))},
   }

@@ -45,7 +45,7 @@ def _load(args):
 def _cmd_generate(args) -> None:
   from .generate import SamplingConfig, generate
   sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
-  model = _load(args)
+  model = _load(args).unstack_layers()  # per-layer layout: ~2x faster decoding (see lora_jax.models)
   results = generate(model, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                      chat=args.chat, stop=args.stop or (), system=args.system, truncate=args.truncate,
                      **model.extras)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ._errors import LoraJaxError
 from .models import KVCache, ModelConfig
-from .models._llama import hidden_states, logits as lm_logits
+from .models._llama import hidden_states, is_unstacked, logits as lm_logits
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -149,9 +149,9 @@ def generate_ids(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, 
   dtype = params["embed"]["embedding"].dtype
   if kv_prefix is not None:
     from .models._llama import prefix_cache
-    cache = prefix_cache(cfg, kv_prefix, b, slots, dtype)
+    cache = prefix_cache(cfg, kv_prefix, b, slots, dtype, per_layer=is_unstacked(params))
   else:
-    cache = KVCache.empty(cfg, b, slots, dtype)
+    cache = KVCache.empty(cfg, b, slots, dtype, per_layer=is_unstacked(params))
   last, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(valid), cache, jnp.int32(n_prefix),
                         virtual_tokens)
   done = jnp.zeros((b,), bool)

@@ -44,24 +44,29 @@ def max_abs_diff(a, b) -> float:
 
 
 def assert_trees_all_close(actual, desired, tol: str) -> None:
-  assert jax.tree.structure(actual) == jax.tree.structure(desired), "tree structures differ"
-  for path, a in jax.tree_util.tree_leaves_with_path(actual):
-    d = _at(desired, path)
+  for path, a, d in _paired_leaves(actual, desired):
     assert_allclose(a, d, tol, err_msg=jax.tree_util.keystr(path))
 
 
 def assert_trees_all_equal(actual, desired) -> None:
+  for path, a, d in _paired_leaves(actual, desired):
+    np.testing.assert_array_equal(_host(a), _host(d), err_msg=jax.tree_util.keystr(path))
+
+
+def _paired_leaves(actual, desired):
+  """(path, actual leaf, desired leaf) for trees of the same structure (custom pytree nodes included)."""
   assert jax.tree.structure(actual) == jax.tree.structure(desired), "tree structures differ"
-  for path, a in jax.tree_util.tree_leaves_with_path(actual):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(_at(desired, path)), err_msg=jax.tree_util.keystr(path))
+  return [(p, a, d) for (p, a), d in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(desired))]
+
+
+def _host(a):
+  """Numpy view of a leaf; typed PRNG keys compare by their key data."""
+  if hasattr(a, "dtype") and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+    a = jax.random.key_data(a)
+  return np.asarray(a)
 
 
 def assert_trees_all_shapes(actual, desired) -> None:
   shapes = lambda t: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), t)
   assert shapes(actual) == shapes(desired)
 
-
-def _at(tree, path):
-  for k in path:
-    tree = tree[getattr(k, "key", getattr(k, "idx", None))]
-  return tree

@@ -1,12 +1,13 @@
 """Generation: batching with left padding, sampling determinism, stops, context limits."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lora_jax import LoraJaxError, load_model
 from lora_jax.generate import SamplingConfig, generate, generate_ids, sample_token
-from lora_jax.models import ModelConfig, init_params
+from lora_jax.models import ModelConfig, init_params, unstack_layers
 
 CFG = ModelConfig(architecture="llama", vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=96)
@@ -19,6 +20,21 @@ def test_batched_left_padded_equals_one_by_one():
   single = [generate_ids(PARAMS, CFG, [p], max_new_tokens=20)[0] for p in prompts]
   assert batched == single
   assert all(len(ids) == 20 and reason == "length" for ids, reason in batched)
+
+
+@pytest.mark.parametrize("extra", ["none", "virtual_tokens", "kv_prefix"])
+def test_per_layer_layout_generates_the_same_tokens(extra):
+  """`unstack_layers` (the fast decode layout) changes no token, with prompt-tuning or prefix-tuning inputs too."""
+  rng = np.random.default_rng(0)
+  kw = {}
+  if extra == "virtual_tokens":
+    kw["virtual_tokens"] = jnp.asarray(rng.normal(size=(3, CFG.hidden_size)), jnp.float32)
+  elif extra == "kv_prefix":
+    shape = (CFG.num_layers, 4, CFG.num_kv_heads, CFG.head_dim)
+    kw["kv_prefix"] = tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(2))
+  prompts = [[3, 4, 5], [7, 8, 9, 10, 11, 12], [30]]
+  want = generate_ids(PARAMS, CFG, prompts, max_new_tokens=16, chunk=8, **kw)
+  assert generate_ids(unstack_layers(PARAMS), CFG, prompts, max_new_tokens=16, chunk=8, **kw) == want
 
 
 def test_eos_stops_only_that_row():

@@ -39,6 +39,22 @@ class Model:
   def dtype(self):
     return self.params["embed"]["embedding"].dtype
 
+  def unstack_layers(self) -> "Model":
+    """Switches `params` to the per-layer layout (`lora_jax.models.unstack_layers`) in place, which decodes about
+    2x faster on CPU; each stacked array is freed as soon as it is split (when nothing else holds it), so peak
+    memory grows by one array, not by the model. Training and adapter functions take the stacked layout
+    (`lora_jax.models.stack_layers` converts back). Returns self."""
+    from ..models._llama import is_unstacked, split_layer_leaves
+    if is_unstacked(self.params):
+      return self
+    rest = dict(self.params)
+    layers = rest.pop("layers")
+    self.params = None
+    leaves, treedef = jax.tree.flatten(layers)
+    del layers
+    self.params = {**rest, "layers": split_layer_leaves(leaves, treedef)}
+    return self
+
   def info(self) -> dict[str, Any]:
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
     c = self.config

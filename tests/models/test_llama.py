@@ -9,7 +9,7 @@ import pytest
 
 from lora_jax.models import KVCache, ModelConfig, forward, init_params
 from lora_jax.models import _llama as L
-from lora_jax.testing import assert_allclose
+from lora_jax.testing import assert_allclose, assert_trees_all_equal
 
 TINY = ModelConfig(architecture="llama", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0,
@@ -119,8 +119,12 @@ def test_attention_matches_reference_gqa_and_mask():
 
 
 # ---------------------------------------------------------------- whole model
+LAYOUTS = {"stacked": lambda p: p, "per_layer": L.unstack_layers}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("variant", ["llama", "tied", "qwen2_bias", "sliding_window"])
-def test_forward_matches_float64_reference(variant):
+def test_forward_matches_float64_reference(variant, layout):
   cfg = {"llama": TINY, "tied": dataclasses.replace(TINY, tie_embeddings=True),
          "qwen2_bias": dataclasses.replace(TINY, architecture="qwen2", attention_bias=True),
          "sliding_window": dataclasses.replace(TINY, architecture="mistral", sliding_window=3)}[variant]
@@ -128,7 +132,7 @@ def test_forward_matches_float64_reference(variant):
   tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 9)).astype(np.int32)
   valid = np.ones((2, 9), bool)
   valid[1, :3] = False  # left padding
-  got = jax.jit(forward, static_argnums=1)(params, cfg, tokens, valid=valid)
+  got = jax.jit(forward, static_argnums=1)(LAYOUTS[layout](params), cfg, tokens, valid=valid)
   want = ref_forward(params, cfg, tokens, valid)
   assert_allclose(np.asarray(got)[valid], want[valid], "f32_composite")
 
@@ -142,15 +146,19 @@ def test_left_padding_does_not_change_logits():
   assert_allclose(f(params, TINY, padded, valid=valid)[:, 3:], f(params, TINY, ids), "f32_composite")
 
 
+@pytest.mark.parametrize("cache_layout", ["stacked", "per_layer"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("window", [None, 3])
-def test_cached_decode_matches_full_forward(window):
+def test_cached_decode_matches_full_forward(window, layout, cache_layout):
+  """Any parameter layout with any cache layout (a cache of the other layout is converted on entry)."""
   cfg = dataclasses.replace(TINY, sliding_window=window, architecture="mistral" if window else "llama")
-  params = init_params(cfg, key=jax.random.key(0), std=0.2)
+  stacked = init_params(cfg, key=jax.random.key(0), std=0.2)
+  params = LAYOUTS[layout](stacked)
   tokens = np.random.default_rng(2).integers(1, cfg.vocab_size, (2, 10)).astype(np.int32)
   valid = np.ones((2, 10), bool)
   valid[0, :2] = False
-  full = jax.jit(forward, static_argnums=1)(params, cfg, tokens, valid=valid)
-  cache = KVCache.empty(cfg, 2, 16, jnp.float32)
+  full = jax.jit(forward, static_argnums=1)(stacked, cfg, tokens, valid=valid)
+  cache = KVCache.empty(cfg, 2, 16, jnp.float32, per_layer=cache_layout == "per_layer")
   h, cache = L.hidden_states(params, cfg, tokens[:, :6], valid=valid[:, :6], cache=cache, write_slot=0)
   steps = [L.logits(params, cfg, h)]
   for i in range(6, 10):
@@ -158,6 +166,34 @@ def test_cached_decode_matches_full_forward(window):
     steps.append(L.logits(params, cfg, h))
   got = np.concatenate([np.asarray(s) for s in steps], axis=1)
   assert_allclose(got[valid], np.asarray(full)[valid], "f32_composite")
+
+
+def test_unstack_stack_round_trip_for_every_node_type():
+  """Plain kernels, LoRA (with dropout keys) and quantized nodes: each leaf is the layer's slice, and stacking
+  back gives the identical tree."""
+  from lora_jax.peft import LoraConfig
+  from lora_jax.quant import quantize_params
+  params = quantize_params(init_params(TINY, key=jax.random.key(0), std=0.2), "nf4", block_size=16,
+                           double_quant=True)
+  lcfg = LoraConfig(rank=2, targets=("all-linear",), dropout=0.1)
+  adapter, params = lcfg.init_adapter(TINY, params, key=jax.random.key(1))
+  tree = lcfg.apply(TINY, params, adapter, dropout_key=jax.random.key(2))
+  per_layer = L.unstack_layers(tree)
+  assert L.is_unstacked(per_layer) and len(per_layer["layers"]) == TINY.num_layers
+  for i, layer_tree in enumerate(per_layer["layers"]):
+    want = jax.tree.map(lambda a: a[i] if np.ndim(a) else a, tree["layers"])
+    assert_trees_all_equal(layer_tree, want)
+  assert_trees_all_equal(L.stack_layers(per_layer), tree)
+  assert L.unstack_layers(per_layer) is per_layer and L.stack_layers(tree) is tree
+
+
+def test_model_unstack_layers_in_place(tiny_folder):
+  from lora_jax import load_model
+  model = load_model(tiny_folder)
+  tokens = np.arange(1, 9, dtype=np.int32)[None]
+  before = forward(model.params, model.config, tokens)
+  assert model.unstack_layers() is model and L.is_unstacked(model.params)
+  assert_allclose(forward(model.params, model.config, tokens), before, "f32_composite")
 
 
 def test_bf16_forward_close_to_f32():
