@@ -7,7 +7,8 @@ tokens (mean next-token cross-entropy over the 4 x 255 shifted targets, no paddi
 subprocess (``--worker lora_jax`` / ``--worker hf``) so peak RSS figures are independent; a worker prints one
 ``RESULT {json}`` line. The lora_jax worker runs first and hands the ids and the GGUF path to the HF worker.
 
-  * lora_jax: ``make_train_step`` (one jitted function: forward, backward w.r.t. the adapter only, AdamW update).
+  * lora_jax: ``make_train_step`` (one jitted function: forward, backward w.r.t. the adapter only, AdamW update),
+              with its default activation policy ``remat="dots"`` (projection outputs kept, the rest recomputed).
   * HF:       ``get_peft_model``, ``model.train()``, ``loss.backward(); opt.step(); opt.zero_grad()``; 2 torch threads.
 
 Measured per system: first_step_s (the first step; for lora_jax it includes tracing + XLA compilation), then the

@@ -23,6 +23,7 @@ from ._errors import LoraJaxError
 METHODS = ("lora", "rslora", "dora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
 PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 SCHEDULES = ("cosine", "linear", "constant")
+REMAT = ("none", "dots", "full")  # the policies of lora_jax.models.hidden_states (its REMAT; a test keeps them equal)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,7 +87,7 @@ class TrainConfig:
   grad_accum: int = 1
   lora_plus_ratio: float | None = None        # LoRA+: lr of B = lr × ratio
   dtype: str = "float32"                      # compute dtype: float32 | bfloat16
-  remat: bool = False                         # recompute layer activations in the backward pass
+  remat: str = "dots"                         # none | dots | full: what the backward pass keeps (see REMAT)
   eval_every: int = 0                         # eval loss every N steps (0: only at the end)
   checkpoint_every: int = 50
   log_every: int = 10
@@ -102,6 +103,8 @@ class TrainConfig:
       raise LoraJaxError(f"train.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
     if self.dtype not in ("float32", "bfloat16"):
       raise LoraJaxError(f"train.dtype must be float32 or bfloat16, got {self.dtype!r}")
+    if self.remat not in REMAT:
+      raise LoraJaxError(f"train.remat must be one of {list(REMAT)}, got {self.remat!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -30,7 +30,7 @@ class TrainState(NamedTuple):
 
 
 def batch_loss(adapter, frozen, batch, *, model_cfg: ModelConfig, lora_cfg: LoraConfig, dropout_key=None,
-               remat: bool = False, max_targets: int | None = None):
+               remat: bool | str = False, max_targets: int | None = None):
   """Summed cross-entropy over target tokens of `batch` and their count (float32).
 
   With `max_targets`, the vocabulary projection runs only on (at most that many) target positions, gathered
@@ -61,9 +61,11 @@ def batch_loss(adapter, frozen, batch, *, model_cfg: ModelConfig, lora_cfg: Lora
 
 
 def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, tx: optax.GradientTransformation, *,
-                    grad_accum: int = 1, remat: bool = False, max_targets: int | None = None):
+                    grad_accum: int = 1, remat: bool | str = "dots", max_targets: int | None = None):
   """A jitted ``step(state, frozen, batch) -> (state, metrics)``; `batch` leaves are [batch, T].
 
+  `remat` is the activation policy of `lora_jax.models.hidden_states`; the default ``"dots"`` keeps only the
+  projection outputs (about 0.9 GiB less peak memory on SmolLM2 at 4x256 tokens, same speed).
   `max_targets` bounds the target tokens of one micro-batch (see `batch_loss`).
   """
 

@@ -181,6 +181,57 @@ def test_gathered_targets_give_the_same_loss_and_gradient(setup):
   assert_trees_all_close(g2, g1, "f32_composite")
 
 
+@pytest.mark.parametrize("remat", ["dots", "full"])
+@pytest.mark.parametrize("method", ["lora", "dora", "prefix_tuning"])
+def test_remat_policies_give_the_same_loss_and_gradient(setup, remat, method):
+  """Rematerialisation changes what the backward pass keeps, never what it computes."""
+  from lora_jax.config import REMAT
+  from lora_jax.models._llama import REMAT as MODEL_REMAT
+  from lora_jax.runner import lora_config
+  from lora_jax.io import load_model
+  from lora_jax.train import batch_loss
+  assert REMAT == MODEL_REMAT
+  root, raw = setup
+  model = load_model(root / "tiny")
+  lcfg = lora_config(_cfg(raw, peft={"method": method, "dropout": 0.0, "num_virtual_tokens": 4}))
+  adapter, frozen = lcfg.init_adapter(model.config, model.params, key=jax.random.key(3))
+  adapter = jax.tree.map(lambda a: a + 0.05, adapter)  # non-zero LoRA B, so every path carries gradient
+  rng = np.random.default_rng(4)
+  batch = {"ids": rng.integers(0, 64, (2, 16)).astype(np.int32), "positions": np.tile(np.arange(16), (2, 1)),
+           "segments": np.ones((2, 16), np.int32), "loss": np.ones((2, 16), bool)}
+  f = lambda a, r: batch_loss(a, frozen, batch, model_cfg=model.config, lora_cfg=lcfg, remat=r)[0]
+  l0, g0 = jax.value_and_grad(lambda a: f(a, "none"))(adapter)
+  l1, g1 = jax.value_and_grad(lambda a: f(a, remat))(adapter)
+  assert abs(float(l1) - float(l0)) <= 1e-5 * abs(float(l0))
+  assert_trees_all_close(g1, g0, "f32_composite")
+
+
+def test_dots_remat_keeps_less_for_the_backward_pass(setup):
+  """XLA's own accounting of the compiled step: the "dots" policy needs less temporary memory than keeping
+  every activation, and "full" less still."""
+  from lora_jax.io import load_model
+  from lora_jax.peft import LoraConfig, lora_optimizer
+  from lora_jax.train import TrainState, make_train_step
+  root, _ = setup
+  model = load_model(root / "tiny")
+  lcfg = LoraConfig(rank=4, targets=("all-linear",))
+  adapter, frozen = lcfg.init_adapter(model.config, model.params, key=jax.random.key(0))
+  tx = lora_optimizer(1e-3, adapter)
+  state = TrainState(jnp.int32(0), adapter, tx.init(adapter), jax.random.key_data(jax.random.key(1)))
+  shape = (8, 64)
+  batch = {"ids": jnp.zeros(shape, jnp.int32), "positions": jnp.tile(jnp.arange(64), (8, 1)),
+           "segments": jnp.ones(shape, jnp.int32), "loss": jnp.ones(shape, bool)}
+  temp = {r: make_train_step(model.config, lcfg, tx, remat=r).lower(state, frozen, batch).compile()
+          .memory_analysis().temp_size_in_bytes for r in ("none", "dots", "full")}
+  assert temp["full"] < temp["dots"] < temp["none"], temp
+
+
+def test_remat_config_is_checked(setup):
+  _, raw = setup
+  with pytest.raises(LoraJaxError, match="train.remat must be one of"):
+    _cfg(raw, train={"remat": "some"})
+
+
 @pytest.mark.parametrize("method,extra", [("ia3", {}), ("prompt_tuning", {"num_virtual_tokens": 4}),
                                           ("p_tuning", {"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
                                           ("prefix_tuning", {"num_virtual_tokens": 4}), ("dora", {})])

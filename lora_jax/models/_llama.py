@@ -151,7 +151,7 @@ def layer(cfg: ModelConfig, p: Params, x: Float[Array, "B T D"], cos, sin, k_all
 def hidden_states(params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], *,
                   valid: Bool[Array, "B T"] | None = None, positions: Int[Array, "B T"] | None = None,
                   cache: KVCache | None = None, write_slot: Int[Array, ""] | int = 0,
-                  segment_ids: Int[Array, "B T"] | None = None, dtype=None, remat: bool = False,
+                  segment_ids: Int[Array, "B T"] | None = None, dtype=None, remat: bool | str = False,
                   virtual_tokens: Float[Array, "n D"] | None = None, kv_prefix: tuple | None = None) -> tuple[Float[Array, "B T D"], KVCache | None]:
   """Final-norm hidden states for `tokens`.
 
@@ -165,7 +165,9 @@ def hidden_states(params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], *
     dtype: compute dtype (default: the embedding dtype).
     segment_ids: for packed rows (no cache): tokens attend only within their own segment; pass `positions`
       restarting at each segment.
-    remat: rematerialise each layer in the backward pass (saves activation memory in training).
+    remat: what each layer keeps for the backward pass (`REMAT`): ``"none"``/False keeps every activation,
+      ``"dots"`` keeps only the projection matmul outputs and recomputes the rest (attention scores and
+      probabilities, norms, RoPE, SwiGLU) from them, ``"full"``/True keeps only the layer input.
     virtual_tokens: embeddings [n, D] prepended to every row (prompt tuning / P-tuning); they take positions
       0..n-1 and the returned hidden states cover only `tokens`.
     kv_prefix: per-layer keys and values ([L, n, Hkv, hd] each) every token attends to first (prefix tuning);
@@ -217,8 +219,7 @@ def hidden_states(params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], *
       vs = jax.lax.dynamic_update_index_in_dim(vs, v_new, i, axis=0)
     return (x, i + 1, ks, vs), None
 
-  if remat:
-    body = jax.checkpoint(body)
+  body = _remat(body, remat)
   ks, vs = (None, None) if cache is None else (cache.k, cache.v)
   if is_unstacked(params):
     if ks is not None:
@@ -236,6 +237,27 @@ def hidden_states(params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], *
   x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
   new_cache = None if cache is None else KVCache(ks, vs, kv_valid)
   return x[:, n_virtual:], new_cache
+
+
+REMAT = ("none", "dots", "full")
+
+
+def _remat(body, remat: bool | str):
+  """The layer body under the rematerialisation policy `remat` (see `hidden_states`).
+
+  ``"dots"`` (the training default) is `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`: the projection
+  outputs are saved, the batched attention products and every elementwise op are recomputed. On the SmolLM2
+  LoRA step (4x256 tokens) it cuts XLA's temporary memory from 2476 to 1616 MiB and peak RSS by 0.9 GiB at no
+  measurable cost in step time (the recomputed ops are cheap next to the saved matmuls).
+  """
+  mode = {False: "none", True: "full"}.get(remat, remat)
+  if mode not in REMAT:
+    raise ValueError(f"remat must be one of {REMAT} (or a bool), got {remat!r}")
+  if mode == "none":
+    return body
+  if mode == "full":
+    return jax.checkpoint(body)
+  return jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
 
 def is_unstacked(params: Params) -> bool:
