@@ -29,7 +29,11 @@ the loss and the optimizer update are elementwise and not counted. Achieved GFLO
 time. Peak: median of 10 jitted fp32 ``jnp.dot`` (2048x2048)@(2048x2048) after 2 warm-ups, in the lora_jax worker
 (2*2048^3 FLOPs each); "FLOP floor" = step FLOPs / peak, the step time if every FLOP ran at matmul peak.
 
-Usage: python benchmarks/train_step.py [--quick] [--steps N] [--out benchmarks/results/train_step.json]
+QLoRA (``--qlora nf4,native``, default): the same lora_jax step with the frozen base quantized (NF4, or the GGUF's
+own Q4_1 blocks), each in its own worker, for peak RSS and step time against the fp32 base; on CPU the 4-bit
+kernel is the reference (dequantize + dot), so the step is slower and the memory is the point.
+
+Usage: python benchmarks/train_step.py [--quick] [--steps N] [--qlora nf4,native|none] [--out ...json]
 """
 
 from __future__ import annotations
@@ -84,11 +88,16 @@ def worker_lora_jax(args, _inputs):
 
   t0 = time.perf_counter()
   m = load_model(PRESET)
+  if args.quantize != "none":  # QLoRA: the frozen base in 4 bits; the float copy is dropped before training
+    from lora_jax.quant import quantize_model_params
+    m.params = quantize_model_params(m.params, args.quantize, gguf_blocks=m.quantized)
+    m.quantized = {}
   load_s = time.perf_counter() - t0
   assert m.config.vocab_size == VOCAB, m.config.vocab_size
   ids = np.random.default_rng(SEED).integers(0, VOCAB, (BATCH, SEQ)).astype(np.int32)
   lcfg = LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS)
   adapter, frozen = init_lora(lcfg, m.config, m.params, key=jax.random.key(0))
+  m.params = None
   tx = lora_optimizer(LR, adapter)
   state = TrainState(jnp.int32(0), adapter, tx.init(adapter), jax.random.key_data(jax.random.key(1)))
   step_fn = make_train_step(m.config, lcfg, tx)
@@ -103,6 +112,9 @@ def worker_lora_jax(args, _inputs):
 
   out = {"load_s": load_s, "gguf": m.source, "ids": ids.tolist(), **run_steps(step, args)}
   out["trainable"] = {k: v for k, v in trainable_summary(lcfg, m.config, adapter).items() if k != "text"}
+  out["base_weight_bytes"] = sum(int(a.nbytes) for a in jax.tree.leaves(frozen))
+  if args.quantize != "none":
+    return out
   c = m.config
   out["model"] = {k: getattr(c, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
                                              "num_kv_heads", "head_dim", "vocab_size", "tie_embeddings")}
@@ -170,8 +182,8 @@ def step_flops(m):
   return {"forward": fwd, "step": total}
 
 
-def run_worker(name, args, inputs=None):
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
+def run_worker(name, args, inputs=None, quantize="none"):
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", name.split(":")[0], "--quantize", quantize, "--steps", str(args.steps),
          "--warmup", str(args.warmup)]
   print(f"running {name} worker ...", file=sys.stderr, flush=True)
   proc = subprocess.run(cmd, input=json.dumps(inputs or {}), stdout=subprocess.PIPE, text=True)
@@ -189,7 +201,11 @@ def main():
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                 "train_step.json"),
                   help="JSON output (default benchmarks/results/train_step.json)")
+  ap.add_argument("--qlora", default="nf4,native",
+                  help="comma-separated 4-bit base formats for extra lora_jax QLoRA workers (none: skip; default "
+                       "nf4,native): step time, peak RSS and first loss against the fp32-base LoRA worker")
   ap.add_argument("--worker", choices=("lora_jax", "hf"), help=argparse.SUPPRESS)
+  ap.add_argument("--quantize", default="none", help=argparse.SUPPRESS)
   args = ap.parse_args()
   args.steps = args.steps or (2 if args.quick else 5)
   args.warmup = max(1, args.warmup or (1 if args.quick else 2))
@@ -201,6 +217,8 @@ def main():
 
   lj = run_worker("lora_jax", args)
   hf = run_worker("hf", args, {k: lj[k] for k in ("gguf", "ids")})
+  qlora = {fmt: run_worker(f"lora_jax:{fmt}", args, quantize=fmt)
+           for fmt in args.qlora.split(",") if fmt and fmt != "none"}
   flops = step_flops(lj["model"])
   peak = lj["matmul_peak"]["gflop_s"] * 1e9
   tokens = BATCH * SEQ
@@ -231,6 +249,16 @@ def main():
         f"PEFT {hf['trainable']['trainable']:,} / {hf['trainable']['all']:,}")
   print(f"step FLOPs {flops['step'] / 1e9:.1f} GFLOP; matmul peak ({PEAK_N}^2 fp32 jnp.dot) "
         f"{peak / 1e9:.1f} GFLOP/s; FLOP floor {floor:.2f} s/step")
+  qlora_figures = {}
+  if qlora:
+    print(f"\n{'lora_jax base':<16}{'base MB':>9}{'step (s)':>10}{'peak RSS (MiB)':>16}{'RSS / fp32':>12}{'first loss':>12}")
+    for fmt, r in (("float32", lj), *qlora.items()):
+      qlora_figures[fmt] = {"base_weight_mb": r["base_weight_bytes"] / 1e6, "median_step_s": r["median_step_s"],
+                            "peak_rss_mib": r["peak_rss_mib"], "rss_vs_fp32": r["peak_rss_mib"] / lj["peak_rss_mib"],
+                            "first_loss": r["first_loss"]}
+      f = qlora_figures[fmt]
+      print(f"{fmt:<16}{f['base_weight_mb']:>9.0f}{f['median_step_s']:>10.2f}{f['peak_rss_mib']:>16.0f}"
+            f"{f['rss_vs_fp32']:>12.2f}{f['first_loss']:>12.4f}")
 
   result = {
       "benchmark": "train_step", "machine": machine_info(),
@@ -241,7 +269,7 @@ def main():
                  "loss": "mean next-token CE over all 4x255 targets", "warmup_steps": args.warmup,
                  "timed_steps": args.steps, "statistic": "median", "torch_threads": hf["threads"],
                  "hf_attn_implementation": hf["attn_implementation"], "jax_device": lj["device"], "quick": args.quick},
-      "figures": figures, "first_loss_diff": loss_diff,
+      "figures": figures, "first_loss_diff": loss_diff, "qlora": qlora_figures,
       "trainable": {"lora_jax": lj["trainable"], "transformers": hf["trainable"]},
       "flops": {**flops, "matmul_peak_gflop_s": peak / 1e9, "floor_s": floor,
                 "formula": "2*fwd_base + 2*fwd_lm_head + 3*fwd_attention + 3*fwd_lora (see module docstring)"},

@@ -37,7 +37,21 @@ def quantize(w, fmt: str = "nf4", *, block_size: int | None = None, double_quant
   if k % b:
     raise LoraJaxError(f"{name}: input dimension {k} is not divisible by the block size {b}")
   dtype = w.dtype
-  wb = _blocks(jnp.asarray(w, jnp.float32), b)
+  w = jnp.asarray(w, jnp.float32)
+  one = lambda wi: _quantize_2d(wi, fmt, b, double_quant)
+  if lead:  # one 2-D slice at a time (lax.map): the nearest-code search needs 16 values per weight
+    outs = jax.lax.map(one, w.reshape(-1, k, n))
+    codes, scale, offset, dq_scale, dq_offset = (
+        None if a is None else a.reshape(*lead, *a.shape[1:]) for a in outs)
+  else:
+    codes, scale, offset, dq_scale, dq_offset = one(w)
+  return QTensor(codes, scale, offset, dq_scale, dq_offset, fmt=fmt, block_size=b, shape=(k, n), dtype=dtype)
+
+
+def _quantize_2d(w, fmt: str, b: int, double_quant: bool):
+  """(K, N) float32 -> (codes, scale, offset, dq_scale, dq_offset) as `QTensor` stores them."""
+  k, n = w.shape
+  wb = _blocks(w, b)
   offset = dq_scale = dq_offset = None
   if fmt == "nf4":
     absmax = jnp.max(jnp.abs(wb), axis=-2)
@@ -54,8 +68,7 @@ def quantize(w, fmt: str = "nf4", *, block_size: int | None = None, double_quant
     scale = (hi - lo) / 15
     q = jnp.clip(jnp.round((wb - lo[..., None, :]) / jnp.where(scale == 0, 1.0, scale)[..., None, :]), 0, 15)
     offset = lo
-  codes = pack(q.reshape(*lead, k, n).astype(jnp.int32))
-  return QTensor(codes, scale, offset, dq_scale, dq_offset, fmt=fmt, block_size=b, shape=(k, n), dtype=dtype)
+  return pack(q.reshape(k, n).astype(jnp.int32)), scale, offset, dq_scale, dq_offset
 
 
 def _double_quantize(absmax):
