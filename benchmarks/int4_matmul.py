@@ -255,6 +255,7 @@ def tree_bytes(params, only_linear=False):
 def run_cpu(args, result):
   from lora_jax import load_model
   from lora_jax.generate import generate_ids
+  from lora_jax.models import unstack_layers
 
   peaks = result["peaks"] = device_peaks(args, 256 << 20, 2048, jnp.float32)
   print(f"copy {peaks['copy_gb_s']:.1f} GB/s, f32 matmul {peaks['matmul_tflop_s'] * 1e3:.0f} GFLOP/s", flush=True)
@@ -288,6 +289,7 @@ def run_cpu(args, result):
   for variant in ("fp32", "nf4", "int4", "native"):
     params = model.params if variant == "fp32" else quantize_model_params(model.params, variant,
                                                                           gguf_blocks=model.quantized)
+    params = unstack_layers(params)  # the layout generation runs in (lora_jax.models.unstack_layers)
     gen = lambda: generate_ids(params, model.config, [ids], max_new_tokens=new, eos=())[0][0]
     out = gen()
     assert len(out) == new, len(out)

@@ -78,3 +78,25 @@ def test_split_is_deterministic():
   exs = list(range(100))
   tr, va = split_examples(exs, 0.1, seed=0)
   assert len(va) == 10 and sorted(tr + va) == exs and split_examples(exs, 0.1, seed=0) == (tr, va)
+
+
+def test_hf_datasets_folder_reads_like_jsonl(tmp_path):
+  """`save_to_disk` folders (a Dataset, or a DatasetDict's train split) give the same examples as JSONL."""
+  datasets = pytest.importorskip("datasets")
+  rows = [{"instruction": f"route {i}", "input": "", "output": f"BILL-P{i % 3}"} for i in range(5)]
+  jsonl = tmp_path / "d.jsonl"
+  jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+  datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:3]),
+                        "test": datasets.Dataset.from_list(rows[3:])}).save_to_disk(str(tmp_path / "dd"))
+  assert read_examples(tmp_path / "ds") == read_examples(jsonl)
+  assert read_examples(tmp_path / "dd") == read_examples(jsonl)[:3]
+  datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "no_train"))
+  with pytest.raises(LoraJaxError, match="without a 'train' split"):
+    read_examples(tmp_path / "no_train")
+  datasets.Dataset.from_list([{"prompt": "x"}]).save_to_disk(str(tmp_path / "bad"))
+  with pytest.raises(LoraJaxError, match=r"bad\[0\]"):
+    read_examples(tmp_path / "bad")
+  (tmp_path / "empty_dir").mkdir()
+  with pytest.raises(LoraJaxError, match="cannot load with datasets.load_from_disk"):
+    read_examples(tmp_path / "empty_dir")
