@@ -5,8 +5,10 @@
 * ``impl="reference"``: dequantize + dot (float32 accumulation); runs on every backend.
 * ``impl="pallas"``: the Pallas GPU kernel (`kernels/qmatmul/pallas_gpu.py`); an error where it cannot run
   (unless ``interpret=True``, which runs it on CPU for tests).
-* ``impl="auto"`` (default): Pallas on GPU when `supports(...)` holds, otherwise the reference, logging the reason
-  once.
+* ``impl="small_m"``: a multiply-reduce that XLA fuses with the nibble unpacking (`kernels/qmatmul/small_m.py`),
+  reading only the packed bytes; for decoding (a few rows) where there is no Pallas.
+* ``impl="auto"`` (default): Pallas on GPU when `supports(...)` holds; elsewhere ``small_m`` for at most
+  `SMALL_M_MAX` rows and the reference above that, logging the reason once.
 
 The op is differentiable in ``x`` through a `jax.custom_vjp` (``dx = dy · Wᵀ`` with the dequantized kernel), so a
 LoRA adapter on a quantized base trains; the quantized base itself gets no gradient.
@@ -25,22 +27,29 @@ from .._log import log
 from ..quant._qtensor import QTensor, dequantize
 from .qmatmul.pallas_gpu import BlockSizes, qmatmul_pallas, supports
 from .qmatmul.reference import qmatmul_reference
+from .qmatmul.small_m import SMALL_M_MAX, qmatmul_small_m
 
+IMPLS = ("auto", "reference", "pallas", "small_m")
 _DEFAULT_IMPL = "auto"
 _LOGGED: set[str] = set()
 
 
+def _check_impl(impl: str) -> None:
+  if impl not in IMPLS:
+    raise LoraJaxError(f"unknown kernel implementation {impl!r}; choose one of {', '.join(IMPLS)}")
+
+
 def set_default_impl(impl: str) -> None:
-  """Process-wide default for `qmatmul` (``auto`` | ``reference`` | ``pallas``)."""
+  """Process-wide default for `qmatmul` (one of `IMPLS`)."""
   global _DEFAULT_IMPL
-  if impl not in ("auto", "reference", "pallas"):
-    raise LoraJaxError(f"unknown kernel implementation {impl!r}; choose auto, reference or pallas")
+  _check_impl(impl)
   _DEFAULT_IMPL = impl
 
 
 def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
-  if impl == "reference":
-    return "reference"
+  _check_impl(impl)
+  if impl in ("reference", "small_m"):
+    return impl
   on_gpu = jax.default_backend() == "gpu"
   ok, why = supports(x, w)
   if impl == "pallas":
@@ -52,6 +61,9 @@ def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
     return "pallas"
   if on_gpu and ok:
     return "pallas"
+  rows = int(np.prod(x.shape[:-1]))
+  if rows <= SMALL_M_MAX and not on_gpu:
+    return "small_m"
   reason = f"backend {jax.default_backend()}" if not on_gpu else why
   if reason not in _LOGGED:
     _LOGGED.add(reason)
@@ -69,6 +81,8 @@ def qmatmul(x, w: QTensor, *, impl: str | None = None, interpret: bool = False):
 def _qmatmul_vjp(choice, interpret, x, w):
   if choice == "pallas":
     return qmatmul_pallas(x, w, interpret=interpret)
+  if choice == "small_m":
+    return qmatmul_small_m(x, w)
   return qmatmul_reference(x, w)
 
 
@@ -85,4 +99,5 @@ def _bwd(choice, interpret, w, dy):
 
 _qmatmul_vjp.defvjp(_fwd, _bwd)
 
-__all__ = ["BlockSizes", "qmatmul", "qmatmul_pallas", "qmatmul_reference", "set_default_impl", "supports"]
+__all__ = ["BlockSizes", "IMPLS", "SMALL_M_MAX", "qmatmul", "qmatmul_pallas", "qmatmul_reference", "qmatmul_small_m",
+           "set_default_impl", "supports"]

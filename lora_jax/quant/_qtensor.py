@@ -136,6 +136,17 @@ def pack(q):
   return q[..., 0::2, :] | (q[..., 1::2, :] << 4)
 
 
+def nf4_values(q):
+  """NF4 code -> table value (float32) as a select tree on the 4 code bits: elementwise, so it fuses into the
+  kernels that use it (a table gather does not lower in Triton and breaks XLA's fusion)."""
+  t = [float(v) for v in NF4_TABLE]
+  b0, b1, b2, b3 = (q & 1) != 0, (q & 2) != 0, (q & 4) != 0, (q & 8) != 0
+  level1 = [jnp.where(b0, t[i + 1], t[i]) for i in range(0, 16, 2)]
+  level2 = [jnp.where(b1, level1[i + 1], level1[i]) for i in range(0, 8, 2)]
+  level3 = [jnp.where(b2, level2[i + 1], level2[i]) for i in range(0, 4, 2)]
+  return jnp.where(b3, level3[1], level3[0]).astype(jnp.float32)
+
+
 def dequantize(t: QTensor):
   q = unpack(t.codes)
   b = t.block_size

@@ -1,4 +1,5 @@
-"""The Pallas 4-bit matmul (interpret mode on CPU) against the reference; gradients through the custom VJP."""
+"""The Pallas 4-bit matmul (interpret mode on CPU) and the small-M multiply-reduce against the reference;
+gradients through the custom VJP; dispatch."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 
 from lora_jax import LoraJaxError
-from lora_jax.kernels import qmatmul, qmatmul_pallas, qmatmul_reference, supports
+from lora_jax.kernels import (SMALL_M_MAX, _choose, qmatmul, qmatmul_pallas, qmatmul_reference,
+                              qmatmul_small_m, supports)
 from lora_jax.quant import QTensor, quantize
 from lora_jax.quant._qtensor import pack
 from lora_jax.testing import assert_allclose
@@ -42,6 +44,40 @@ def test_pallas_matches_reference_f32(m, k, n, fmt, block):
   assert_allclose(got, want, "f32_composite")
 
 
+SMALL_CASES = [(m, k, n, fmt, block) for (m, k, n, fmt, block) in CASES if m == 1]
+SMALL_CASES += [(3, 576, 1536, "nf4", 64), (4, 1536, 576, "q4_1", 32), (2, 1024, 256, "int4_sym", 128)]
+
+
+@pytest.mark.parametrize("m,k,n,fmt,block", SMALL_CASES, ids=lambda v: str(v))
+def test_small_m_matches_reference_f32(m, k, n, fmt, block):
+  w = _q(fmt, k, n, block)
+  x = jax.random.normal(jax.random.key(m + 1), (m, k), jnp.float32)
+  got = jax.jit(qmatmul_small_m)(x, w)
+  with jax.default_matmul_precision("highest"):
+    want = qmatmul_reference(x, w)
+  assert got.shape == (m, n) and got.dtype == jnp.float32
+  assert_allclose(got, want, "f32_composite")
+
+
+def test_small_m_double_quantized_leading_axes_and_bf16():
+  w = quantize(jax.random.normal(jax.random.key(0), (512, 128)) * 0.05, "nf4", double_quant=True)
+  x = jax.random.normal(jax.random.key(1), (1, 2, 512))
+  assert_allclose(qmatmul_small_m(x, w), qmatmul_reference(x, w), "f32_composite")
+  xb = x.astype(jnp.bfloat16)
+  want = qmatmul_reference(x, w)
+  scale = float(jnp.max(jnp.abs(want)))
+  assert_allclose(qmatmul_small_m(xb, w) / scale, want / scale, "bf16")
+
+
+def test_auto_dispatch_on_cpu_by_rows():
+  w = _q("nf4", 256, 128, 64)
+  assert _choose(jnp.ones((SMALL_M_MAX, 256)), w, "auto", False) == "small_m"
+  assert _choose(jnp.ones((1, 1, 256)), w, "auto", False) == "small_m"
+  assert _choose(jnp.ones((SMALL_M_MAX + 1, 256)), w, "auto", False) == "reference"
+  with pytest.raises(LoraJaxError, match="unknown kernel implementation 'fast'"):
+    qmatmul(jnp.ones((1, 256)), w, impl="fast")
+
+
 @pytest.mark.parametrize("fmt", ["nf4", "q4_1"])
 def test_pallas_bf16_activations(fmt):
   w = _q(fmt, 576, 192, 64 if fmt == "nf4" else 32)
@@ -58,7 +94,7 @@ def test_leading_axes_are_kept():
   assert_allclose(qmatmul_pallas(x, w, interpret=True), qmatmul_reference(x, w), "f32_composite")
 
 
-@pytest.mark.parametrize("impl", ["reference", "pallas"])
+@pytest.mark.parametrize("impl", ["reference", "pallas", "small_m"])
 def test_gradient_through_custom_vjp(impl):
   w = _q("nf4", 256, 128, 64)
   x = jax.random.normal(jax.random.key(0), (4, 256))
@@ -76,4 +112,4 @@ def test_dispatch_errors_and_fallback():
   assert supports(x, dq) == (False, "double-quantized scales")
   with pytest.raises(LoraJaxError, match="does not support this call: double-quantized"):
     qmatmul(x, dq, impl="pallas", interpret=True)
-  assert_allclose(qmatmul(x, w), qmatmul_reference(x, w), "f32_op")  # auto on CPU = reference
+  assert_allclose(qmatmul(jnp.ones((8, 256)), w), qmatmul_reference(jnp.ones((8, 256)), w), "f32_op")  # auto, CPU, 8 rows = reference

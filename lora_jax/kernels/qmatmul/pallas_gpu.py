@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from ...quant._qtensor import NF4_TABLE, QTensor
+from ...quant._qtensor import QTensor, nf4_values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,19 +42,9 @@ def _pow2_at_least(m: int) -> int:
   return 1 << max(0, (m - 1).bit_length())
 
 
-def _nf4(q):
-  """NF4 code -> value with a select tree on the 4 code bits (no table gather in Triton)."""
-  t = [float(v) for v in NF4_TABLE]
-  b0, b1, b2, b3 = (q & 1) != 0, (q & 2) != 0, (q & 4) != 0, (q & 8) != 0
-  level1 = [jnp.where(b0, t[i + 1], t[i]) for i in range(0, 16, 2)]
-  level2 = [jnp.where(b1, level1[i + 1], level1[i]) for i in range(0, 8, 2)]
-  level3 = [jnp.where(b2, level2[i + 1], level2[i]) for i in range(0, 4, 2)]
-  return jnp.where(b3, level3[1], level3[0])
-
-
 def _values(q, scale, offset, fmt):
   if fmt == "nf4":
-    return _nf4(q) * scale
+    return nf4_values(q) * scale
   if fmt in ("int4_sym", "q4_0"):
     return (q.astype(jnp.float32) - 8.0) * scale
   return q.astype(jnp.float32) * scale + offset
