@@ -51,25 +51,26 @@ Params = dict
 
 
 class KVCache(NamedTuple):
-  """Key/value cache: ``k``/``v`` [L, B, S, Hkv, hd] (or, per layer, a tuple of L [B, S, Hkv, hd] arrays);
-  ``valid`` [B, S] marks slots holding real tokens.
+  """Key/value cache: ``k``/``v`` [L, B, Hkv, S, hd] (or, per layer, a tuple of L [B, Hkv, S, hd] arrays);
+  ``valid`` [B, S] marks slots holding real tokens. Heads come before slots because that is the layout the
+  attention products read: with slots first, XLA transposed the whole cache of every layer at every step.
 
   The cache follows the parameter layout: stacked for the scanned layers, per layer for `unstack_layers`
   parameters (there, updating one layer's slice of a stacked cache would copy the whole cache at every layer).
   `hidden_states` converts a cache of the other layout on entry (one copy).
   """
 
-  k: Float[Array, "L B S Hkv hd"] | tuple
-  v: Float[Array, "L B S Hkv hd"] | tuple
+  k: Float[Array, "L B Hkv S hd"] | tuple
+  v: Float[Array, "L B Hkv S hd"] | tuple
   valid: Bool[Array, "B S"]
 
   @classmethod
   def empty(cls, cfg: ModelConfig, batch: int, slots: int, dtype, *, per_layer: bool = False) -> "KVCache":
     if per_layer:
-      shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
+      shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
       zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
       return cls(zeros(), zeros(), jnp.zeros((batch, slots), bool))
-    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool))
 
 
@@ -106,16 +107,16 @@ def attention_mask(q_slots: Int[Array, "B T"], kv_valid: Bool[Array, "B S"], cfg
   return mask
 
 
-def attention(q: Float[Array, "B T Hq hd"], k: Float[Array, "B S Hkv hd"], v: Float[Array, "B S Hkv hd"],
+def attention(q: Float[Array, "B T Hq hd"], k: Float[Array, "B Hkv S hd"], v: Float[Array, "B Hkv S hd"],
               mask: Bool[Array, "B T S"]) -> Float[Array, "B T Hq hd"]:
   """Grouped-query softmax attention; scores and softmax in float32."""
   b, t, hq, hd = q.shape
-  hkv = k.shape[2]
+  hkv = k.shape[1]
   qg = q.reshape(b, t, hkv, hq // hkv, hd)
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / np.sqrt(hd)
+  scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) / np.sqrt(hd)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(b, t, hq, hd).astype(q.dtype)
 
 
@@ -126,7 +127,7 @@ def _proj(p: Params, name: str, x):
 
 def layer(cfg: ModelConfig, p: Params, x: Float[Array, "B T D"], cos, sin, k_all, v_all, write_slot, mask):
   """One decoder block. Writes this step's k/v at `write_slot` into the layer's cache ``k_all``/``v_all``
-  [B, S, Hkv, hd] and attends over it. Returns (new x, new k_all, new v_all)."""
+  [B, Hkv, S, hd] and attends over it. Returns (new x, new k_all, new v_all)."""
   b, t, _ = x.shape
   n = rms_norm(x, p["attn_norm"]["scale"], cfg.rms_norm_eps)
   a = p["attn"]
@@ -134,11 +135,12 @@ def layer(cfg: ModelConfig, p: Params, x: Float[Array, "B T D"], cos, sin, k_all
   k = _proj(a, "k_proj", n).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
   v = _proj(a, "v_proj", n).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd], the cache layout
   if k_all is None:  # no cache: the keys are this sequence
     k_all, v_all = k, v
   else:
-    k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), write_slot, axis=1)
-    v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), write_slot, axis=1)
+    k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), write_slot, axis=2)
+    v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), write_slot, axis=2)
   o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
   x = x + _proj(a, "o_proj", o.reshape(b, t, cfg.q_size))
   n = rms_norm(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
@@ -323,8 +325,10 @@ def prefix_cache(cfg: ModelConfig, kv_prefix, batch: int, slots: int, dtype, *, 
   k, v = kv_prefix
   n = k.shape[1]
   cache = KVCache.empty(cfg, batch, slots, dtype)
-  put = lambda c, p: jax.lax.dynamic_update_slice_in_dim(
-      c, jnp.broadcast_to(p[:, None].astype(dtype), (cfg.num_layers, batch, *p.shape[1:])), 0, axis=2)
+  def put(c, p):  # p [L, n, Hkv, hd] -> slots 0..n-1 of c [L, B, Hkv, S, hd]
+    p = p.transpose(0, 2, 1, 3)[:, None].astype(dtype)
+    return jax.lax.dynamic_update_slice_in_dim(c, jnp.broadcast_to(p, (cfg.num_layers, batch, *p.shape[2:])), 0,
+                                               axis=3)
   k, v = put(cache.k, k), put(cache.v, v)
   if per_layer:
     k, v = tuple(jnp.unstack(k)), tuple(jnp.unstack(v))

@@ -114,7 +114,8 @@ def test_attention_matches_reference_gqa_and_mask():
   v = rng.normal(size=(2, 6, 2, 8)).astype(np.float32)
   mask = rng.random((2, 5, 6)) < 0.7
   mask[..., 0] = True
-  got = jax.jit(L.attention)(q, k, v, mask)
+  heads_first = lambda a: a.transpose(0, 2, 1, 3)  # the cache layout [B, Hkv, S, hd]
+  got = jax.jit(L.attention)(q, heads_first(k), heads_first(v), mask)
   assert_allclose(got, ref_attention(*(a.astype(np.float64) for a in (q, k, v)), mask), "f32_op")
 
 
