@@ -20,7 +20,7 @@ import numpy as np
 
 from ._errors import LoraJaxError
 from .models import KVCache, ModelConfig
-from .models._llama import hidden_states, is_unstacked, logits as lm_logits
+from .models._llama import hidden_states, is_unstacked, logits as lm_logits, match_cache_layout
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,6 +71,7 @@ def decode_chunk(params, cfg: ModelConfig, cache: KVCache, last_logits, done, sl
   """
   b = last_logits.shape[0]
   eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+  cache = match_cache_layout(params, cache)  # the loop carries the cache in the layout the model returns
 
   def cond(state):
     i, _, _, done, _ = state[:5]

@@ -65,7 +65,7 @@ def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, tx: optax.Grad
   """A jitted ``step(state, frozen, batch) -> (state, metrics)``; `batch` leaves are [batch, T].
 
   `remat` is the activation policy of `lora_jax.models.hidden_states`; the default ``"dots"`` keeps only the
-  projection outputs (about 0.9 GiB less peak memory on SmolLM2 at 4x256 tokens, same speed).
+  projection outputs (about 0.8 GiB less peak memory on SmolLM2 at 4x256 tokens, same speed).
   `max_targets` bounds the target tokens of one micro-batch (see `batch_loss`).
   """
 

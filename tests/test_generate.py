@@ -37,6 +37,25 @@ def test_per_layer_layout_generates_the_same_tokens(extra):
   assert generate_ids(unstack_layers(PARAMS), CFG, prompts, max_new_tokens=16, chunk=8, **kw) == want
 
 
+def test_decode_chunk_takes_a_cache_of_either_layout():
+  """A stacked cache handed to per-layer parameters (or the reverse) is converted before the decode loop."""
+  from lora_jax.generate import decode_chunk, prefill
+  from lora_jax.models import KVCache
+  toks, valid = jnp.asarray([[3, 4, 5, 6]], jnp.int32), jnp.ones((1, 4), bool)
+
+  def run(params, per_layer_cache):  # a fresh cache each time: decode_chunk donates it
+    last, cache = prefill(PARAMS, CFG, toks, valid, KVCache.empty(CFG, 1, 16, jnp.float32))
+    if per_layer_cache:
+      cache = cache._replace(k=tuple(cache.k), v=tuple(cache.v))
+    out = decode_chunk(params, CFG, cache, last, jnp.zeros((1,), bool), jnp.int32(4), jnp.int32(6),
+                       jax.random.key(0), steps=6, sampling=SamplingConfig(), eos=())
+    return np.asarray(out[0])
+
+  want = run(PARAMS, False)
+  np.testing.assert_array_equal(run(PARAMS, True), want)
+  np.testing.assert_array_equal(run(unstack_layers(PARAMS), False), want)
+
+
 def test_eos_stops_only_that_row():
   prompts = [[3, 4, 5], [9, 9]]
   free = generate_ids(PARAMS, CFG, prompts, max_new_tokens=12)

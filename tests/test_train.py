@@ -230,6 +230,9 @@ def test_remat_config_is_checked(setup):
   _, raw = setup
   with pytest.raises(LoraJaxError, match="train.remat must be one of"):
     _cfg(raw, train={"remat": "some"})
+  assert _cfg(raw, train={"remat": False}).train.remat == "none"   # the earlier boolean form
+  assert _cfg(raw, train={"remat": True}).train.remat == "full"
+  assert _cfg(raw).train.remat == "dots"
 
 
 @pytest.mark.parametrize("method,extra", [("ia3", {}), ("prompt_tuning", {"num_virtual_tokens": 4}),

@@ -44,9 +44,10 @@ class Model:
     2x faster on CPU; each stacked array is freed as soon as it is split (when nothing else holds it), so peak
     memory grows by one array, not by the model. Training and adapter functions take the stacked layout
     (`lora_jax.models.stack_layers` converts back). Returns self."""
-    from ..models._llama import is_unstacked, split_layer_leaves
+    from ..models._llama import _num_layers, is_unstacked, split_layer_leaves
     if is_unstacked(self.params):
       return self
+    _num_layers(jax.tree.leaves(self.params["layers"]))  # validate before detaching anything
     rest = dict(self.params)
     layers = rest.pop("layers")
     self.params = None

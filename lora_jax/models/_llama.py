@@ -28,11 +28,12 @@ Two layouts of ``layers`` run the same math:
   which keeps compile time flat (30 layers compile as fast as 2). Training and adapters use this layout.
 * **per-layer** (``layers`` a tuple of L per-layer trees, made by `unstack_layers`): a Python loop, unrolled at
   trace time. Decoding is weight-bound, and inside a scan XLA copies each step's slice of every stacked weight
-  before the dot (read, write, read again instead of one read). On SmolLM2 at batch 1 the per-layer layout
-  decodes at 75 tok/s against 34–60 tok/s stacked (the layout ablation in `benchmarks/generate.py`), and 1.9x
-  faster at batch 8. `generate`'s CLI and `exact_match` use it; compile time grows with depth.
+  before the dot (read, write, read again instead of one read). The layout ablation in
+  `benchmarks/generate.py` times both layouts in one process (results/generate.json). `generate`'s CLI and
+  `exact_match` use it; compile time grows with depth.
 
-In both, the KV cache stays stacked [L, ...] and is updated in place.
+The KV cache follows the parameter layout (stacked [L, ...] or a tuple of per-layer arrays, see `KVCache`) and is
+updated in place.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def hidden_states(params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], *
     positions: rotary positions (default: count of real tokens before each entry, as transformers derives
       ``position_ids`` from the attention mask).
     cache: when given, k/v of these tokens are written at slots ``write_slot + [0, T)`` and attention runs
-      over the whole cache; the updated cache is returned.
+      over the whole cache; the updated cache is returned, in the layout of `params` (`match_cache_layout`).
     dtype: compute dtype (default: the embedding dtype).
     segment_ids: for packed rows (no cache): tokens attend only within their own segment; pass `positions`
       restarting at each segment.
@@ -211,30 +212,31 @@ def hidden_states(params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"], *
       raise ValueError("segment_ids (packed rows) are for full-sequence calls, not for cached decoding")
     mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
 
+  # one layer under the rematerialisation policy; both layouts run exactly this
+  one = _remat(lambda p, x, k, v: layer(cfg, p, x, cos, sin, k, v, write_slot, mask), remat)
+
   def body(carry, p):
     x, i, ks, vs = carry
     if ks is None:
-      x, _, _ = layer(cfg, p, x, cos, sin, None, None, 0, mask)
+      x, _, _ = one(p, x, None, None)
     else:
-      x, k_new, v_new = layer(cfg, p, x, cos, sin, ks[i], vs[i], write_slot, mask)
+      x, k_new, v_new = one(p, x, ks[i], vs[i])
       ks = jax.lax.dynamic_update_index_in_dim(ks, k_new, i, axis=0)
       vs = jax.lax.dynamic_update_index_in_dim(vs, v_new, i, axis=0)
     return (x, i + 1, ks, vs), None
 
-  body = _remat(body, remat)
   ks, vs = (None, None) if cache is None else (cache.k, cache.v)
+  if cache is not None:
+    ks, vs = _cache_arrays(ks, is_unstacked(params)), _cache_arrays(vs, is_unstacked(params))
   if is_unstacked(params):
-    if ks is not None:
-      ks, vs = (list(c) if isinstance(c, (tuple, list)) else list(jnp.unstack(c)) for c in (ks, vs))
+    ks, vs = (None, None) if ks is None else (list(ks), list(vs))
     for i, p in enumerate(params["layers"]):
       if ks is None:
-        x, _, _ = layer(cfg, p, x, cos, sin, None, None, 0, mask)
+        x, _, _ = one(p, x, None, None)
       else:
-        x, ks[i], vs[i] = layer(cfg, p, x, cos, sin, ks[i], vs[i], write_slot, mask)
+        x, ks[i], vs[i] = one(p, x, ks[i], vs[i])
     ks, vs = (None, None) if ks is None else (tuple(ks), tuple(vs))
   else:
-    if isinstance(ks, (tuple, list)):
-      ks, vs = jnp.stack(ks), jnp.stack(vs)
     (x, _, ks, vs), _ = jax.lax.scan(body, (x, jnp.int32(0), ks, vs), params["layers"])
   x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
   new_cache = None if cache is None else KVCache(ks, vs, kv_valid)
@@ -249,10 +251,10 @@ def _remat(body, remat: bool | str):
 
   ``"dots"`` (the training default) is `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`: the projection
   outputs are saved, the batched attention products and every elementwise op are recomputed. On the SmolLM2
-  LoRA step (4x256 tokens) it cuts XLA's temporary memory from 2476 to 1616 MiB and peak RSS by 0.9 GiB at no
-  measurable cost in step time (the recomputed ops are cheap next to the saved matmuls).
+  LoRA step (4x256 tokens) it cuts XLA's temporary memory from 2476 to 1616 MiB and peak RSS by about 0.8 GiB
+  at no measurable cost in step time (the recomputed ops are cheap next to the saved matmuls).
   """
-  mode = {False: "none", True: "full"}.get(remat, remat)
+  mode = {False: "none", True: "full"}.get(remat, remat) if isinstance(remat, bool) else remat
   if mode not in REMAT:
     raise ValueError(f"remat must be one of {REMAT} (or a bool), got {remat!r}")
   if mode == "none":
@@ -260,6 +262,19 @@ def _remat(body, remat: bool | str):
   if mode == "full":
     return jax.checkpoint(body)
   return jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+def _cache_arrays(c, per_layer: bool):
+  """One cache array (k or v) in the wanted layout: stacked [L, ...] or a tuple of L arrays (one copy if not)."""
+  if per_layer:
+    return tuple(c) if isinstance(c, (tuple, list)) else tuple(jnp.unstack(c))
+  return jnp.stack(c) if isinstance(c, (tuple, list)) else c
+
+
+def match_cache_layout(params: Params, cache: KVCache) -> KVCache:
+  """`cache` in the layout `hidden_states` returns for `params` (a loop carrying the cache needs it on entry)."""
+  per_layer = is_unstacked(params)
+  return KVCache(_cache_arrays(cache.k, per_layer), _cache_arrays(cache.v, per_layer), cache.valid)
 
 
 def is_unstacked(params: Params) -> bool:

@@ -1,6 +1,7 @@
 """Each layer of the Llama forward against a float64 numpy reference, and cache/padding invariants."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import pytest
 
 from lora_jax.models import KVCache, ModelConfig, forward, init_params
 from lora_jax.models import _llama as L
-from lora_jax.testing import assert_allclose, assert_trees_all_equal
+from lora_jax.testing import assert_allclose, assert_trees_all_close, assert_trees_all_equal
 
 TINY = ModelConfig(architecture="llama", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0,
@@ -167,6 +168,17 @@ def test_cached_decode_matches_full_forward(window, layout, cache_layout):
     steps.append(L.logits(params, cfg, h))
   got = np.concatenate([np.asarray(s) for s in steps], axis=1)
   assert_allclose(got[valid], np.asarray(full)[valid], "f32_composite")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_applies_in_both_layouts_and_changes_no_gradient(remat, layout):
+  params = LAYOUTS[layout](init_params(TINY, key=jax.random.key(0), std=0.2))
+  tokens = np.arange(1, 9, dtype=np.int32)[None]
+  f = lambda p, r: jnp.sum(jnp.tanh(L.hidden_states(p, TINY, tokens, remat=r)[0]))
+  has_remat = lambda r: re.search(r"\b(remat2?|checkpoint)\[", str(jax.make_jaxpr(f, static_argnums=1)(params, r)))
+  assert has_remat(remat) and not has_remat("none")
+  assert_trees_all_close(jax.grad(f)(params, remat), jax.grad(f)(params, "none"), "f32_composite")
 
 
 def test_unstack_stack_round_trip_for_every_node_type():
