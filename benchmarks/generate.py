@@ -17,7 +17,7 @@ Measured per system (median of 3 timed repetitions after one untimed warm-up cal
   * weight GB/s:     b=1 decode reads every weight once per token (538 MB in fp32): bytes x tok/s, against the
                      machine's read bandwidth measured in the same run (a jitted sum over 1 GiB, own worker process)
 lora_jax decodes with the per-layer parameter layout (``Model.unstack_layers``, part of its load time); the
-stacked (``lax.scan``) layout's b=1 generate is timed last (after the RSS reading), the ablation behind that choice.
+stacked (``lax.scan``) layout's generate calls are timed last (after the RSS reading): the ablation behind that choice.
 Greedy decoding must produce all new tokens: lora_jax gets ``eos=()``; HF gets ``min_new_tokens = max_new_tokens``.
 Threads: torch uses 2 threads (``torch.set_num_threads(2)``); XLA uses its default (all cores).
 
@@ -122,12 +122,13 @@ def worker_lora_jax(args, _inputs):
                     "decode_tok_s": b * n / (wall - pre_wall)}
   out["peak_rss_mib"] = peak_rss_mib()
 
-  # ablation, after the RSS reading: the same b=1 generate with the stacked (lax.scan) layout
+  # ablation, after the RSS reading: the same generate calls with the stacked (lax.scan) layout
   stacked = stack_layers(params)
-  def gen_b1():
-    assert len(generate_ids(stacked, cfg, [ids], max_new_tokens=n, eos=())[0][0]) == n
-  gen_b1()
-  out["generate_b1_stacked_tok_s"] = n / timed("generate_b1_stacked", gen_b1, args.reps)
+  for b in BATCHES:
+    def gen_stacked():
+      assert all(len(r[0]) == n for r in generate_ids(stacked, cfg, [ids] * b, max_new_tokens=n, eos=()))
+    gen_stacked()
+    out[f"generate_b{b}_stacked_tok_s"] = b * n / timed(f"generate_b{b}_stacked", gen_stacked, args.reps)
   out["times_s"] = TIMES
   out["device"] = str(jax.devices()[0])
   return out
@@ -253,8 +254,9 @@ def main():
   print(f"\ngreedy b=1: first {same}/{args.new_tokens} generated tokens identical between lora_jax and transformers")
   print(f"lora_jax b=1 decode reads weights at {lj['weight_gb_s']:.1f} GB/s; this machine reads {lj['read_gb_s']:.1f} "
         f"GB/s -> bandwidth floor {floor_tok_s:.1f} tok/s, decode at {decode_b1 / floor_tok_s:.0%} of it")
-  print(f"layout ablation: b=1 generate {lj['generate_b1_stacked_tok_s']:.1f} tok/s stacked (scan) vs "
-        f"{lj['b1']['generate_tok_s']:.1f} tok/s per-layer")
+  for b in BATCHES:
+    print(f"layout ablation: b={b} generate {lj[f'generate_b{b}_stacked_tok_s']:.1f} tok/s stacked (scan) vs "
+          f"{lj[f'b{b}']['generate_tok_s']:.1f} tok/s per-layer")
 
   result = {
       "benchmark": "generate", "machine": machine_info(),
@@ -266,8 +268,9 @@ def main():
       "bandwidth": {"weight_bytes": lj["weight_bytes"], "read_gb_s": lj["read_gb_s"],
                     "decode_b1_weight_gb_s": lj["weight_gb_s"], "floor_tok_s": floor_tok_s,
                     "fraction_of_floor": decode_b1 / floor_tok_s},
-      "layout_ablation": {"generate_b1_tok_s_stacked_scan": lj["generate_b1_stacked_tok_s"],
-                          "generate_b1_tok_s_per_layer": lj["b1"]["generate_tok_s"]},
+      "layout_ablation": {f"generate_b{b}_tok_s_{name}": v for b in BATCHES for name, v in
+                          (("stacked_scan", lj[f"generate_b{b}_stacked_tok_s"]),
+                           ("per_layer", lj[f"b{b}"]["generate_tok_s"]))},
       "raw": {name: {k: v for k, v in r.items() if k not in ("prompt_ids", "long_ids", "greedy_ids")}
               for name, r in (("lora_jax", lj), ("transformers", hf))},
   }

@@ -17,10 +17,11 @@ M in {1, 8, 16, 64, 256, 4096} x (K, N) in {(4096, 4096), (4096, 14336), (14336,
     for M <= 16 and bm = min(64, M) above, so only bn of `BlockSizes()` changes what the library runs today.
   * the JSON is rewritten after every (shape, format), and shapes that start after --budget-s seconds are skipped,
     so a run cut short by a time limit still leaves its results.
-CPU: the reference only (the Pallas kernel needs a GPU; interpret mode is not timed) on SmolLM2-135M shapes
-(K, N) in {(576, 1536), (1536, 576), (576, 576)}, M in {1, 8, 256}, f32, vs an f32 dot; then greedy decode tok/s of
-SmolLM2-135M at batch 1 (32-token prompt, 64 new tokens, eos=(), median of 3 after a warm-up; end to end, prefill
-included) with the fp32 base and ``quantize_model_params(params, nf4 | int4 | native)``, and the bytes each holds.
+CPU: the reference and, for M <= SMALL_M_MAX, the small_m multiply-reduce (the Pallas kernel needs a GPU;
+interpret mode is not timed) on SmolLM2-135M shapes (K, N) in {(576, 1536), (1536, 576), (576, 576)}, M in
+{1, 8, 256}, f32, vs an f32 dot; then greedy decode tok/s of SmolLM2-135M at batch 1 (32-token prompt, 64 new
+tokens, eos=(), median of 3 after a warm-up; end to end, prefill included; per-layer layout) with the fp32 base and
+``quantize_model_params(params, nf4 | int4 | native)`` (qmatmul's automatic choice: small_m), and the bytes held.
 
 Usage: python benchmarks/int4_matmul.py [--quick] [--mode gpu|cpu] [--shapes small] [--formats nf4,int4_sym]
                                        [--block-sweep] [--budget-s S] [--reps N] [--out PATH]
@@ -46,7 +47,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate import PARAGRAPH, machine_info  # noqa: E402  (same machine description and prompt text)
 
-from lora_jax.kernels import BlockSizes, qmatmul_pallas, qmatmul_reference  # noqa: E402
+from lora_jax.kernels import (SMALL_M_MAX, BlockSizes, qmatmul_pallas, qmatmul_reference,  # noqa: E402
+                              qmatmul_small_m)
 from lora_jax.quant import DEFAULT_RULES, QTensor, quantize, quantize_model_params  # noqa: E402
 
 GPU_MS, CPU_MS = (1, 8, 16, 64, 256, 4096), (1, 8, 256)
@@ -259,7 +261,8 @@ def run_cpu(args, result):
 
   peaks = result["peaks"] = device_peaks(args, 256 << 20, 2048, jnp.float32)
   print(f"copy {peaks['copy_gb_s']:.1f} GB/s, f32 matmul {peaks['matmul_tflop_s'] * 1e3:.0f} GFLOP/s", flush=True)
-  print(f"\n{'M':>4} {'K':>5} {'N':>5} {'fmt':8s} {'ref us':>9} {'f32 dot us':>10} {'ref/f32':>7} {'ref GB/s':>8}")
+  print(f"\n{'M':>4} {'K':>5} {'N':>5} {'fmt':8s} {'ref us':>9} {'small_m us':>10} {'f32 dot us':>10} {'ref/f32':>7} "
+        f"{'small/f32':>9} {'ref GB/s':>8}")
   f32_dot = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
   for k, n in CPU_SHAPES:
     c = max(2, min(30, -(-(64 << 20) // (4 * k * n))))  # C copies: >= 64 MiB of f32 weights, past the CPU caches
@@ -273,9 +276,14 @@ def run_cpu(args, result):
         row["reference"] = perf(time_op(qmatmul_reference, x, qs, args), m, k, n, row["weight_bytes"], peaks)
         row["f32_dot"] = perf(time_op(f32_dot, x, wf, args), m, k, n, 4 * k * n, peaks)
         row["reference_over_f32_dot_time"] = row["reference"]["time_s"] / row["f32_dot"]["time_s"]
+        if m <= SMALL_M_MAX:  # the path `qmatmul` picks on CPU for decoding
+          row["small_m"] = perf(time_op(qmatmul_small_m, x, qs, args), m, k, n, row["weight_bytes"], peaks)
+          row["small_m_over_f32_dot_time"] = row["small_m"]["time_s"] / row["f32_dot"]["time_s"]
         result["rows"].append(row)
-        print(f"{m:4d} {k:5d} {n:5d} {fmt:8s} {row['reference']['time_s'] * 1e6:9.1f} "
-              f"{row['f32_dot']['time_s'] * 1e6:10.1f} {row['reference_over_f32_dot_time']:7.2f} "
+        sm = (f"{row['small_m']['time_s'] * 1e6:10.1f}", f"{row['small_m_over_f32_dot_time']:9.2f}") \
+            if "small_m" in row else (f"{'-':>10}", f"{'-':>9}")
+        print(f"{m:4d} {k:5d} {n:5d} {fmt:8s} {row['reference']['time_s'] * 1e6:9.1f} {sm[0]} "
+              f"{row['f32_dot']['time_s'] * 1e6:10.1f} {row['reference_over_f32_dot_time']:7.2f} {sm[1]} "
               f"{row['reference']['weight_gb_s']:8.2f}", flush=True)
   save(result, args.out)
 
@@ -342,9 +350,9 @@ def main():
                            "amortised); weight_gb_s = weight bytes / time; frac_copy_bw vs jitted a+1 (read+write)")
     run_gpu(args, result)
   else:
-    result["notes"].append("CPU has no fused 4-bit kernel: the reference dequantizes every weight on every call "
-                           "(every decoded token), so 4-bit decode is expected to be slower than fp32 here; the "
-                           "4-bit formats save memory, not time, on CPU. Decode tok/s is end to end (prefill included).")
+    result["notes"].append("CPU has no Pallas: qmatmul decodes (<= SMALL_M_MAX rows) with small_m, a multiply-reduce "
+                           "XLA fuses with the nibble unpacking, and otherwise dequantizes every weight (reference). "
+                           "Decode tok/s is end to end (prefill included), all variants in the per-layer layout.")
     run_cpu(args, result)
   result["wall_s"] = time.perf_counter() - t0
   save(result, args.out)
