@@ -247,7 +247,7 @@ def tree_bytes(params, only_linear=False):
   """Bytes of the weights `params` holds (QTensor.nbytes() for 4-bit leaves); only_linear: the DEFAULT_RULES kernels."""
   total = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda l: isinstance(l, QTensor))[0]:
-    key = "/".join(str(getattr(p, "key", p)) for p in path)
+    key = "/".join(str(getattr(p, "key", p)) for p in path if not hasattr(p, "idx"))  # per-layer: drop the index
     if only_linear and not any(re.fullmatch(r, key) for r in DEFAULT_RULES):
       continue
     total += leaf.nbytes() if isinstance(leaf, QTensor) else leaf.nbytes
