@@ -8,7 +8,8 @@
 * ``impl="small_m"``: a multiply-reduce that XLA fuses with the nibble unpacking (`kernels/qmatmul/small_m.py`),
   reading only the packed bytes; for decoding (a few rows) where there is no Pallas.
 * ``impl="auto"`` (default): Pallas on GPU when `supports(...)` holds; on CPU ``small_m`` for at most
-  `SMALL_M_MAX` rows; the reference otherwise, logging the reason once.
+  `SMALL_M_MAX` rows of an int4 / GGUF tensor (for NF4 its select tree costs more than the dequantize + dot it
+  replaces); the reference otherwise, logging the reason once.
 
 The op is differentiable in ``x`` through a `jax.custom_vjp` (``dx = dy · Wᵀ`` with the dequantized kernel), so a
 LoRA adapter on a quantized base trains; the quantized base itself gets no gradient.
@@ -62,7 +63,8 @@ def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
   if on_gpu and ok:
     return "pallas"
   rows = int(np.prod(x.shape[:-1]))
-  if rows <= SMALL_M_MAX and jax.default_backend() == "cpu":
+  # NF4's code-to-value select tree costs more than the bytes it saves (benchmarks/results/int4_matmul_cpu.json)
+  if rows <= SMALL_M_MAX and jax.default_backend() == "cpu" and w.fmt != "nf4":
     return "small_m"
   reason = f"backend {jax.default_backend()}" if not on_gpu else why
   if reason not in _LOGGED:

@@ -69,11 +69,12 @@ def test_small_m_double_quantized_leading_axes_and_bf16():
   assert_allclose(qmatmul_small_m(xb, w) / scale, want / scale, "bf16")
 
 
-def test_auto_dispatch_on_cpu_by_rows():
-  w = _q("nf4", 256, 128, 64)
+def test_auto_dispatch_on_cpu_by_rows_and_format():
+  w = _q("q4_1", 256, 128, 32)
   assert _choose(jnp.ones((SMALL_M_MAX, 256)), w, "auto", False) == "small_m"
   assert _choose(jnp.ones((1, 1, 256)), w, "auto", False) == "small_m"
   assert _choose(jnp.ones((SMALL_M_MAX + 1, 256)), w, "auto", False) == "reference"
+  assert _choose(jnp.ones((1, 256)), _q("nf4", 256, 128, 64), "auto", False) == "reference"
   with pytest.raises(LoraJaxError, match="unknown kernel implementation 'fast'"):
     qmatmul(jnp.ones((1, 256)), w, impl="fast")
 

@@ -11,8 +11,10 @@ quantization block and ``v`` the code-to-value map without its block scale (NF4:
 minus 8 when symmetric). Asymmetric formats add ``Σ_g o[g, n] · Σ_j (xe + xo)``. XLA emits the inner sum as one
 reduction loop over the packed bytes (the unpacked values never reach memory), so the weight traffic is K·N/2
 bytes. The work per weight grows with the number of rows, so `SMALL_M_MAX` bounds where it is used; the
-dequantize-and-dot reference takes over above it. Measured on the 2-core CPU (60 layers of 576×1536 weights,
-one row): 8.0 ms against 27.3 ms for dequantize + dot and 5.1 ms for a float32 dot over the same weights.
+dequantize-and-dot reference takes over above it. On the 2-core CPU (`benchmarks/int4_matmul.py`, one row) it
+halves the time of dequantize + dot for int4 on 576×1536 and 1536×576 weights, but NF4's select tree makes it
+slower than the reference there, so `qmatmul` does not pick it for NF4. It stays 4–6× slower than a float32 dot:
+XLA spends more on unpacking than the 8× fewer bytes save.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 
 from ...quant._qtensor import QTensor, nf4_values
 
-SMALL_M_MAX = 4  # rows (product of the leading axes of x) up to which `qmatmul` picks this path on CPU
+SMALL_M_MAX = 4  # rows (product of the leading axes of x) up to which `qmatmul` picks this path on CPU (not NF4)
 
 
 def qmatmul_small_m(x, w: QTensor):
