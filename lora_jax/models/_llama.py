@@ -254,7 +254,7 @@ def _remat(body, remat: bool | str):
   LoRA step (4x256 tokens) it cuts XLA's temporary memory from 2476 to 1616 MiB and peak RSS by about 0.8 GiB
   at no measurable cost in step time (the recomputed ops are cheap next to the saved matmuls).
   """
-  mode = {False: "none", True: "full"}.get(remat, remat) if isinstance(remat, bool) else remat
+  mode = ("full" if remat else "none") if isinstance(remat, bool) else remat
   if mode not in REMAT:
     raise ValueError(f"remat must be one of {REMAT} (or a bool), got {remat!r}")
   if mode == "none":
