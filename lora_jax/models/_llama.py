@@ -110,14 +110,27 @@ def attention_mask(q_slots: Int[Array, "B T"], kv_valid: Bool[Array, "B S"], cfg
 
 def attention(q: Float[Array, "B T Hq hd"], k: Float[Array, "B Hkv S hd"], v: Float[Array, "B Hkv S hd"],
               mask: Bool[Array, "B T S"]) -> Float[Array, "B T Hq hd"]:
-  """Grouped-query softmax attention; scores and softmax in float32."""
+  """Grouped-query softmax attention; scores and softmax in float32.
+
+  A single query per row (a decode step) takes the products as multiply-reduce: XLA on CPU fuses those with
+  the cache reads, where the batched dots made it transpose each layer's V cache at every step (measured in
+  `benchmarks/generate.py`: batch-1 decode ≈10% faster). Same math, other summation order.
+  """
   b, t, hq, hd = q.shape
   hkv = k.shape[1]
   qg = q.reshape(b, t, hkv, hq // hkv, hd)
-  scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) / np.sqrt(hd)
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  if t == 1:
+    qf = qg[:, 0, :, :, None, :].astype(jnp.float32)                         # [B, Hkv, G, 1, hd]
+    scores = jnp.sum(qf * k[:, :, None].astype(jnp.float32), axis=-1)[:, :, :, None]  # [B, Hkv, G, 1, S]
+  else:
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask[:, None, None], scores / np.sqrt(hd), jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
+  if t == 1:
+    pf = probs[:, :, :, 0, :, None].astype(jnp.float32)                      # [B, Hkv, G, S, 1]
+    out = jnp.sum(pf * v[:, :, None].astype(jnp.float32), axis=-2)[:, None]  # [B, 1, Hkv, G, hd]
+  else:
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(b, t, hq, hd).astype(q.dtype)
 
 

@@ -108,12 +108,13 @@ def test_llama3_inv_freq_scales_only_low_frequencies():
   np.testing.assert_allclose(scaled[-1], base[-1] / 8, rtol=1e-6)  # lowest divided by the factor
 
 
-def test_attention_matches_reference_gqa_and_mask():
+@pytest.mark.parametrize("t", [5, 1], ids=["sequence", "one_query"])  # one query per row: the decode path
+def test_attention_matches_reference_gqa_and_mask(t):
   rng = np.random.default_rng(0)
-  q = rng.normal(size=(2, 5, 4, 8)).astype(np.float32)
+  q = rng.normal(size=(2, t, 4, 8)).astype(np.float32)
   k = rng.normal(size=(2, 6, 2, 8)).astype(np.float32)
   v = rng.normal(size=(2, 6, 2, 8)).astype(np.float32)
-  mask = rng.random((2, 5, 6)) < 0.7
+  mask = rng.random((2, t, 6)) < 0.7
   mask[..., 0] = True
   heads_first = lambda a: a.transpose(0, 2, 1, 3)  # the cache layout [B, Hkv, S, hd]
   got = jax.jit(L.attention)(q, heads_first(k), heads_first(v), mask)
