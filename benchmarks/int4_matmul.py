@@ -19,9 +19,11 @@ M in {1, 8, 16, 64, 256, 4096} x (K, N) in {(4096, 4096), (4096, 14336), (14336,
     so a run cut short by a time limit still leaves its results.
 CPU: the reference and, for M <= SMALL_M_MAX, the small_m multiply-reduce (the Pallas kernel needs a GPU;
 interpret mode is not timed) on SmolLM2-135M shapes (K, N) in {(576, 1536), (1536, 576), (576, 576)}, M in
-{1, 8, 256}, f32, vs an f32 dot; then greedy decode tok/s of SmolLM2-135M at batch 1 (32-token prompt, 64 new
+{1, 8, 256}, f32, vs an f32 dot; a dot whose weight is stored as bf16 / int8 / int4 (and int8 x int8 -> int32) vs
+the f32 dot (M = 1, 576 x 1536: whether XLA:CPU can use narrow weights at all); then greedy decode tok/s of SmolLM2-135M at batch 1 (32-token prompt, 64 new
 tokens, eos=(), median of 3 after a warm-up; end to end, prefill included; per-layer layout) with the fp32 base and
-``quantize_model_params(params, nf4 | int4 | native)`` (qmatmul's automatic choice: small_m), and the bytes held.
+``quantize_model_params(params, nf4 | int4 | native)`` (qmatmul's automatic choice), the bytes held, and the
+decode program's XLA temporaries (a base dequantized all at once would show there).
 
 Usage: python benchmarks/int4_matmul.py [--quick] [--mode gpu|cpu] [--shapes small] [--formats nf4,int4_sym]
                                        [--block-sweep] [--budget-s S] [--reps N] [--out PATH]
@@ -254,6 +256,43 @@ def tree_bytes(params, only_linear=False):
   return total
 
 
+NARROW = {  # weight dtype -> (activation dtype, accumulation dtype) of the XLA dot
+    "bfloat16": (jnp.float32, jnp.float32), "int8": (jnp.float32, jnp.float32), "int4": (jnp.float32, jnp.float32),
+    "int8 x int8 -> int32": (jnp.int8, jnp.int32)}
+
+
+def narrow_dots(args, result, f32_dot):
+  """Why 4-bit does not beat fp32 on XLA:CPU: a dot whose weight is stored narrower than f32 (bf16, int8, int4,
+  and int8 x int8 with int32 accumulation, llama.cpp's scheme) against the f32 dot, M = 1, 576 x 1536."""
+  k, n, m = 576, 1536, 1
+  c = max(2, -(-(64 << 20) // (4 * k * n)))
+  w = jax.random.normal(jax.random.key(0), (k, n), jnp.float32) * 0.02
+  x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32)
+  f32 = time_op(f32_dot, x, copies_of(w, c), args)
+  rows = result["narrow_dot"] = []
+  print(f"\nnarrow weights, M=1 576x1536: {'weight':22s} {'us':>8} {'vs f32 dot':>10}  (XLA:CPU converts before the dot)")
+  for name, (xdt, acc) in NARROW.items():
+    wq = (jnp.clip(jnp.round(w * 300), -7, 7) if "int" in name else w).astype(name.split()[0])
+    op = lambda x, w, xdt=xdt, acc=acc: jax.lax.dot_general(  # int8 x: a stand-in for quantized activations
+        x.astype(xdt), w.astype(xdt), (((1,), (0,)), ((), ())), preferred_element_type=acc)
+    t = time_op(op, x, copies_of(wq, c), args)
+    rows.append({"M": m, "K": k, "N": n, "weight": name, "time_s": t, "f32_dot_time_s": f32, "over_f32_dot": t / f32,
+                 "weight_bytes": int(wq.nbytes)})
+    print(f"{'':31s}{name:22s} {t * 1e6:8.1f} {t / f32:10.2f}", flush=True)
+
+
+def decode_temp_bytes(params, cfg, new_tokens):
+  """XLA temporaries of the batch-1 decode program `generate_ids` runs (its default chunk of 32 steps): what a
+  decode step holds besides weights and cache; a dequantized base held at once would show here."""
+  from lora_jax.generate import SamplingConfig, _bucket, decode_chunk
+  from lora_jax.models import KVCache
+  cache = KVCache.empty(cfg, 1, _bucket(_bucket(32) + new_tokens, 64), jnp.float32, per_layer=True)
+  compiled = decode_chunk.lower(params, cfg, cache, jnp.zeros((1, cfg.vocab_size)), jnp.zeros((1,), bool),
+                                jnp.int32(32), jnp.int32(32), jax.random.key(0), steps=32, sampling=SamplingConfig(),
+                                eos=()).compile()
+  return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
 def run_cpu(args, result):
   from lora_jax import load_model
   from lora_jax.generate import generate_ids
@@ -286,6 +325,8 @@ def run_cpu(args, result):
               f"{row['f32_dot']['time_s'] * 1e6:10.1f} {row['reference_over_f32_dot_time']:7.2f} {sm[1]} "
               f"{row['reference']['weight_gb_s']:8.2f}", flush=True)
   save(result, args.out)
+  narrow_dots(args, result, f32_dot)
+  save(result, args.out)
 
   model = load_model("smollm2-135m")
   ids = model.tokenizer.encode(PARAGRAPH)[:32]
@@ -293,7 +334,7 @@ def run_cpu(args, result):
   new, base_ids = args.new_tokens, None
   result["decode_config"] = {"model": "smollm2-135m", "gguf": model.source, "batch": 1, "prompt_tokens": 32,
                              "new_tokens": new, "eos": [], "reps": args.decode_reps, "statistic": "median"}
-  print(f"\n{'variant':8s} {'weights MB':>10} {'linear MB':>9} {'tok/s':>7} {'vs fp32':>7} {'same ids':>8}")
+  print(f"\n{'variant':8s} {'weights MB':>10} {'linear MB':>9} {'tok/s':>7} {'vs fp32':>7} {'same ids':>8} {'temp MB':>8}")
   for variant in ("fp32", "nf4", "int4", "native"):
     params = model.params if variant == "fp32" else quantize_model_params(model.params, variant,
                                                                           gguf_blocks=model.quantized)
@@ -306,11 +347,12 @@ def run_cpu(args, result):
     t = median_s(gen, reps=args.decode_reps, warmup=0, record=times)
     same = next((i for i, (a, b) in enumerate(zip(out, base_ids)) if a != b), new)
     d = {"variant": variant, "weight_bytes": tree_bytes(params), "linear_weight_bytes": tree_bytes(params, True),
-         "generate_s": t, "times_s": times, "tok_s": new / t, "identical_prefix_vs_fp32": same}
+         "generate_s": t, "times_s": times, "tok_s": new / t, "identical_prefix_vs_fp32": same,
+         "decode_temp_bytes": decode_temp_bytes(params, model.config, new)}
     d["tok_s_vs_fp32"] = d["tok_s"] / (result["decode"][0]["tok_s"] if result["decode"] else d["tok_s"])
     result["decode"].append(d)
     print(f"{variant:8s} {d['weight_bytes'] / 1e6:10.1f} {d['linear_weight_bytes'] / 1e6:9.1f} {d['tok_s']:7.1f} "
-          f"{d['tok_s_vs_fp32']:7.2f} {same:>5d}/{new}", flush=True)
+          f"{d['tok_s_vs_fp32']:7.2f} {same:>5d}/{new} {d['decode_temp_bytes'] / 1e6:8.1f}", flush=True)
     del params
     save(result, args.out)
 
@@ -350,9 +392,12 @@ def main():
                            "amortised); weight_gb_s = weight bytes / time; frac_copy_bw vs jitted a+1 (read+write)")
     run_gpu(args, result)
   else:
-    result["notes"].append("CPU has no Pallas: qmatmul decodes (<= SMALL_M_MAX rows) with small_m, a multiply-reduce "
-                           "XLA fuses with the nibble unpacking, and otherwise dequantizes every weight (reference). "
-                           "Decode tok/s is end to end (prefill included), all variants in the per-layer layout.")
+    result["notes"].append("CPU has no Pallas: qmatmul decodes (<= SMALL_M_MAX rows) int4/GGUF tensors with small_m, "
+                           "a multiply-reduce XLA fuses with the nibble unpacking, and otherwise (NF4, more rows) "
+                           "dequantizes each weight just before its dot (reference). Each weight's dequantization "
+                           "depends on its input (kernels._after), so none is hoisted out of the decode loop or run "
+                           "ahead: decode_temp_bytes. Decode tok/s is end to end (prefill included), all variants "
+                           "in the per-layer layout.")
     run_cpu(args, result)
   result["wall_s"] = time.perf_counter() - t0
   save(result, args.out)

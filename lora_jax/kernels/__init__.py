@@ -11,12 +11,18 @@
   `SMALL_M_MAX` rows of an int4 / GGUF tensor (for NF4 its select tree costs more than the dequantize + dot it
   replaces); the reference otherwise, logging the reason once.
 
+Outside Pallas, each weight's dequantization is made to depend on its input (`_after`), so XLA dequantizes one
+weight at a time, right before its product, and never holds the whole base in float32 (in a decode loop it would
+otherwise hoist them all out of the loop). On CPU this makes 4-bit decoding slower than fp32 (XLA:CPU has no
+narrow-weight dot: benchmarks/int4_matmul.py), but it keeps the memory 4 bits save.
+
 The op is differentiable in ``x`` through a `jax.custom_vjp` (``dx = dy · Wᵀ`` with the dequantized kernel), so a
 LoRA adapter on a quantized base trains; the quantized base itself gets no gradient.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -76,7 +82,20 @@ def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
 def qmatmul(x, w: QTensor, *, impl: str | None = None, interpret: bool = False):
   """``x @ dequantize(w)``, float32 result of shape (..., N); differentiable in `x`."""
   choice = _choose(x, w, impl or _DEFAULT_IMPL, interpret)
+  if choice != "pallas":
+    w = _after(w, x)
   return _qmatmul_vjp(choice, interpret, x, w)
+
+
+def _after(w: QTensor, x) -> QTensor:
+  """`w` with its codes made to depend on `x` (``codes + (x₀ != x₀)``, which is 0 unless x₀ is NaN, and then the
+  product is NaN anyway; XLA does not fold a float self-comparison), so that XLA cannot start the dequantization
+  before `x` exists. Without it, XLA hoists the dequantization of a loop-invariant weight out of a decode loop,
+  and XLA:CPU's default scheduler dequantizes every layer of an unrolled program up front: either way the whole
+  base is held in float32 at once (405 MB of temporaries for SmolLM2 with an NF4 base; 3 MB with this). The add
+  fuses into the dequantization. Not for the Pallas kernel, whose custom call would read a modified copy."""
+  x0 = x.reshape(-1)[0]
+  return dataclasses.replace(w, codes=w.codes + (x0 != x0).astype(w.codes.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -98,3 +98,23 @@ def test_qlora_training_matches_lora(smollm2, tmp_path):
   assert abs(last["nf4"] - last["float_nf4_values"]) <= 0.02 * last["float_nf4_values"], last
   assert last["nf4"] < 0.5 * curves["nf4"][0], "QLoRA (nf4) must learn"
   assert last["nf4"] <= 1.25 * last["none"], last
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4_sym"])
+def test_decoding_never_holds_the_dequantized_base(fmt):
+  """A decode program over a 4-bit base dequantizes one weight at a time: XLA must neither hoist the
+  dequantization out of the decode loop nor run every layer's ahead of time (both hold the whole base in float32;
+  `kernels._after` prevents them). Checked on the compiled program's temporaries, per-layer layout."""
+  from lora_jax.generate import SamplingConfig, decode_chunk
+  from lora_jax.models import KVCache, unstack_layers
+  cfg = dataclasses.replace(CFG, hidden_size=256, intermediate_size=512, num_heads=8, num_kv_heads=4, head_dim=32,
+                            num_layers=4)
+  q = unstack_layers(quantize_params(init_params(cfg, key=jax.random.key(0)), fmt))
+  linear = [leaf for leaf in jax.tree.leaves(q, is_leaf=lambda x: isinstance(x, QTensor)) if isinstance(leaf, QTensor)]
+  dequantized = sum(4 * leaf.shape[0] * leaf.shape[1] for leaf in linear)
+  largest = max(4 * leaf.shape[0] * leaf.shape[1] for leaf in linear)
+  cache = KVCache.empty(cfg, 1, 64, jnp.float32, per_layer=True)
+  compiled = decode_chunk.lower(q, cfg, cache, jnp.zeros((1, cfg.vocab_size)), jnp.zeros((1,), bool), jnp.int32(8),
+                                jnp.int32(8), jax.random.key(0), steps=8, sampling=SamplingConfig(), eos=()).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < 3 * largest < dequantized / 4, (temp, largest, dequantized)
