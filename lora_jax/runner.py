@@ -66,7 +66,27 @@ def lora_config(cfg: RunConfig):
                     dropout=p.dropout, use_rslora=p.method == "rslora", use_dora=p.method == "dora", init=p.init)
 
 
+def reset_peak_rss() -> bool:
+  """Starts a new peak-RSS window for this process, so that each run of a sweep (all in one process) reports its
+  own peak rather than the process's high-water mark so far. Linux: writing 5 to /proc/self/clear_refs resets
+  VmHWM to the current RSS. Returns False where that is not possible (the peak then covers the whole process)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
 def peak_rss_mib() -> float:
+  """Peak resident memory (MiB) since the last `reset_peak_rss` (VmHWM), or of the whole process (ru_maxrss)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -165,6 +185,7 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
   (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
   _write_json(out / "provenance.json", provenance(argv))
   t_start = time.perf_counter()
+  reset_peak_rss()  # this run's peak (a model handed in by `sweep` is resident, so it counts)
 
   from .io import load_model
   owned = model is None

@@ -256,3 +256,16 @@ def test_prompt_methods_need_unpacked_rows(setup):
   root, raw = setup
   with pytest.raises(LoraJaxError, match="data.packing: false"):
     train(_cfg(raw, peft={"method": "prompt_tuning"}), root / "packed", progress=False)
+
+
+def test_peak_rss_window_resets_per_run():
+  """Each run of a sweep reports its own peak: a large allocation freed before the reset does not count."""
+  from lora_jax.runner import peak_rss_mib, reset_peak_rss
+  if not reset_peak_rss():
+    pytest.skip("this platform cannot reset the peak RSS (/proc/self/clear_refs)")
+  big = np.ones(400 << 20, np.uint8)  # 400 MiB, touched
+  during = peak_rss_mib()
+  del big
+  assert reset_peak_rss()
+  after = peak_rss_mib()
+  assert during - after > 300, (during, after)
