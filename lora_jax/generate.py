@@ -37,10 +37,19 @@ class SamplingConfig:
       raise LoraJaxError(f"--top-p must be in (0, 1], got {self.top_p}")
 
 
+def greedy_token(logits: jax.Array) -> jax.Array:
+  """``jnp.argmax(logits, -1)`` (first maximum; first NaN if any) as a max and a min over a select: XLA:CPU runs
+  argmax's (value, index) reduction as a scalar loop (0.22 ms for 49k logits; this takes 0.02 ms)."""
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  hit = (logits == top) | jnp.isnan(logits)
+  index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def sample_token(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
   """Next token ids [B] from float32 logits [B, V]."""
   if sampling.temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return greedy_token(logits)
   scaled = logits / sampling.temperature
   if sampling.top_p < 1:
     order = jnp.argsort(-scaled, axis=-1)

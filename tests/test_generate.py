@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lora_jax import LoraJaxError, load_model
-from lora_jax.generate import SamplingConfig, generate, generate_ids, sample_token
+from lora_jax.generate import SamplingConfig, generate, generate_ids, greedy_token, sample_token
 from lora_jax.models import ModelConfig, init_params, unstack_layers
 
 CFG = ModelConfig(architecture="llama", vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -73,6 +73,18 @@ def test_sampling_is_deterministic_per_seed():
   b = generate_ids(PARAMS, CFG, [[3, 4]], max_new_tokens=24, sampling=s, seed=7)
   c = generate_ids(PARAMS, CFG, [[3, 4]], max_new_tokens=24, sampling=s, seed=8)
   assert a == b and a != c
+
+
+def test_greedy_token_is_argmax_ties_and_nan_included():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 97)).astype(np.float32)
+  logits[1, [5, 40]] = logits[1].max() + 1       # a tie: the first one wins
+  logits[2, [7, 60]] = np.nan                    # NaN: the first NaN, as jnp.argmax
+  logits[3] = -np.inf
+  logits[4, 96] = np.inf
+  got = jax.jit(greedy_token)(logits)
+  np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(logits), axis=-1))
+  assert got.dtype == jnp.int32 and list(np.asarray(got)[1:3]) == [5, 7]
 
 
 def test_tiny_top_p_is_greedy():
