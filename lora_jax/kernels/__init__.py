@@ -93,7 +93,9 @@ def _after(w: QTensor, x) -> QTensor:
   before `x` exists. Without it, XLA hoists the dequantization of a loop-invariant weight out of a decode loop,
   and XLA:CPU's default scheduler dequantizes every layer of an unrolled program up front: either way the whole
   base is held in float32 at once (405 MB of temporaries for SmolLM2 with an NF4 base; 3 MB with this). The add
-  fuses into the dequantization. Not for the Pallas kernel, whose custom call would read a modified copy."""
+  fuses into the dequantization. Not for the Pallas kernel, whose custom call would read a modified copy.
+  Under SPMD sharding of `x` the scalar x₀ would be broadcast from its device at each call (the library does not
+  shard yet; a per-shard dependency via shard_map would avoid that)."""
   x0 = x.reshape(-1)[0]
   return dataclasses.replace(w, codes=w.codes + (x0 != x0).astype(w.codes.dtype))
 
