@@ -68,8 +68,10 @@ def lora_config(cfg: RunConfig):
 
 def reset_peak_rss() -> bool:
   """Starts a new peak-RSS window for this process, so that each run of a sweep (all in one process) reports its
-  own peak rather than the process's high-water mark so far. Linux: writing 5 to /proc/self/clear_refs resets
-  VmHWM to the current RSS. Returns False where that is not possible (the peak then covers the whole process)."""
+  own peak rather than the process's high-water mark so far; what earlier runs left resident (compiled programs,
+  allocator memory not returned to the OS) still counts, so it is an upper bound. Linux: writing 5 to
+  /proc/self/clear_refs resets VmHWM to the current RSS. Returns False where that is not possible (the peak then
+  covers the whole process). `sweep` calls it before each point; `train` does not (it is the caller's process)."""
   try:
     with open("/proc/self/clear_refs", "w") as f:
       f.write("5")
@@ -185,7 +187,6 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
   (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
   _write_json(out / "provenance.json", provenance(argv))
   t_start = time.perf_counter()
-  reset_peak_rss()  # this run's peak (a model handed in by `sweep` is resident, so it counts)
 
   from .io import load_model
   owned = model is None
@@ -336,6 +337,7 @@ def sweep(cfg: RunConfig, out: str | Path, *, source: str, argv=None, progress: 
     if point.model not in models:
       models.clear()
       models[point.model] = load_model(point.model)
+    reset_peak_rss()  # each point's summary gets its own peak (the shared model is resident, so it counts)
     s = train(point, out / name, argv=argv, progress=progress, model=models[point.model])
     if s.get("overrides") != overrides:
       s["overrides"] = overrides

@@ -82,28 +82,32 @@ def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
 def qmatmul(x, w: QTensor, *, impl: str | None = None, interpret: bool = False):
   """``x @ dequantize(w)``, float32 result of shape (..., N); differentiable in `x`."""
   choice = _choose(x, w, impl or _DEFAULT_IMPL, interpret)
-  if choice != "pallas":
-    w = _after(w, x)
   return _qmatmul_vjp(choice, interpret, x, w)
 
 
 def _after(w: QTensor, x) -> QTensor:
-  """`w` with its codes made to depend on `x` (``codes + (x₀ != x₀)``, which is 0 unless x₀ is NaN, and then the
-  product is NaN anyway; XLA does not fold a float self-comparison), so that XLA cannot start the dequantization
-  before `x` exists. Without it, XLA hoists the dequantization of a loop-invariant weight out of a decode loop,
-  and XLA:CPU's default scheduler dequantizes every layer of an unrolled program up front: either way the whole
-  base is held in float32 at once (405 MB of temporaries for SmolLM2 with an NF4 base; 3 MB with this). The add
-  fuses into the dequantization. Not for the Pallas kernel, whose custom call would read a modified copy.
-  Under SPMD sharding of `x` the scalar x₀ would be broadcast from its device at each call (the library does not
-  shard yet; a per-shard dependency via shard_map would avoid that)."""
+  """`w` with its codes made to depend on `x` by adding a zero computed from it (``(x₀ != x₀) & (x₀ == x₀)``,
+  false for every value, NaN included; XLA does not fold float self-comparisons), so that XLA cannot start the
+  dequantization before `x` exists. Without it, XLA hoists the dequantization of a loop-invariant weight out of a
+  decode loop, and XLA:CPU's default scheduler dequantizes every layer of an unrolled program up front: either way
+  the whole base is held in float32 at once (405 MB of temporaries for SmolLM2 with an NF4 base; ≈14 MB with
+  this). The add fuses into the dequantization. Not for the Pallas kernel, whose custom call would read a
+  modified copy. Applied inside the custom VJP, so the residual kept for the backward pass is the stored `w`.
+  Costs: under `vmap` over `x` the codes (and so the dequantized kernel) gain the batch axis; under SPMD
+  sharding of `x` the scalar x₀ would be broadcast from its device at each call (the library does not shard yet;
+  a per-shard dependency via shard_map would avoid that)."""
+  if x.size == 0:
+    return w
   x0 = x.reshape(-1)[0]
-  return dataclasses.replace(w, codes=w.codes + (x0 != x0).astype(w.codes.dtype))
+  zero = (x0 != x0) & (x0 == x0)
+  return dataclasses.replace(w, codes=w.codes + zero.astype(w.codes.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _qmatmul_vjp(choice, interpret, x, w):
   if choice == "pallas":
     return qmatmul_pallas(x, w, interpret=interpret)
+  w = _after(w, x)
   if choice == "small_m":
     return qmatmul_small_m(x, w)
   return qmatmul_reference(x, w)
@@ -114,7 +118,7 @@ def _fwd(choice, interpret, x, w):
 
 
 def _bwd(choice, interpret, w, dy):
-  dx = jnp.einsum("...n,kn->...k", dy, dequantize(w).astype(jnp.float32))
+  dx = jnp.einsum("...n,kn->...k", dy, dequantize(_after(w, dy)).astype(jnp.float32))
   zero = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.floating)
                       else jnp.zeros_like(a), w)
   return dx, zero

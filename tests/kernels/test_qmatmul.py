@@ -104,6 +104,21 @@ def test_gradient_through_custom_vjp(impl):
   assert_allclose(jax.grad(f)(x), jax.grad(g)(x), "f32_composite")
 
 
+@pytest.mark.parametrize("impl", ["reference", "small_m"])
+def test_input_dependency_changes_nothing(impl):
+  """`_after` ties the dequantization to the input without changing any value: a NaN in one row leaves the other
+  rows exact, an empty input gives an empty product, and the backward pass keeps the stored codes."""
+  w = _q("int4_sym", 256, 128, 64)
+  x = jax.random.normal(jax.random.key(0), (3, 256)).at[0, 0].set(jnp.nan)
+  got = jax.jit(lambda x: qmatmul(x, w, impl=impl))(x)
+  assert np.isnan(np.asarray(got[0])).all()
+  assert_allclose(got[1:], qmatmul_reference(x[1:], w), "f32_composite")  # wrong codes would be off by O(1)
+  assert qmatmul(jnp.zeros((0, 256)), w, impl=impl).shape == (0, 128)
+  _, vjp = jax.vjp(lambda x: qmatmul(x, w, impl=impl), x[1:])
+  residual_codes = [leaf for leaf in jax.tree.leaves(vjp) if getattr(leaf, "dtype", None) == jnp.uint8]
+  assert residual_codes and all(r is w.codes for r in residual_codes)
+
+
 def test_dispatch_errors_and_fallback():
   w = _q("nf4", 256, 128, 64)
   x = jnp.ones((2, 256))

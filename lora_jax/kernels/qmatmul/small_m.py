@@ -13,7 +13,7 @@ reduction loop over the packed bytes (the unpacked values never reach memory), s
 bytes. The work per weight grows with the number of rows, so `SMALL_M_MAX` bounds where it is used; the
 dequantize-and-dot reference takes over above it. On the 2-core CPU (`benchmarks/int4_matmul.py`, one row) it
 halves the time of dequantize + dot for int4 on 576×1536 and 1536×576 weights, but NF4's select tree makes it
-slower than the reference there, so `qmatmul` does not pick it for NF4. It stays 4–6× slower than a float32 dot:
+slower than the reference there, so `qmatmul` does not pick it for NF4. It stays 3–6× slower than a float32 dot:
 XLA spends more on unpacking than the 8× fewer bytes save.
 """
 
