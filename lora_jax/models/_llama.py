@@ -122,15 +122,16 @@ def attention(q: Float[Array, "B T Hq hd"], k: Float[Array, "B Hkv S hd"], v: Fl
   if t == 1:
     qf = qg[:, 0, :, :, None, :].astype(jnp.float32)                         # [B, Hkv, G, 1, hd]
     scores = jnp.sum(qf * k[:, :, None].astype(jnp.float32), axis=-1)[:, :, :, None]  # [B, Hkv, G, 1, S]
-  else:
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  else:  # products of 16-bit floats are exact in float32, so widening first is the same math; XLA:CPU has no
+    # bf16 x bf16 -> f32 dot for some of these layouts ("Unsupported element type for DotThunk")
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg.astype(jnp.float32), k.astype(jnp.float32))
   scores = jnp.where(mask[:, None, None], scores / np.sqrt(hd), jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   if t == 1:
     pf = probs[:, :, :, 0, :, None].astype(jnp.float32)                      # [B, Hkv, G, S, 1]
     out = jnp.sum(pf * v[:, :, None].astype(jnp.float32), axis=-2)[:, None]  # [B, 1, Hkv, G, hd]
   else:
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(jnp.float32), v.astype(jnp.float32))
   return out.reshape(b, t, hq, hd).astype(q.dtype)
 
 

@@ -210,6 +210,19 @@ def test_model_unstack_layers_in_place(tiny_folder):
   assert_allclose(forward(model.params, model.config, tokens), before, "f32_composite")
 
 
+@pytest.mark.parametrize("t", [70, 1], ids=["sequence", "one_query"])
+def test_attention_bf16_inputs(t):
+  # shapes where XLA:CPU has no bf16 x bf16 -> f32 dot for the attention products (it raised UNIMPLEMENTED)
+  rng = np.random.default_rng(1)
+  q, k, v = (rng.normal(size=s).astype(np.float32) for s in ((3, t, 9, 64), (3, 70, 3, 64), (3, 70, 3, 64)))
+  mask = np.tril(np.ones((70, 70), bool))[-t:][None].repeat(3, 0)
+  bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+  got = jax.jit(L.attention)(bf(q), bf(k).transpose(0, 2, 1, 3), bf(v).transpose(0, 2, 1, 3), mask)
+  assert got.dtype == jnp.bfloat16
+  exact = lambda a: np.asarray(bf(a).astype(jnp.float32), np.float64)  # the reference sees the same rounded inputs
+  assert_allclose(got.astype(jnp.float32), ref_attention(exact(q), exact(k), exact(v), mask), "bf16")
+
+
 def test_bf16_forward_close_to_f32():
   params = init_params(TINY, key=jax.random.key(0), std=0.2)
   tokens = np.arange(1, 9, dtype=np.int32)[None]
