@@ -73,7 +73,7 @@ def worker_lora_jax(args, _inputs):
   import jax.numpy as jnp
   import numpy as np
   from lora_jax import load_model
-  from lora_jax.generate import _bucket, generate_ids, prefill
+  from lora_jax.generate import cache_slots, generate_ids, prefill
   from lora_jax.models import KVCache, forward, stack_layers
 
   t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def worker_lora_jax(args, _inputs):
     wall = timed(f"generate_b{b}", gen, args.reps)
     # the prefill that generate_ids runs, with its shapes: prompt bucket and cache size as in generate_ids
     toks, valid = jnp.asarray(np.asarray(prompts, np.int32)), jnp.ones((b, PROMPT_LEN), bool)
-    slots = _bucket(_bucket(PROMPT_LEN) + n, 64)
+    slots = cache_slots(PROMPT_LEN, n)
     def pre():
       cache = KVCache.empty(cfg, b, slots, params["embed"]["embedding"].dtype, per_layer=True)
       jax.block_until_ready(prefill(params, cfg, toks, valid, cache))

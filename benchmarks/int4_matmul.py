@@ -282,14 +282,15 @@ def narrow_dots(args, result, f32_dot):
 
 
 def decode_temp_bytes(params, cfg, new_tokens):
-  """XLA temporaries of the batch-1 decode program `generate_ids` runs (its default chunk of 32 steps): what a
-  decode step holds besides weights and cache; a dequantized base held at once would show here."""
-  from lora_jax.generate import SamplingConfig, _bucket, decode_chunk
+  """XLA temporaries of the batch-1 decode program `generate_ids` runs for a 32-token prompt (its default chunk of
+  DECODE_CHUNK steps): what a decode step holds besides weights and cache; a dequantized base held at once would
+  show here."""
+  from lora_jax.generate import DECODE_CHUNK, SamplingConfig, cache_slots, decode_chunk
   from lora_jax.models import KVCache
-  cache = KVCache.empty(cfg, 1, _bucket(_bucket(32) + new_tokens, 64), jnp.float32, per_layer=True)
+  cache = KVCache.empty(cfg, 1, cache_slots(32, new_tokens), jnp.float32, per_layer=True)
   compiled = decode_chunk.lower(params, cfg, cache, jnp.zeros((1, cfg.vocab_size)), jnp.zeros((1,), bool),
-                                jnp.int32(32), jnp.int32(32), jax.random.key(0), steps=32, sampling=SamplingConfig(),
-                                eos=()).compile()
+                                jnp.int32(32), jnp.int32(DECODE_CHUNK), jax.random.key(0), steps=DECODE_CHUNK,
+                                sampling=SamplingConfig(), eos=()).compile()
   return int(compiled.memory_analysis().temp_size_in_bytes)
 
 

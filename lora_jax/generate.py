@@ -103,8 +103,17 @@ def decode_chunk(params, cfg: ModelConfig, cache: KVCache, last_logits, done, sl
   return out, cache, last_logits, done, slot + i, i
 
 
+DECODE_CHUNK = 32  # decode steps per compiled loop call (`generate_ids`'s default `chunk`)
+
+
 def _bucket(n: int, multiple: int = 16) -> int:
   return max(multiple, -(-n // multiple) * multiple)
+
+
+def cache_slots(prompt_len: int, max_new_tokens: int, reserved: int = 0) -> int:
+  """KV-cache slots `generate_ids` allocates: `reserved` virtual/prefix slots, the prompt bucket (a multiple of 16)
+  and the new tokens, rounded up to a multiple of 64 (so nearby requests share compiled programs)."""
+  return _bucket(reserved + _bucket(prompt_len) + max_new_tokens, 64)
 
 
 @dataclasses.dataclass
@@ -116,7 +125,7 @@ class Generation:
 
 def generate_ids(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  eos: Sequence[int] = (), pad_id: int = 0, sampling: SamplingConfig = SamplingConfig(),
-                 seed: int = 0, chunk: int = 32, stop_check=None, truncate: bool = False,
+                 seed: int = 0, chunk: int = DECODE_CHUNK, stop_check=None, truncate: bool = False,
                  virtual_tokens=None, kv_prefix=None) -> list[tuple[list[int], str]]:
   """Generates continuations of token-id prompts. Returns (ids, finish_reason) per prompt.
 
@@ -155,7 +164,7 @@ def generate_ids(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, 
   for i, p in enumerate(prompts):
     tokens[i, t - len(p):] = p
     valid[i, t - len(p):] = True
-  slots = _bucket(n_prefix + n_virtual + t + max_new_tokens, 64)
+  slots = cache_slots(longest, max_new_tokens, n_prefix + n_virtual)
   dtype = params["embed"]["embedding"].dtype
   if kv_prefix is not None:
     from .models._llama import prefix_cache
