@@ -11,6 +11,7 @@ import pytest
 from lora_jax.models import ModelConfig, forward, init_params
 from lora_jax.peft import LoraConfig, LoRAWeight, apply_lora, init_lora
 from lora_jax.quant import QTensor, drift, merge_quantized, quantize_params
+from lora_jax.quant._merge import kl_divergence
 from lora_jax.testing import assert_allclose
 
 CFG = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -62,6 +63,22 @@ def test_merge_three_ways_reports_drift():
   d_deq, d_req = drift(CFG, ref, deq, TOKENS), drift(CFG, ref, req, TOKENS)
   assert d_deq["max_abs_logit"] <= 1e-4 and d_deq["mean_kl"] <= 1e-8
   assert d_req["max_abs_logit"] > 10 * d_deq["max_abs_logit"] and d_req["mean_kl"] > 0  # requantizing costs
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 3.0])
+def test_kl_divergence_is_accurate_for_close_and_far_logits(scale):
+  """Against numpy in extended precision: the drift metric must resolve logits that differ at float32 rounding level (the
+  textbook float32 form reports ~1e-8 there, for a true KL of ~1e-12) and stay right for far-apart ones."""
+  if np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps:
+    pytest.skip("numpy has no extended precision on this platform (the reference needs it)")
+  a = 4.0 * jax.random.normal(jax.random.key(0), (3, 5, 1000))
+  b = a + scale * jax.random.normal(jax.random.key(1), a.shape)
+  # the textbook formula in x87 extended precision (float64's own rounding, ~1e-15 here, is above the tolerance)
+  log_softmax = lambda z: z - z.max(-1, keepdims=True) - np.log(np.sum(np.exp(z - z.max(-1, keepdims=True)), -1,
+                                                                     keepdims=True))
+  la, lb = (log_softmax(np.asarray(z, np.longdouble)) for z in (a, b))
+  want = np.sum(np.exp(la) * (la - lb), -1)
+  assert_allclose(kl_divergence(a, b), want, "kl_f32")
 
 
 @pytest.mark.usefixtures("standard_promotion")
