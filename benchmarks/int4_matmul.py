@@ -17,13 +17,15 @@ M in {1, 8, 16, 64, 256, 4096} x (K, N) in {(4096, 4096), (4096, 14336), (14336,
     for M <= 16 and bm = min(64, M) above, so only bn of `BlockSizes()` changes what the library runs today.
   * the JSON is rewritten after every (shape, format), and shapes that start after --budget-s seconds are skipped,
     so a run cut short by a time limit still leaves its results.
-CPU: the reference and, for M <= SMALL_M_MAX, the small_m multiply-reduce (the Pallas kernel needs a GPU;
-interpret mode is not timed) on SmolLM2-135M shapes (K, N) in {(576, 1536), (1536, 576), (576, 576)}, M in
-{1, 8, 256}, f32, vs an f32 dot; a dot whose weight is stored as bf16 / int8 / int4 (and int8 x int8 -> int32) vs
+CPU: the C++ kernel (`qmatmul_cpu`, for M <= CPU_M_MAX), the reference and, for M <= SMALL_M_MAX, the small_m
+multiply-reduce (the Pallas kernel needs a GPU; interpret mode is not timed) on SmolLM2-135M shapes (K, N) in
+{(576, 1536), (1536, 576), (576, 576)} and (4096, 4096), M in {1, 8, 64, 256}, f32, vs an f32 dot; a dot whose weight is stored as bf16 / int8 / int4 (and int8 x int8 -> int32) vs
 the f32 dot (M = 1, 576 x 1536: whether XLA:CPU can use narrow weights at all); then greedy decode tok/s of SmolLM2-135M at batch 1 (32-token prompt, 64 new
 tokens, eos=(), median of 3 after a warm-up; end to end, prefill included; per-layer layout) with the fp32 base and
-``quantize_model_params(params, nf4 | int4 | native)`` (qmatmul's automatic choice), the bytes held, and the
-decode program's XLA temporaries (a base dequantized all at once would show there).
+``quantize_model_params(params, nf4 | int4 | native)`` (qmatmul's automatic choice: the C++ kernel), and again
+with the kernel disabled (LORA_JAX_CPU_KERNEL=0: XLA paths, "-xla"), the bytes held, and the decode program's XLA
+temporaries (a base dequantized all at once would show there); "same ids": greedy tokens equal to fp32's (or,
+"= kernel", to the kernel variant's) before the first difference.
 
 Usage: python benchmarks/int4_matmul.py [--quick] [--mode gpu|cpu] [--shapes small] [--formats nf4,int4_sym]
                                        [--block-sweep] [--budget-s S] [--reps N] [--out PATH]
@@ -49,13 +51,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate import PARAGRAPH, machine_info  # noqa: E402  (same machine description and prompt text)
 
-from lora_jax.kernels import (SMALL_M_MAX, BlockSizes, qmatmul_pallas, qmatmul_reference,  # noqa: E402
-                              qmatmul_small_m)
+from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, BlockSizes, qmatmul_cpu, qmatmul_pallas,  # noqa: E402
+                              qmatmul_reference, qmatmul_small_m)
 from lora_jax.quant import DEFAULT_RULES, QTensor, quantize, quantize_model_params  # noqa: E402
 
-GPU_MS, CPU_MS = (1, 8, 16, 64, 256, 4096), (1, 8, 256)
+GPU_MS, CPU_MS = (1, 8, 16, 64, 256, 4096), (1, 8, 64, 256)
 GPU_SHAPES = {"all": ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)), "small": ((4096, 4096), (4096, 14336))}
-CPU_SHAPES = ((576, 1536), (1536, 576), (576, 576))
+CPU_SHAPES = ((576, 1536), (1536, 576), (576, 576), (4096, 4096))
 FORMATS, TOL = ("nf4", "int4_sym"), 2e-2
 SWEEP = [(bm, bn) for bm in (16, 32, 64) for bn in (32, 64, 128)]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -299,10 +301,14 @@ def run_cpu(args, result):
   from lora_jax.generate import generate_ids
   from lora_jax.models import unstack_layers
 
+  from lora_jax.kernels.qmatmul import cpu as cpu_kernel
+  result["cpu_kernel"] = {"available": cpu_kernel.available()[0], "why_not": cpu_kernel.available()[1],
+                          "vector_isa": cpu_kernel.vector_isa(), "flags": list(cpu_kernel.FLAGS)}
+  print(f"CPU kernel: {result['cpu_kernel']['vector_isa'] or result['cpu_kernel']['why_not']}", flush=True)
   peaks = result["peaks"] = device_peaks(args, 256 << 20, 2048, jnp.float32)
   print(f"copy {peaks['copy_gb_s']:.1f} GB/s, f32 matmul {peaks['matmul_tflop_s'] * 1e3:.0f} GFLOP/s", flush=True)
-  print(f"\n{'M':>4} {'K':>5} {'N':>5} {'fmt':8s} {'ref us':>9} {'small_m us':>10} {'f32 dot us':>10} {'ref/f32':>7} "
-        f"{'small/f32':>9} {'ref GB/s':>8}")
+  print(f"\n{'M':>4} {'K':>5} {'N':>5} {'fmt':8s} {'cpu us':>8} {'ref us':>9} {'small_m us':>10} {'f32 dot us':>10} "
+        f"{'cpu/f32':>7} {'ref/f32':>7} {'small/f32':>9} {'cpu GB/s':>8}")
   f32_dot = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
   for k, n in CPU_SHAPES:
     c = max(2, min(30, -(-(64 << 20) // (4 * k * n))))  # C copies: >= 64 MiB of f32 weights, past the CPU caches
@@ -316,15 +322,19 @@ def run_cpu(args, result):
         row["reference"] = perf(time_op(qmatmul_reference, x, qs, args), m, k, n, row["weight_bytes"], peaks)
         row["f32_dot"] = perf(time_op(f32_dot, x, wf, args), m, k, n, 4 * k * n, peaks)
         row["reference_over_f32_dot_time"] = row["reference"]["time_s"] / row["f32_dot"]["time_s"]
-        if m <= SMALL_M_MAX:  # the path `qmatmul` picks on CPU for decoding
+        if m <= CPU_M_MAX:  # the path `qmatmul` picks on CPU where the kernel builds
+          row["cpu"] = perf(time_op(qmatmul_cpu, x, qs, args), m, k, n, row["weight_bytes"], peaks)
+          row["cpu_over_f32_dot_time"] = row["cpu"]["time_s"] / row["f32_dot"]["time_s"]
+        if m <= SMALL_M_MAX:  # the XLA path for decoding without the kernel
           row["small_m"] = perf(time_op(qmatmul_small_m, x, qs, args), m, k, n, row["weight_bytes"], peaks)
           row["small_m_over_f32_dot_time"] = row["small_m"]["time_s"] / row["f32_dot"]["time_s"]
         result["rows"].append(row)
-        sm = (f"{row['small_m']['time_s'] * 1e6:10.1f}", f"{row['small_m_over_f32_dot_time']:9.2f}") \
-            if "small_m" in row else (f"{'-':>10}", f"{'-':>9}")
-        print(f"{m:4d} {k:5d} {n:5d} {fmt:8s} {row['reference']['time_s'] * 1e6:9.1f} {sm[0]} "
-              f"{row['f32_dot']['time_s'] * 1e6:10.1f} {row['reference_over_f32_dot_time']:7.2f} {sm[1]} "
-              f"{row['reference']['weight_gb_s']:8.2f}", flush=True)
+        us = lambda key, w: f"{row[key]['time_s'] * 1e6:{w}.1f}" if key in row else f"{'-':>{w}}"
+        rat = lambda key, w: f"{row[key]:{w}.2f}" if key in row else f"{'-':>{w}}"
+        print(f"{m:4d} {k:5d} {n:5d} {fmt:8s} {us('cpu', 8)} {us('reference', 9)} {us('small_m', 10)} "
+              f"{us('f32_dot', 10)} {rat('cpu_over_f32_dot_time', 7)} {rat('reference_over_f32_dot_time', 7)} "
+              f"{rat('small_m_over_f32_dot_time', 9)} "
+              f"{row['cpu']['weight_gb_s'] if 'cpu' in row else float('nan'):8.2f}", flush=True)
   save(result, args.out)
   narrow_dots(args, result, f32_dot)
   save(result, args.out)
@@ -332,13 +342,16 @@ def run_cpu(args, result):
   model = load_model("smollm2-135m")
   ids = model.tokenizer.encode(PARAGRAPH)[:32]
   assert len(ids) == 32, len(ids)
-  new, base_ids = args.new_tokens, None
+  new, base_ids, ids_of = args.new_tokens, None, {}
   result["decode_config"] = {"model": "smollm2-135m", "gguf": model.source, "batch": 1, "prompt_tokens": 32,
                              "new_tokens": new, "eos": [], "reps": args.decode_reps, "statistic": "median"}
-  print(f"\n{'variant':8s} {'weights MB':>10} {'linear MB':>9} {'tok/s':>7} {'vs fp32':>7} {'same ids':>8} {'temp MB':>8}")
-  for variant in ("fp32", "nf4", "int4", "native"):
-    params = model.params if variant == "fp32" else quantize_model_params(model.params, variant,
-                                                                          gguf_blocks=model.quantized)
+  print(f"\n{'variant':8s} {'weights MB':>10} {'linear MB':>9} {'tok/s':>7} {'vs fp32':>7} {'same ids':>8} {'temp MB':>8} {'= kernel':>8}")
+  for variant in ("fp32", "nf4", "int4", "native", "nf4-xla", "int4-xla", "native-xla"):
+    mode, xla = variant.split("-")[0], variant.endswith("-xla")
+    os.environ["LORA_JAX_CPU_KERNEL"] = "0" if xla else "1"  # read by qmatmul's dispatch at trace time
+    jax.clear_caches()
+    params = model.params if mode == "fp32" else quantize_model_params(model.params, mode,
+                                                                       gguf_blocks=model.quantized)
     params = unstack_layers(params)  # the layout generation runs in (lora_jax.models.unstack_layers)
     gen = lambda: generate_ids(params, model.config, [ids], max_new_tokens=new, eos=())[0][0]
     out = gen()
@@ -346,16 +359,21 @@ def run_cpu(args, result):
     base_ids = base_ids or out
     times = []
     t = median_s(gen, reps=args.decode_reps, warmup=0, record=times)
-    same = next((i for i, (a, b) in enumerate(zip(out, base_ids)) if a != b), new)
+    prefix = lambda a, b: next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), new)
+    same = prefix(out, base_ids)
+    ids_of[variant] = out
     d = {"variant": variant, "weight_bytes": tree_bytes(params), "linear_weight_bytes": tree_bytes(params, True),
          "generate_s": t, "times_s": times, "tok_s": new / t, "identical_prefix_vs_fp32": same,
+         "identical_prefix_vs_kernel": prefix(out, ids_of[mode]) if xla else None,
          "decode_temp_bytes": decode_temp_bytes(params, model.config, new)}
     d["tok_s_vs_fp32"] = d["tok_s"] / (result["decode"][0]["tok_s"] if result["decode"] else d["tok_s"])
     result["decode"].append(d)
     print(f"{variant:8s} {d['weight_bytes'] / 1e6:10.1f} {d['linear_weight_bytes'] / 1e6:9.1f} {d['tok_s']:7.1f} "
-          f"{d['tok_s_vs_fp32']:7.2f} {same:>5d}/{new} {d['decode_temp_bytes'] / 1e6:8.1f}", flush=True)
+          f"{d['tok_s_vs_fp32']:7.2f} {same:>5d}/{new} {d['decode_temp_bytes'] / 1e6:8.1f} "
+          f"{str(d['identical_prefix_vs_kernel']) + '/' + str(new) if xla else '-':>8}", flush=True)
     del params
     save(result, args.out)
+  os.environ.pop("LORA_JAX_CPU_KERNEL")
 
 
 def main():
@@ -393,12 +411,12 @@ def main():
                            "amortised); weight_gb_s = weight bytes / time; frac_copy_bw vs jitted a+1 (read+write)")
     run_gpu(args, result)
   else:
-    result["notes"].append("CPU has no Pallas: qmatmul decodes (<= SMALL_M_MAX rows) int4/GGUF tensors with small_m, "
-                           "a multiply-reduce XLA fuses with the nibble unpacking, and otherwise (NF4, more rows) "
-                           "dequantizes each weight just before its dot (reference). Each weight's dequantization "
-                           "depends on its input (kernels._after), so none is hoisted out of the decode loop or run "
-                           "ahead: decode_temp_bytes. Decode tok/s is end to end (prefill included), all variants "
-                           "in the per-layer layout.")
+    result["notes"].append("CPU has no Pallas: qmatmul runs the C++ kernel (XLA FFI, kernels/qmatmul/cpu_kernel.cc) "
+                           "for <= CPU_M_MAX rows; without it ('-xla' variants) small_m (<= SMALL_M_MAX rows, "
+                           "int4/GGUF) or the reference, each weight's dequantization depending on its input "
+                           "(kernels._after), so none is hoisted out of the decode loop or run ahead: "
+                           "decode_temp_bytes. Decode tok/s is end to end (prefill included), all variants in the "
+                           "per-layer layout.")
     run_cpu(args, result)
   result["wall_s"] = time.perf_counter() - t0
   save(result, args.out)

@@ -5,16 +5,20 @@
 * ``impl="reference"``: dequantize + dot (float32 accumulation); runs on every backend.
 * ``impl="pallas"``: the Pallas GPU kernel (`kernels/qmatmul/pallas_gpu.py`); an error where it cannot run
   (unless ``interpret=True``, which runs it on CPU for tests).
+* ``impl="cpu"``: the C++ CPU kernel called through XLA's FFI (`kernels/qmatmul/cpu.py`, `cpu_kernel.cc`),
+  compiled on first use; it streams the packed codes and never writes the float kernel. An error where it
+  cannot be built.
 * ``impl="small_m"``: a multiply-reduce that XLA fuses with the nibble unpacking (`kernels/qmatmul/small_m.py`),
-  reading only the packed bytes; for decoding (a few rows) where there is no Pallas.
-* ``impl="auto"`` (default): Pallas on GPU when `supports(...)` holds; on CPU ``small_m`` for at most
-  `SMALL_M_MAX` rows of an int4 / GGUF tensor (for NF4 its select tree costs more than the dequantize + dot it
-  replaces); the reference otherwise, logging the reason once.
+  reading only the packed bytes; for decoding without the CPU kernel.
+* ``impl="auto"`` (default): Pallas on GPU when `supports(...)` holds; on CPU the C++ kernel for at most
+  `CPU_M_MAX` rows when it builds here, else ``small_m`` for at most `SMALL_M_MAX` rows of an int4 / GGUF
+  tensor (for NF4 its select tree costs more than the dequantize + dot it replaces); the reference otherwise,
+  logging the reason once.
 
-Outside Pallas, each weight's dequantization is made to depend on its input (`_after`), so XLA dequantizes one
+On the XLA paths each weight's dequantization is made to depend on its input (`_after`), so XLA dequantizes one
 weight at a time, right before its product, and never holds the whole base in float32 (in a decode loop it would
-otherwise hoist them all out of the loop). On CPU this makes 4-bit decoding slower than fp32 (XLA:CPU has no
-narrow-weight dot: benchmarks/int4_matmul.py), but it keeps the memory 4 bits save.
+otherwise hoist them all out of the loop). XLA:CPU has no narrow-weight dot, so those paths decode slower than
+fp32 (benchmarks/int4_matmul.py); the C++ kernel is what makes a 4-bit base decode faster than fp32 on CPU.
 
 The op is differentiable in ``x`` through a `jax.custom_vjp` (``dx = dy · Wᵀ`` with the dequantized kernel), so a
 LoRA adapter on a quantized base trains; the quantized base itself gets no gradient.
@@ -32,11 +36,13 @@ import numpy as np
 from .._errors import LoraJaxError
 from .._log import log
 from ..quant._qtensor import QTensor, dequantize
+from .qmatmul import cpu as _cpu
+from .qmatmul.cpu import CPU_M_MAX, qmatmul_cpu
 from .qmatmul.pallas_gpu import BlockSizes, qmatmul_pallas, supports
 from .qmatmul.reference import qmatmul_reference
 from .qmatmul.small_m import SMALL_M_MAX, qmatmul_small_m
 
-IMPLS = ("auto", "reference", "pallas", "small_m")
+IMPLS = ("auto", "reference", "pallas", "cpu", "small_m")
 _DEFAULT_IMPL = "auto"
 _LOGGED: set[str] = set()
 
@@ -57,6 +63,13 @@ def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
   _check_impl(impl)
   if impl in ("reference", "small_m"):
     return impl
+  if impl == "cpu":
+    ok, why = _cpu.supports(x, w)
+    if ok:
+      ok, why = _cpu.available()
+    if not ok:
+      raise LoraJaxError(f"the CPU qmatmul kernel cannot take this call: {why}")
+    return "cpu"
   on_gpu = jax.default_backend() == "gpu"
   ok, why = supports(x, w)
   if impl == "pallas":
@@ -69,14 +82,21 @@ def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
   if on_gpu and ok:
     return "pallas"
   rows = int(np.prod(x.shape[:-1]))
+  if rows <= CPU_M_MAX and jax.default_backend() == "cpu" and _cpu.supports(x, w)[0]:
+    if _cpu.available()[0]:
+      return "cpu"
+    _log_once(_cpu.available()[1])
   # NF4's code-to-value select tree costs more than the bytes it saves (benchmarks/results/int4_matmul_cpu.json)
   if rows <= SMALL_M_MAX and jax.default_backend() == "cpu" and w.fmt != "nf4":
     return "small_m"
-  reason = f"backend {jax.default_backend()}" if not on_gpu else why
+  _log_once(f"backend {jax.default_backend()}" if not on_gpu else why)
+  return "reference"
+
+
+def _log_once(reason: str) -> None:
   if reason not in _LOGGED:
     _LOGGED.add(reason)
-    log(f"qmatmul: using the reference (dequantize + dot) path ({reason})")
-  return "reference"
+    log(f"qmatmul: using an XLA path, not a kernel ({reason})")
 
 
 def qmatmul(x, w: QTensor, *, impl: str | None = None, interpret: bool = False):
@@ -85,7 +105,7 @@ def qmatmul(x, w: QTensor, *, impl: str | None = None, interpret: bool = False):
   return _qmatmul_vjp(choice, interpret, x, w)
 
 
-def _after(w: QTensor, x) -> QTensor:
+def _after(w: QTensor, x, field: str = "codes") -> QTensor:
   """`w` with its codes made to depend on `x` by adding a zero computed from it (``(x₀ != x₀) & (x₀ == x₀)``,
   false for every value, NaN included; XLA does not fold float self-comparisons), so that XLA cannot start the
   dequantization before `x` exists. Without it, XLA hoists the dequantization of a loop-invariant weight out of a
@@ -95,18 +115,22 @@ def _after(w: QTensor, x) -> QTensor:
   modified copy. Applied inside the custom VJP, so the residual kept for the backward pass is the stored `w`.
   Costs: under `vmap` over `x` the codes (and so the dequantized kernel) gain the batch axis; under SPMD
   sharding of `x` the scalar x₀ would be broadcast from its device at each call (the library does not shard yet;
-  a per-shard dependency via shard_map would avoid that)."""
+  a per-shard dependency via shard_map would avoid that). ``field="scale"`` ties the (int8, double-quantized)
+  scales instead, for the CPU kernel, which reads the codes as stored and must not get a modified copy."""
   if x.size == 0:
     return w
   x0 = x.reshape(-1)[0]
   zero = (x0 != x0) & (x0 == x0)
-  return dataclasses.replace(w, codes=w.codes + zero.astype(w.codes.dtype))
+  a = getattr(w, field)
+  return dataclasses.replace(w, **{field: a + zero.astype(a.dtype)})
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _qmatmul_vjp(choice, interpret, x, w):
   if choice == "pallas":
     return qmatmul_pallas(x, w, interpret=interpret)
+  if choice == "cpu":  # reads the stored codes; only double-quantized scales are computed, after x
+    return qmatmul_cpu(x, _after(w, x, field="scale") if w.double_quantized else w)
   w = _after(w, x)
   if choice == "small_m":
     return qmatmul_small_m(x, w)
@@ -126,5 +150,5 @@ def _bwd(choice, interpret, w, dy):
 
 _qmatmul_vjp.defvjp(_fwd, _bwd)
 
-__all__ = ["BlockSizes", "IMPLS", "SMALL_M_MAX", "qmatmul", "qmatmul_pallas", "qmatmul_reference", "qmatmul_small_m",
-           "set_default_impl", "supports"]
+__all__ = ["BlockSizes", "CPU_M_MAX", "IMPLS", "SMALL_M_MAX", "qmatmul", "qmatmul_cpu", "qmatmul_pallas",
+           "qmatmul_reference", "qmatmul_small_m", "set_default_impl", "supports"]

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from lora_jax import LoraJaxError
-from lora_jax.kernels import (SMALL_M_MAX, _choose, qmatmul, qmatmul_pallas, qmatmul_reference,
+from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, _choose, qmatmul, qmatmul_pallas, qmatmul_reference,
                               qmatmul_small_m, supports)
+from lora_jax.kernels.qmatmul import cpu
 from lora_jax.quant import QTensor, quantize
 from lora_jax.quant._qtensor import pack
 from lora_jax.testing import assert_allclose
@@ -69,8 +70,13 @@ def test_small_m_double_quantized_leading_axes_and_bf16():
   assert_allclose(qmatmul_small_m(xb, w) / scale, want / scale, "bf16")
 
 
-def test_auto_dispatch_on_cpu_by_rows_and_format():
+def test_auto_dispatch_on_cpu_by_rows_and_format(monkeypatch):
   w = _q("q4_1", 256, 128, 32)
+  if cpu._compiler() is not None:  # where a compiler exists the kernel builds, and auto takes it
+    assert _choose(jnp.ones((CPU_M_MAX, 256)), w, "auto", False) == "cpu"
+    assert _choose(jnp.ones((1, 256)), _q("nf4", 256, 128, 64), "auto", False) == "cpu"
+    assert _choose(jnp.ones((CPU_M_MAX + 1, 256)), w, "auto", False) == "reference"
+  monkeypatch.setattr(cpu, "available", lambda: (False, "no compiler (test)"))  # the XLA paths take over
   assert _choose(jnp.ones((SMALL_M_MAX, 256)), w, "auto", False) == "small_m"
   assert _choose(jnp.ones((1, 1, 256)), w, "auto", False) == "small_m"
   assert _choose(jnp.ones((SMALL_M_MAX + 1, 256)), w, "auto", False) == "reference"
@@ -95,8 +101,10 @@ def test_leading_axes_are_kept():
   assert_allclose(qmatmul_pallas(x, w, interpret=True), qmatmul_reference(x, w), "f32_composite")
 
 
-@pytest.mark.parametrize("impl", ["reference", "pallas", "small_m"])
+@pytest.mark.parametrize("impl", ["reference", "pallas", "small_m", "cpu"])
 def test_gradient_through_custom_vjp(impl):
+  if impl == "cpu" and cpu._compiler() is None:
+    pytest.skip("no C++ compiler on this machine")
   w = _q("nf4", 256, 128, 64)
   x = jax.random.normal(jax.random.key(0), (4, 256))
   f = lambda x: jnp.sum(jnp.tanh(qmatmul(x, w, impl=impl, interpret=True)))
@@ -128,4 +136,5 @@ def test_dispatch_errors_and_fallback():
   assert supports(x, dq) == (False, "double-quantized scales")
   with pytest.raises(LoraJaxError, match="does not support this call: double-quantized"):
     qmatmul(x, dq, impl="pallas", interpret=True)
-  assert_allclose(qmatmul(jnp.ones((8, 256)), w), qmatmul_reference(jnp.ones((8, 256)), w), "f32_op")  # auto, CPU, 8 rows = reference
+  x = jnp.ones((CPU_M_MAX + 1, 256))
+  assert_allclose(qmatmul(x, w), qmatmul_reference(x, w), "f32_op")  # auto on CPU above CPU_M_MAX: the reference

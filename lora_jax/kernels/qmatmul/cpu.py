@@ -1,0 +1,163 @@
+"""The CPU 4-bit matmul for a few rows (decoding): a C++ kernel (`cpu_kernel.cc`) called through XLA's FFI.
+
+XLA:CPU has no narrow-weight dot: whatever the formulation (dequantize + dot, the `small_m` multiply-reduce, bf16
+or int8 weights), it widens the weight to float32 first, so a 4-bit base decodes slower than a float32 one
+(benchmarks/results/int4_matmul_cpu.json). The kernel streams the packed codes once, maps codes to values with
+one vector permute and never writes the dequantized weight (see the header of `cpu_kernel.cc`).
+
+The source is compiled on first use with the host's C++ compiler (``$CXX``, else ``g++``/``c++``/``clang++``;
+``-O3 -march=native``, against the FFI headers jaxlib ships) into ``$LORA_JAX_CACHE/kernels/`` under a name
+that hashes the source, the flags, the compiler and jaxlib versions and the host CPU, written to a temp name and
+renamed, so concurrent processes never load a half-written library. Where no compiler works, `available()` says
+why and `qmatmul` keeps its XLA paths (logged once). ``LORA_JAX_CPU_KERNEL=0`` disables the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..._errors import LoraJaxError
+from ...quant._qtensor import NF4_TABLE, QTensor
+
+TARGET = "lora_jax_qmatmul_cpu"
+SOURCE = Path(__file__).with_name("cpu_kernel.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-Wno-psabi")
+CPU_M_MAX = 64  # rows (product of x's leading axes) up to which `qmatmul` picks the kernel on CPU: it beats
+# dequantize + dot there (576x1536 NF4: 343 vs 502 us at 64 rows; 4096x4096: 6.6 vs 16.7 ms), not far above
+MIN_PARALLEL_WEIGHTS = 1 << 18  # smaller weights run on one thread (waking a second costs more than it saves)
+
+# value table per format: w = TABLE[q] · scale (+ offset)
+_TABLES = {"nf4": NF4_TABLE, "int4_sym": np.arange(16, dtype=np.float32) - 8, "q4_0": np.arange(16, dtype=np.float32) - 8,
+           "int4_asym": np.arange(16, dtype=np.float32), "q4_1": np.arange(16, dtype=np.float32)}
+_PARAM_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+
+
+def _compiler() -> str | None:
+  for c in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+    if c and shutil.which(c):
+      return shutil.which(c)
+  return None
+
+
+def _cpu_id() -> str:
+  try:
+    text = Path("/proc/cpuinfo").read_text()
+    return next((line for line in text.splitlines() if line.startswith("flags")), "") + platform.processor()
+  except OSError:
+    return platform.machine() + platform.processor()
+
+
+def _library_path(cxx: str, flags: tuple[str, ...]) -> Path:
+  from ...io._assets import cache_dir
+  version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+  key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _jaxlib_version(), _cpu_id()])
+                       .encode()).hexdigest()[:16]
+  return cache_dir() / "kernels" / f"qmatmul_cpu-{key}.so"
+
+
+def _jaxlib_version() -> str:
+  import jaxlib
+  return jaxlib.__version__
+
+
+def build(flags: tuple[str, ...] = FLAGS) -> Path:
+  """Compile the kernel if its cached library is missing; returns the library's path. Raises RuntimeError with
+  the compiler's message when it fails. (`flags` other than FLAGS: tests build the AVX2 and generic variants.)"""
+  cxx = _compiler()
+  if cxx is None:
+    raise RuntimeError("no C++ compiler found (set $CXX, or install g++)")
+  lib = _library_path(cxx, flags)
+  if lib.exists():
+    return lib
+  lib.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+  os.close(fd)
+  try:
+    cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode:
+      raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+    os.replace(tmp, lib)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return lib
+
+
+@functools.cache
+def _register() -> str:
+  """Builds and registers the kernel once per process; returns '' on success, else why it is unavailable."""
+  global _LIB
+  try:
+    lib = ctypes.cdll.LoadLibrary(str(build()))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LjQmatmulCpu), platform="cpu")
+  except (RuntimeError, OSError) as e:
+    return f"the CPU kernel could not be built: {e}"
+  _LIB = lib
+  return ""
+
+
+_LIB = None
+
+
+def vector_isa() -> str | None:
+  """What the built kernel unpacks with: 'avx512', 'avx2' or 'generic' (GCC vectors, 4 lanes); None if not built."""
+  if not available()[0] or _LIB is None:
+    return None
+  return ("generic", "avx2", "avx512")[_LIB.LjQmatmulCpuVectorIsa()]
+
+
+def available() -> tuple[bool, str]:
+  """(True, '') when the kernel is built and registered in this process, else (False, reason). Reads
+  ``LORA_JAX_CPU_KERNEL`` at every call (programs traced while it is 0 keep the XLA paths)."""
+  if os.environ.get("LORA_JAX_CPU_KERNEL", "1") == "0":
+    return False, "disabled by LORA_JAX_CPU_KERNEL=0"
+  why = _register()
+  return not why, why
+
+
+def supports(x, w: QTensor) -> tuple[bool, str]:
+  """Whether `qmatmul_cpu` takes this call (a 2-D kernel with float block parameters)."""
+  if getattr(w.codes, "ndim", 2) != 2:
+    return False, f"stacked kernel (codes {tuple(w.codes.shape)})"
+  if not w.double_quantized and w.scale.dtype not in _PARAM_DTYPES:
+    return False, f"scale dtype {w.scale.dtype}"
+  if w.offset is not None and w.offset.dtype not in _PARAM_DTYPES:
+    return False, f"offset dtype {w.offset.dtype}"
+  return True, ""
+
+
+def qmatmul_cpu(x, w: QTensor):
+  """``x @ dequantize(w)`` as float32 (..., N) by the C++ kernel; `x` is taken as float32 (exact for 16-bit
+  floats). Builds and registers the kernel on first use; raises LoraJaxError where it cannot."""
+  ok, why = available()
+  if not ok:
+    raise LoraJaxError(f"qmatmul impl='cpu': {why}")
+  return _call(TARGET, x, w)
+
+
+def _call(target: str, x, w: QTensor):
+  k, n = w.shape
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, k).astype(jnp.float32)
+  scale = w.block_scales() if w.double_quantized else w.scale
+  offset = w.offset if w.offset is not None else jnp.zeros((0,), jnp.float32)
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32), vmap_method="sequential")
+  y = call(x2, w.codes, jnp.asarray(_TABLES[w.fmt]), scale, offset, block_size=np.int64(w.block_size),
+           min_parallel_weights=np.int64(MIN_PARALLEL_WEIGHTS))
+  return y.reshape(*lead, n)
+
+
+__all__ = ["CPU_M_MAX", "available", "build", "qmatmul_cpu", "supports", "vector_isa"]

@@ -1,0 +1,142 @@
+"""The C++ CPU 4-bit matmul (XLA FFI) against the reference: formats, block sizes, parameter dtypes, row counts
+(one to several passes of 4 rows), column counts that do not fill a vector, the threaded path; its build."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lora_jax import LoraJaxError
+from lora_jax.kernels import CPU_M_MAX, qmatmul, qmatmul_reference
+from lora_jax.kernels.qmatmul import cpu
+from lora_jax.quant import QTensor, quantize
+from lora_jax.testing import assert_allclose
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernel():
+  """Where a C++ compiler exists the kernel must build (a failure is a failure); without one it is skipped."""
+  if cpu._compiler() is None:
+    pytest.skip("no C++ compiler on this machine: qmatmul keeps its XLA paths")
+  ok, why = cpu.available()
+  assert ok, why
+
+
+def _q(fmt, k, n, block, param_dtype=jnp.float32, double_quant=False, seed=0):
+  w = jax.random.normal(jax.random.key(seed + k * 7 + n), (k, n), jnp.float32) * 0.05
+  base = {"q4_0": "int4_sym", "q4_1": "int4_asym"}.get(fmt, fmt)
+  t = quantize(w, base, block_size=block, double_quant=double_quant) if fmt == "nf4" else \
+      quantize(w, base, block_size=block)
+  cast = lambda a: None if a is None else a.astype(param_dtype)
+  if fmt in ("q4_0", "q4_1"):
+    return QTensor(t.codes, cast(t.scale), cast(t.offset), fmt=fmt, block_size=block, shape=(k, n))
+  if double_quant:
+    return t
+  return dataclasses.replace(t, scale=cast(t.scale), offset=cast(t.offset))
+
+
+def _want(x, w):
+  with jax.default_matmul_precision("highest"):
+    return qmatmul_reference(x, w)
+
+
+FORMATS = [("nf4", 64), ("int4_sym", 32), ("int4_sym", 128), ("int4_asym", 64), ("q4_0", 32), ("q4_1", 32)]
+SHAPES = [(576, 192), (576, 1536), (1536, 576), (256, 100), (128, 8)]  # 576x1536: two threads; 100, 8: tail columns
+
+
+CASES = [(m, k, n, fmt, block) for m in (1, 3, 6, CPU_M_MAX) for (k, n) in SHAPES for (fmt, block) in FORMATS
+         if k % block == 0]
+
+
+@pytest.mark.parametrize("m,k,n,fmt,block", CASES, ids=lambda v: str(v))
+def test_matches_reference(m, k, n, fmt, block):
+  w = _q(fmt, k, n, block, jnp.float16 if fmt.startswith("q4") else jnp.float32)
+  x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32)
+  got = jax.jit(cpu.qmatmul_cpu)(x, w)
+  assert got.shape == (m, n) and got.dtype == jnp.float32
+  assert_allclose(got, _want(x, w), "f32_composite")
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("fmt", ["int4_asym", "q4_1"])
+def test_block_parameter_dtypes(fmt, param_dtype):
+  w = _q(fmt, 1536, 576, 32, param_dtype)
+  x = jax.random.normal(jax.random.key(1), (2, 1536))
+  assert_allclose(cpu.qmatmul_cpu(x, w), _want(x, w), "f32_composite")
+
+
+def test_double_quantized_leading_axes_and_bf16_activations():
+  w = _q("nf4", 512, 160, 64, double_quant=True)
+  x = jax.random.normal(jax.random.key(2), (2, 3, 512))
+  assert_allclose(cpu.qmatmul_cpu(x, w), _want(x, w), "f32_composite")
+  xb = x.astype(jnp.bfloat16)  # widened to float32 exactly, so the product is the reference's on the same input
+  assert_allclose(cpu.qmatmul_cpu(xb, w), _want(xb.astype(jnp.float32), w), "f32_composite")
+
+
+def test_rows_are_independent_and_empty_inputs():
+  """A NaN or inf in one row leaves the others exact (rows share a pass over the codes, not accumulators)."""
+  w = _q("q4_1", 576, 200, 32, jnp.float16)
+  x = jax.random.normal(jax.random.key(3), (7, 576)).at[2, 5].set(jnp.nan).at[5, 0].set(jnp.inf)
+  got = np.asarray(cpu.qmatmul_cpu(x, w))
+  assert not np.isfinite(got[2]).any() and not np.isfinite(got[5]).any()
+  keep = [0, 1, 3, 4, 6]
+  assert_allclose(got[keep], _want(x[np.array(keep)], w), "f32_composite")
+  assert cpu.qmatmul_cpu(jnp.zeros((0, 576)), w).shape == (0, 200)
+
+
+def test_inside_loops_vmap_and_through_qmatmul():
+  w = _q("nf4", 576, 192, 64)
+  xs = jax.random.normal(jax.random.key(4), (5, 1, 576))
+  want = jnp.stack([_want(x, w) for x in xs])
+  assert_allclose(jax.vmap(cpu.qmatmul_cpu, in_axes=(0, None))(xs, w), want, "f32_composite")
+  scanned = jax.jit(lambda xs: jax.lax.scan(lambda c, x: (c, qmatmul(x, w, impl="cpu")), 0, xs)[1])(xs)
+  assert_allclose(scanned, want, "f32_composite")
+  assert_allclose(qmatmul(xs[0], w), want[0], "f32_composite")  # auto picks the kernel for one row on CPU
+
+
+def test_stacked_kernels_are_not_taken():
+  w = _q("nf4", 256, 64, 64)
+  stacked = jax.tree.map(lambda a: jnp.stack([a, a]), w)
+  assert cpu.supports(jnp.ones((1, 256)), stacked)[0] is False
+  with pytest.raises(LoraJaxError, match="stacked kernel"):
+    qmatmul(jnp.ones((1, 256)), stacked, impl="cpu")
+
+
+def test_build_failure_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+  monkeypatch.setenv("LORA_JAX_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+  with pytest.raises(RuntimeError, match="compiling cpu_kernel.cc failed"):
+    cpu.build()
+  assert list((tmp_path / "kernels").iterdir()) == []  # no half-written library
+
+
+def test_build_is_cached_by_content(tmp_path, monkeypatch):
+  monkeypatch.setenv("LORA_JAX_CACHE", str(tmp_path))
+  lib = cpu.build()
+  assert lib.parent == tmp_path / "kernels" and lib.stat().st_size > 0
+  assert cpu.vector_isa() in ("avx512", "avx2", "generic")
+  mtime = os.stat(lib).st_mtime_ns
+  assert cpu.build() == lib and os.stat(lib).st_mtime_ns == mtime  # the second call reuses it
+
+
+@pytest.mark.parametrize("march,isa", [("x86-64-v3", 1), ("x86-64", 0)])
+def test_avx2_and_generic_builds_match_reference(march, isa, tmp_path, monkeypatch):
+  """The unpacking has one code path per instruction set; this machine's build covers its own, these the others
+  (compiled for an older x86-64 target, which this CPU also runs)."""
+  if cpu.vector_isa() == "generic" or not os.uname().machine == "x86_64":
+    pytest.skip("needs an x86-64 CPU with AVX2")
+  import ctypes
+  monkeypatch.setenv("LORA_JAX_CACHE", str(tmp_path))
+  flags = tuple(f"-march={march}" if f == "-march=native" else f for f in cpu.FLAGS)
+  lib = ctypes.cdll.LoadLibrary(str(cpu.build(flags)))
+  assert lib.LjQmatmulCpuVectorIsa() == isa
+  target = f"lora_jax_test_qmatmul_{march.replace('-', '_')}"
+  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.LjQmatmulCpu), platform="cpu")
+  for fmt, block, dt, (m, k, n) in [("nf4", 64, jnp.float32, (5, 576, 200)), ("q4_1", 32, jnp.float16, (2, 256, 72)),
+                                    ("int4_sym", 32, jnp.bfloat16, (1, 128, 16))]:
+    w = _q(fmt, k, n, block, dt)
+    x = jax.random.normal(jax.random.key(m), (m, k))
+    assert_allclose(cpu._call(target, x, w), _want(x, w), "f32_composite", err_msg=f"{march} {fmt}")
