@@ -64,6 +64,8 @@ def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
   if impl in ("reference", "small_m"):
     return impl
   if impl == "cpu":
+    if jax.default_backend() != "cpu":
+      raise LoraJaxError(f"the CPU qmatmul kernel needs the CPU backend (backend is {jax.default_backend()})")
     ok, why = _cpu.supports(x, w)
     if ok:
       ok, why = _cpu.available()

@@ -76,22 +76,44 @@ def test_double_quantized_leading_axes_and_bf16_activations():
   assert_allclose(cpu.qmatmul_cpu(xb, w), _want(xb.astype(jnp.float32), w), "f32_composite")
 
 
-def test_rows_are_independent_and_empty_inputs():
-  """A NaN or inf in one row leaves the others exact (rows share a pass over the codes, not accumulators)."""
-  w = _q("q4_1", 576, 200, 32, jnp.float16)
+@pytest.mark.parametrize("fmt,block", [("q4_1", 32), ("int4_asym", 64), ("nf4", 64)])
+def test_rows_are_independent_and_non_finite_inputs(fmt, block):
+  """A NaN or inf in one row leaves the others exact (rows share a pass over the codes, not accumulators), and
+  an inf gives the reference's ±inf, not the NaN of the offset term's inf − inf."""
+  w = _q(fmt, 576, 200, block, jnp.float16 if fmt == "q4_1" else jnp.float32)
   x = jax.random.normal(jax.random.key(3), (7, 576)).at[2, 5].set(jnp.nan).at[5, 0].set(jnp.inf)
-  got = np.asarray(cpu.qmatmul_cpu(x, w))
-  assert not np.isfinite(got[2]).any() and not np.isfinite(got[5]).any()
-  keep = [0, 1, 3, 4, 6]
-  assert_allclose(got[keep], _want(x[np.array(keep)], w), "f32_composite")
+  got, want = np.asarray(cpu.qmatmul_cpu(x, w)), np.asarray(_want(x, w))
+  assert np.isnan(got[2]).all() and np.isinf(want[5]).any()
+  assert_allclose(got, want, "f32_composite")  # NaN and ±inf where the reference has them, the rest close
   assert cpu.qmatmul_cpu(jnp.zeros((0, 576)), w).shape == (0, 200)
+
+
+def _every_finite_half_as_scale(n_extra=0):
+  """A one-block q4_0 tensor whose scales are every finite float16 (plus `n_extra` repeated ones, which land in
+  the columns that do not fill a vector), codes 9 (value 1): row e₀ of the product is the scales themselves."""
+  halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+  halves = halves[np.isfinite(halves)]
+  halves = np.concatenate([halves, halves[:n_extra]])
+  n = halves.size
+  w = QTensor(jnp.full((16, n), 0x99, jnp.uint8), jnp.asarray(halves)[None], fmt="q4_0", block_size=32, shape=(32, n))
+  return w, jnp.zeros((1, 32)).at[0, 0].set(1.0), halves.astype(np.float32)
+
+
+def test_every_finite_float16_scale_is_read_exactly():
+  w, x, want = _every_finite_half_as_scale(n_extra=7)
+  np.testing.assert_array_equal(np.asarray(cpu.qmatmul_cpu(x, w))[0], want)
 
 
 def test_inside_loops_vmap_and_through_qmatmul():
   w = _q("nf4", 576, 192, 64)
   xs = jax.random.normal(jax.random.key(4), (5, 1, 576))
   want = jnp.stack([_want(x, w) for x in xs])
-  assert_allclose(jax.vmap(cpu.qmatmul_cpu, in_axes=(0, None))(xs, w), want, "f32_composite")
+  batched = jax.vmap(cpu.qmatmul_cpu, in_axes=(0, None))
+  assert_allclose(batched(xs, w), want, "f32_composite")
+  jaxpr = str(jax.make_jaxpr(batched)(xs, w))  # the batch joins the rows: one call, no loop over examples
+  assert jaxpr.count("ffi_call") == 1 and "while" not in jaxpr and "scan" not in jaxpr
+  stacked = jax.tree.map(lambda a: jnp.stack([a] * 5), w)  # weight batched too: one call per example
+  assert_allclose(jax.vmap(cpu.qmatmul_cpu)(xs, stacked), want, "f32_composite")
   scanned = jax.jit(lambda xs: jax.lax.scan(lambda c, x: (c, qmatmul(x, w, impl="cpu")), 0, xs)[1])(xs)
   assert_allclose(scanned, want, "f32_composite")
   assert_allclose(qmatmul(xs[0], w), want[0], "f32_composite")  # auto picks the kernel for one row on CPU
@@ -140,3 +162,5 @@ def test_avx2_and_generic_builds_match_reference(march, isa, tmp_path, monkeypat
     w = _q(fmt, k, n, block, dt)
     x = jax.random.normal(jax.random.key(m), (m, k))
     assert_allclose(cpu._call(target, x, w), _want(x, w), "f32_composite", err_msg=f"{march} {fmt}")
+  w, x, want = _every_finite_half_as_scale(n_extra=3)  # the scalar half -> float conversion on every value
+  np.testing.assert_array_equal(np.asarray(cpu._call(target, x, w))[0], want)

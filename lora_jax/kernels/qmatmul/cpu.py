@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -89,6 +90,9 @@ def build(flags: tuple[str, ...] = FLAGS) -> Path:
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode:
       raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o755 & ~umask)  # mkstemp made it owner-only: others sharing the cache could not load it
     os.replace(tmp, lib)
   finally:
     if os.path.exists(tmp):
@@ -100,16 +104,18 @@ def build(flags: tuple[str, ...] = FLAGS) -> Path:
 def _register() -> str:
   """Builds and registers the kernel once per process; returns '' on success, else why it is unavailable."""
   global _LIB
-  try:
-    lib = ctypes.cdll.LoadLibrary(str(build()))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LjQmatmulCpu), platform="cpu")
-  except (RuntimeError, OSError) as e:
-    return f"the CPU kernel could not be built: {e}"
-  _LIB = lib
-  return ""
+  with _LOCK:  # two threads tracing at once build and register once
+    try:
+      lib = ctypes.cdll.LoadLibrary(str(build()))
+      jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LjQmatmulCpu), platform="cpu")
+    except (RuntimeError, OSError) as e:
+      return f"the CPU kernel could not be built: {e}"
+    _LIB = lib
+    return ""
 
 
 _LIB = None
+_LOCK = threading.Lock()
 
 
 def vector_isa() -> str | None:
@@ -141,7 +147,9 @@ def supports(x, w: QTensor) -> tuple[bool, str]:
 
 def qmatmul_cpu(x, w: QTensor):
   """``x @ dequantize(w)`` as float32 (..., N) by the C++ kernel; `x` is taken as float32 (exact for 16-bit
-  floats). Builds and registers the kernel on first use; raises LoraJaxError where it cannot."""
+  floats) and the weights are used at float32 (the reference rounds the dequantized kernel to ``w.dtype`` first,
+  so for a bf16 `w` the two differ at bf16 rounding). Builds and registers the kernel on first use; raises
+  LoraJaxError where it cannot."""
   ok, why = available()
   if not ok:
     raise LoraJaxError(f"qmatmul impl='cpu': {why}")
@@ -154,10 +162,38 @@ def _call(target: str, x, w: QTensor):
   x2 = x.reshape(-1, k).astype(jnp.float32)
   scale = w.block_scales() if w.double_quantized else w.scale
   offset = w.offset if w.offset is not None else jnp.zeros((0,), jnp.float32)
-  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32), vmap_method="sequential")
-  y = call(x2, w.codes, jnp.asarray(_TABLES[w.fmt]), scale, offset, block_size=np.int64(w.block_size),
-           min_parallel_weights=np.int64(MIN_PARALLEL_WEIGHTS))
+  y = _ffi(target, w.block_size)(x2, w.codes, jnp.asarray(_TABLES[w.fmt]), scale, offset)
   return y.reshape(*lead, n)
+
+
+@functools.cache
+def _ffi(target: str, block_size: int):
+  """The custom call (x2, codes, table, scale, offset) -> y, with a batching rule: under `vmap` over x alone
+  the batch joins the rows (one pass over the codes for the whole batch, not one per example); when the weight
+  is batched too, one call per example."""
+
+  def call(x2, codes, table, scale, offset):
+    out = jax.ShapeDtypeStruct((x2.shape[0], codes.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(target, out)(x2, codes, table, scale, offset, block_size=np.int64(block_size),
+                                         min_parallel_weights=np.int64(MIN_PARALLEL_WEIGHTS))
+
+  f = jax.custom_batching.custom_vmap(call)
+
+  @f.def_vmap
+  def _rule(axis_size, in_batched, x2, *w):
+    x_batched, *w_batched = in_batched
+    if not any(w_batched):  # x2 is (B, M, K)
+      return f(x2.reshape(-1, x2.shape[-1]), *w).reshape(axis_size, x2.shape[1], -1), True
+    args = (x2, *w)
+    mapped = [a for a, b in zip(args, in_batched) if b]
+
+    def one(slices):
+      it = iter(slices)
+      return f(*[next(it) if b else a for a, b in zip(args, in_batched)])
+
+    return jax.lax.map(one, mapped), True
+
+  return f
 
 
 __all__ = ["CPU_M_MAX", "available", "build", "qmatmul_cpu", "supports", "vector_isa"]

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -119,6 +120,30 @@ struct Table {
 };
 #endif
 
+// IEEE half -> float by bit manipulation (no _Float16, which older compilers lack on x86): exact, including
+// subnormals, infinities and NaN.
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000 | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal half: normalise
+    int e = -1;
+    do {
+      ++e;
+      man <<= 1;
+    } while (!(man & 0x400));
+    bits = sign | ((112 - e) << 23) | ((man & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
 // kLanes block parameters (scale or offset) as float32, from float32, float16 or bfloat16 storage.
 inline f32v load_param(const void* base, ParamType t, int64_t i) {
   switch (t) {
@@ -134,7 +159,7 @@ inline f32v load_param(const void* base, ParamType t, int64_t i) {
       return load<f32v>(&v);
 #else
       f32v v;
-      for (int l = 0; l < kLanes; ++l) v[l] = static_cast<float>(reinterpret_cast<const _Float16*>(h)[l]);
+      for (int l = 0; l < kLanes; ++l) v[l] = half_to_float(h[l]);
       return v;
 #endif
     }
@@ -150,7 +175,7 @@ inline float param(const void* base, ParamType t, int64_t i) {
     case kF32:
       return static_cast<const float*>(base)[i];
     case kF16:
-      return static_cast<float>(static_cast<const _Float16*>(base)[i]);
+      return half_to_float(static_cast<const uint16_t*>(base)[i]);
     default: {
       uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(base)[i]) << 16;
       float f;
@@ -239,6 +264,26 @@ void tail_columns(const Problem& p, int64_t c0) {
         y += v;
       }
       p.y[m * p.n + c] = static_cast<float>(y);
+    }
+  }
+}
+
+// The offset term factors x out of each block (o · Σx), which turns an infinite x into inf − inf = NaN where the
+// reference, x · (table[q] · s + o), gives ±inf. Rows holding an inf or NaN are therefore recomputed weight by
+// weight in the reference's form (rare: they are a diverged model's).
+void exact_rows_with_nonfinite_x(const Problem& p) {
+  for (int64_t m = 0; m < p.m; ++m) {
+    const float* x = p.x + m * p.k;
+    if (std::all_of(x, x + p.k, [](float v) { return std::isfinite(v); })) continue;
+    for (int64_t c = 0; c < p.n; ++c) {
+      float y = 0.0f;
+      for (int64_t k = 0; k < p.k; ++k) {
+        const uint8_t b = p.codes[(k / 2) * p.n + c];
+        const int64_t g = (k / p.block) * p.n + c;
+        y += x[k] * (p.table[(k & 1) ? (b >> 4) : (b & 15)] * param(p.scale, p.scale_type, g) +
+                     param(p.offset, p.offset_type, g));
+      }
+      p.y[m * p.n + c] = y;
     }
   }
 }
@@ -344,6 +389,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     while (shared->done.load(std::memory_order_acquire) < shared->units) std::this_thread::yield();
   }
   if (vec_cols < n) tail_columns(p, vec_cols);
+  if (has_offset) exact_rows_with_nonfinite_x(p);
   return ffi::Error::Success();
 }
 
