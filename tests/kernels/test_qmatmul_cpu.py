@@ -129,10 +129,17 @@ def test_stacked_kernels_are_not_taken():
 
 def test_build_failure_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
   monkeypatch.setenv("LORA_JAX_CACHE", str(tmp_path))
-  monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+  stale = tmp_path / "kernels" / ".build-old.so"  # as a process killed while compiling leaves it
+  stale.parent.mkdir()
+  stale.write_bytes(b"half")
+  os.utime(stale, (0, 0))
+  monkeypatch.setenv("CXX", "env false")  # a "compiler" (with an argument) that always fails
   with pytest.raises(RuntimeError, match="compiling cpu_kernel.cc failed"):
     cpu.build()
-  assert list((tmp_path / "kernels").iterdir()) == []  # no half-written library
+  assert list((tmp_path / "kernels").iterdir()) == []  # no half-written library, the stale one gone
+  monkeypatch.setenv("CXX", "no-such-compiler-here")
+  with pytest.raises(RuntimeError, match="no-such-compiler-here.*not on the PATH"):
+    cpu.build()
 
 
 def test_build_is_cached_by_content(tmp_path, monkeypatch):

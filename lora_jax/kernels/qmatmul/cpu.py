@@ -21,8 +21,10 @@ import os
 import platform
 import shutil
 import subprocess
+import shlex
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -45,11 +47,14 @@ _TABLES = {"nf4": NF4_TABLE, "int4_sym": np.arange(16, dtype=np.float32) - 8, "q
 _PARAM_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 
 
-def _compiler() -> str | None:
-  for c in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-    if c and shutil.which(c):
-      return shutil.which(c)
-  return None
+def _compiler() -> list[str] | None:
+  """The compiler command: ``$CXX`` when set (it may carry arguments, e.g. "ccache g++"), else the first of g++,
+  c++, clang++ on the PATH; None when there is none."""
+  if os.environ.get("CXX"):
+    cmd = shlex.split(os.environ["CXX"])
+    return cmd if cmd and shutil.which(cmd[0]) else None
+  found = next((shutil.which(c) for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+  return [found] if found else None
 
 
 def _cpu_id() -> str:
@@ -60,9 +65,9 @@ def _cpu_id() -> str:
     return platform.machine() + platform.processor()
 
 
-def _library_path(cxx: str, flags: tuple[str, ...]) -> Path:
+def _library_path(cxx: list[str], flags: tuple[str, ...]) -> Path:
   from ...io._assets import cache_dir
-  version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+  version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, check=False).stdout
   key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _jaxlib_version(), _cpu_id()])
                        .encode()).hexdigest()[:16]
   return cache_dir() / "kernels" / f"qmatmul_cpu-{key}.so"
@@ -78,15 +83,19 @@ def build(flags: tuple[str, ...] = FLAGS) -> Path:
   the compiler's message when it fails. (`flags` other than FLAGS: tests build the AVX2 and generic variants.)"""
   cxx = _compiler()
   if cxx is None:
-    raise RuntimeError("no C++ compiler found (set $CXX, or install g++)")
+    raise RuntimeError(f"no C++ compiler found ($CXX={os.environ['CXX']!r} is not on the PATH)" if
+                       os.environ.get("CXX") else "no C++ compiler found (set $CXX, or install g++)")
   lib = _library_path(cxx, flags)
   if lib.exists():
     return lib
   lib.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+  for stale in lib.parent.glob(".build-*.so"):  # left by a process killed while compiling
+    if time.time() - stale.stat().st_mtime > 3600:
+      stale.unlink(missing_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=lib.parent)
   os.close(fd)
   try:
-    cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    cmd = [*cxx, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode:
       raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
