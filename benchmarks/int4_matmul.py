@@ -11,6 +11,8 @@ M in {1, 8, 16, 64, 256, 4096} x (K, N) in {(4096, 4096), (4096, 14336), (14336,
     dispatch is amortised); time per op = wall / C, median of --reps calls after warm-up.
   * weight GB/s = QTensor.nbytes() (bf16: 2KN) / time, vs the measured copy bandwidth (jitted ``a + 1`` on a 1 GiB
     f32 array, read + write bytes / time); TFLOP/s = 2MKN / time vs a measured 8192^3 bf16 dot.
+  * fused LoRA: `qmatmul_lora` (the LoRA term inside the Pallas kernel, r = 16) vs the kernel followed by the two
+    small LoRA products, on the first shape and format, M <= 16; relative error between the two.
   * --block-sweep (after all of the above): explicit (bm, bn) tiles, bm in {16, 32, 64} x bn in {32, 64, 128}, at
     M = 1 (every M <= 16 is padded to the same bm rows, so M = 1 stands for M <= 16) and M = 4096; reports the best
     tile and its speedup over the default. Tiles are used as given: `BlockSizes.for_shape` itself forces bm = 16
@@ -192,9 +194,50 @@ def run_gpu(args, result):
         print_gpu_row(row)
       save(result, args.out)
       del wb, qs
+  fused_lora(args, result, shapes[0], args.formats[0], [m for m in ms if m <= 16], interp, gib, peaks, t_end)
   if args.block_sweep:
     block_sweep(args, result, shapes, [m for m in ms if m <= 16][:1] + [m for m in ms if m > 16][-1:], pallas, gib,
                 t_end)
+
+
+def fused_lora(args, result, shape, fmt, ms, interp, gib, peaks, t_end, rank=16):
+  """QLoRA's linear with the LoRA term inside the Pallas kernel (`qmatmul_lora`) vs the kernel followed by the two
+  small LoRA products, at decode sizes: what the fusion saves (a pass over the output, two launches)."""
+  from lora_jax.kernels import qmatmul_lora
+  k, n = shape
+  if time.perf_counter() > t_end:
+    result["fused_lora"] = [{"skipped": "budget"}]
+    return
+  _, qs = gpu_weights(args, k, n, fmt, gib)
+  a = jax.random.normal(jax.random.key(1), (k, rank), jnp.bfloat16) * 0.02
+  b = jax.random.normal(jax.random.key(2), (rank, n), jnp.bfloat16) * 0.02
+  s = jnp.float32(2.0)
+  fused = lambda x, w: qmatmul_lora(x, w, a, b, s, impl="pallas", interpret=interp)
+  split = lambda x, w: qmatmul_pallas(x, w, interpret=interp) + s * jnp.dot(
+      jnp.dot(x, a, preferred_element_type=jnp.float32).astype(x.dtype), b, preferred_element_type=jnp.float32)
+  rows = result["fused_lora"] = []
+  print(f"\nfused LoRA (r={rank}, {fmt}, {k}x{n}): {'M':>4} {'fused us':>9} {'split us':>9} {'fused/split':>11} "
+        f"{'rel err':>8}")
+  for m in ms:
+    x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+    row, outs = {"M": m, "K": k, "N": n, "fmt": fmt, "rank": rank}, {}
+    for name, op in (("fused", fused), ("split", split)):
+      try:
+        row[name] = perf(time_op(op, x, qs, args, outs.setdefault(name, [])), m, k, n, qs[0].nbytes(), peaks)
+      except Exception as e:
+        row[name] = {"error": err_text(e)}
+    if outs["fused"] and outs["split"]:
+      got, ref = outs["fused"][0], outs["split"][0]
+      row["rel_err"] = float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+      row["pass"] = bool(row["rel_err"] < TOL)
+    if "time_s" in row["fused"] and "time_s" in row["split"]:
+      row["fused_over_split_time"] = row["fused"]["time_s"] / row["split"]["time_s"]
+    rows.append(row)
+    t = lambda key: f"{row[key]['time_s'] * 1e6:9.1f}" if "time_s" in row[key] else f"{'err':>9}"
+    print(f"{'':40s}{m:4d} {t('fused')} {t('split')} {row.get('fused_over_split_time', float('nan')):11.2f} "
+          f"{row.get('rel_err', float('nan')):8.1e}", flush=True)
+  save(result, args.out)
+  del qs
 
 
 def block_sweep(args, result, shapes, ms, pallas, gib, t_end):

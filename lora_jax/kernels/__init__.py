@@ -21,7 +21,9 @@ otherwise hoist them all out of the loop). XLA:CPU has no narrow-weight dot, so 
 fp32 (benchmarks/int4_matmul.py); the C++ kernel is what makes a 4-bit base decode faster than fp32 on CPU.
 
 The op is differentiable in ``x`` through a `jax.custom_vjp` (``dx = dy · Wᵀ`` with the dequantized kernel), so a
-LoRA adapter on a quantized base trains; the quantized base itself gets no gradient.
+LoRA adapter on a quantized base trains; the quantized base itself gets no gradient. `qmatmul_lora` is QLoRA's
+whole linear; on GPU its LoRA term is fused into the Pallas kernel (the issue's stretch goal; its speed is still
+to be measured on a GPU).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .._log import log
 from ..quant._qtensor import QTensor, dequantize
 from .qmatmul import cpu as _cpu
 from .qmatmul.cpu import CPU_M_MAX, qmatmul_cpu
-from .qmatmul.pallas_gpu import BlockSizes, qmatmul_pallas, supports
+from .qmatmul.pallas_gpu import BlockSizes, qmatmul_lora_pallas, qmatmul_pallas, supports
 from .qmatmul.reference import qmatmul_reference
 from .qmatmul.small_m import SMALL_M_MAX, qmatmul_small_m
 
@@ -107,6 +109,39 @@ def qmatmul(x, w: QTensor, *, impl: str | None = None, interpret: bool = False):
   return _qmatmul_vjp(choice, interpret, x, w)
 
 
+def qmatmul_lora(x, w: QTensor, a, b, scale, *, impl: str | None = None, interpret: bool = False):
+  """QLoRA's linear, ``x @ dequantize(w) + scale · (x a) b`` (float32, (..., N)); differentiable in x, a, b and
+  scale. With the Pallas kernel the LoRA term rides in the same kernel (`qmatmul_lora_pallas`: the rank-r
+  product ``s·(x a)`` is formed outside, its product with b inside each output tile); elsewhere it is `qmatmul`
+  plus the two small products."""
+  choice = _choose(x, w, impl or _DEFAULT_IMPL, interpret)
+  low = jnp.einsum("...i,ir->...r", x, a.astype(x.dtype), preferred_element_type=jnp.float32)
+  if choice == "pallas":
+    return _fused_lora_vjp(interpret, x, w, low * scale, b)
+  lora = jnp.einsum("...r,ro->...o", low.astype(x.dtype), b.astype(x.dtype), preferred_element_type=jnp.float32)
+  return _qmatmul_vjp(choice, interpret, x, w) + lora * scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_lora_vjp(interpret, x, w, low, b):
+  return qmatmul_lora_pallas(x, w, low, b, interpret=interpret)
+
+
+def _fused_fwd(interpret, x, w, low, b):
+  return _fused_lora_vjp(interpret, x, w, low, b), (w, jnp.zeros((0,), x.dtype), low, b)
+
+
+def _fused_bwd(interpret, res, dy):
+  w, x_dtype, low, b = res
+  dx, dw = _bwd("pallas", interpret, (w, x_dtype), dy)
+  dlow = jnp.einsum("...o,ro->...r", dy, b.astype(jnp.float32))
+  db = jnp.einsum("nr,no->ro", low.reshape(-1, low.shape[-1]), dy.reshape(-1, dy.shape[-1]))
+  return dx, dw, dlow.astype(low.dtype), db.astype(b.dtype)
+
+
+_fused_lora_vjp.defvjp(_fused_fwd, _fused_bwd)
+
+
 def _after(w: QTensor, x, field: str = "codes") -> QTensor:
   """`w` with its codes made to depend on `x` by adding a zero computed from it (``(x₀ != x₀) & (x₀ == x₀)``,
   false for every value, NaN included; XLA does not fold float self-comparisons), so that XLA cannot start the
@@ -140,11 +175,12 @@ def _qmatmul_vjp(choice, interpret, x, w):
 
 
 def _fwd(choice, interpret, x, w):
-  return _qmatmul_vjp(choice, interpret, x, w), w
+  return _qmatmul_vjp(choice, interpret, x, w), (w, jnp.zeros((0,), x.dtype))
 
 
-def _bwd(choice, interpret, w, dy):
-  dx = jnp.einsum("...n,kn->...k", dy, dequantize(_after(w, dy)).astype(jnp.float32))
+def _bwd(choice, interpret, res, dy):
+  w, x_dtype = res  # x's dtype as an empty array: the cotangent must have the primal's dtype
+  dx = jnp.einsum("...n,kn->...k", dy, dequantize(_after(w, dy)).astype(jnp.float32)).astype(x_dtype.dtype)
   zero = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.floating)
                       else jnp.zeros_like(a), w)
   return dx, zero
@@ -152,5 +188,6 @@ def _bwd(choice, interpret, w, dy):
 
 _qmatmul_vjp.defvjp(_fwd, _bwd)
 
-__all__ = ["BlockSizes", "CPU_M_MAX", "IMPLS", "SMALL_M_MAX", "qmatmul", "qmatmul_cpu", "qmatmul_pallas",
-           "qmatmul_reference", "qmatmul_small_m", "set_default_impl", "supports"]
+__all__ = ["BlockSizes", "CPU_M_MAX", "IMPLS", "SMALL_M_MAX", "qmatmul", "qmatmul_cpu", "qmatmul_lora",
+           "qmatmul_lora_pallas", "qmatmul_pallas", "qmatmul_reference", "qmatmul_small_m", "set_default_impl",
+           "supports"]

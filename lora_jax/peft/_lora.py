@@ -137,6 +137,10 @@ class LoRAWeight:
     if self.magnitude is None and not (self.dropout > 0 and self.dropout_key is not None) and \
         not hasattr(self.w, "linear"):
       return _lora_linear(x, self.w, self.a, self.b, self.scale)
+    if self.magnitude is None and not (self.dropout > 0 and self.dropout_key is not None) and \
+        hasattr(self.w, "linear"):  # QLoRA: one op (on GPU one kernel) for the 4-bit base and the LoRA term
+      from ..kernels import qmatmul_lora
+      return qmatmul_lora(x, self.w, self.a, self.b, self.scale)
     xd = x
     if self.dropout > 0 and self.dropout_key is not None:
       keep = jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x.shape)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from lora_jax import LoraJaxError
-from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, _choose, qmatmul, qmatmul_pallas, qmatmul_reference,
-                              qmatmul_small_m, supports)
+from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, _choose, qmatmul, qmatmul_lora, qmatmul_pallas,
+                              qmatmul_reference, qmatmul_small_m, supports)
 from lora_jax.kernels.qmatmul import cpu
 from lora_jax.quant import QTensor, quantize
 from lora_jax.quant._qtensor import pack
@@ -138,3 +138,51 @@ def test_dispatch_errors_and_fallback():
     qmatmul(x, dq, impl="pallas", interpret=True)
   x = jnp.ones((CPU_M_MAX + 1, 256))
   assert_allclose(qmatmul(x, w), qmatmul_reference(x, w), "f32_op")  # auto on CPU above CPU_M_MAX: the reference
+
+
+@pytest.mark.parametrize("fmt,m,r", [("nf4", 1, 8), ("nf4", 33, 1), ("q4_1", 5, 24), ("int4_asym", 16, 16)])
+def test_pallas_fused_lora_matches_unfused(fmt, m, r):
+  """The LoRA term inside the Pallas kernel (interpret mode) against the reference plus the two small products."""
+  w = _q(fmt, 576, 192, 64 if fmt == "nf4" else 32)
+  keys = jax.random.split(jax.random.key(m * 31 + r), 3)
+  x = jax.random.normal(keys[0], (m, 576))
+  a, b = jax.random.normal(keys[1], (576, r)) * 0.1, jax.random.normal(keys[2], (r, 192)) * 0.1
+  scale = jnp.float32(2.0)
+  got = qmatmul_lora(x, w, a, b, scale, impl="pallas", interpret=True)
+  with jax.default_matmul_precision("highest"):
+    want = qmatmul_reference(x, w) + scale * ((x @ a) @ b)
+  assert got.shape == (m, 192) and got.dtype == jnp.float32
+  assert_allclose(got, want, "f32_composite")
+
+
+def test_pallas_fused_lora_gradients():
+  w = _q("q4_1", 256, 128, 32)
+  keys = jax.random.split(jax.random.key(7), 3)
+  args = (jax.random.normal(keys[0], (2, 3, 256)), jax.random.normal(keys[1], (256, 8)) * 0.1,
+          jax.random.normal(keys[2], (8, 128)) * 0.1, jnp.float32(0.5))
+  loss = lambda impl: lambda x, a, b, s: jnp.sum(jnp.tanh(qmatmul_lora(x, w, a, b, s, impl=impl, interpret=True)))
+  with jax.default_matmul_precision("highest"):
+    got = jax.grad(loss("pallas"), argnums=(0, 1, 2, 3))(*args)
+    want = jax.grad(loss("reference"), argnums=(0, 1, 2, 3))(*args)
+  for g, h in zip(got, want):
+    assert_allclose(g, h, "f32_composite")
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas", "cpu", "small_m"])
+def test_bf16_qlora_gradients_have_the_inputs_dtypes(impl):
+  """A bf16 QLoRA layer trains: every cotangent has its primal's dtype (dx was float32, which failed to add to
+  the LoRA branch's bf16 cotangent) and matches the float32 computation at bf16 precision."""
+  if impl == "cpu" and cpu._compiler() is None:
+    pytest.skip("no C++ compiler on this machine")
+  w = _q("q4_1", 256, 128, 32)
+  keys = jax.random.split(jax.random.key(11), 3)
+  args32 = (jax.random.normal(keys[0], (4, 256)), jax.random.normal(keys[1], (256, 8)) * 0.1,
+            jax.random.normal(keys[2], (8, 128)) * 0.1)
+  args16 = tuple(t.astype(jnp.bfloat16) for t in args32)
+  loss = lambda x, a, b: jnp.sum(jnp.tanh(qmatmul_lora(x, w, a, b, jnp.float32(0.5), impl=impl, interpret=True)))
+  got = jax.grad(loss, argnums=(0, 1, 2))(*args16)
+  want = jax.grad(loss, argnums=(0, 1, 2))(*(t.astype(jnp.float32) for t in args16))
+  for g, h in zip(got, want):
+    assert g.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(h)))
+    assert_allclose(g.astype(jnp.float32) / scale, h / scale, "bf16")

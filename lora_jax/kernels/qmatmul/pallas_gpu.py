@@ -50,11 +50,11 @@ def _values(q, scale, offset, fmt):
   return q.astype(jnp.float32) * scale + offset
 
 
-def _kernel(xe_ref, xo_ref, codes_ref, scale_ref, *rest, fmt: str, half: int, n_blocks: int):
-  if fmt in ("int4_asym", "q4_1"):
-    offset_ref, o_ref = rest
-  else:
-    (o_ref,), offset_ref = rest, None
+def _kernel(xe_ref, xo_ref, codes_ref, scale_ref, *rest, fmt: str, half: int, n_blocks: int, lora: bool):
+  rest = list(rest)
+  offset_ref = rest.pop(0) if fmt in ("int4_asym", "q4_1") else None
+  low_ref, b_ref = (rest.pop(0), rest.pop(0)) if lora else (None, None)
+  (o_ref,) = rest
 
   def body(i, acc):
     rows = pl.ds(i * half, half)
@@ -68,6 +68,8 @@ def _kernel(xe_ref, xo_ref, codes_ref, scale_ref, *rest, fmt: str, half: int, n_
     return acc
 
   acc = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros(o_ref.shape, jnp.float32))
+  if lora:  # the LoRA term's second product, s·(xA)·B, on the tile already in registers
+    acc += jnp.dot(low_ref[...], b_ref[...], preferred_element_type=jnp.float32)
   o_ref[...] = acc
 
 
@@ -88,6 +90,22 @@ def supports(x, w: QTensor, blocks: BlockSizes = BlockSizes()) -> tuple[bool, st
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
 def qmatmul_pallas(x, w: QTensor, *, blocks: BlockSizes = BlockSizes(), interpret: bool = False):
   """``x @ dequantize(w)`` (float32 result, shape (..., N)) with the Pallas kernel."""
+  return _pallas(x, w, None, None, blocks, interpret)
+
+
+LORA_RANK_PAD = 16  # the rank is padded (with zeros) to a multiple of this: Triton's dots need dims >= 16
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def qmatmul_lora_pallas(x, w: QTensor, low, b, *, blocks: BlockSizes = BlockSizes(), interpret: bool = False):
+  """``x @ dequantize(w) + low @ b`` (float32, (..., N)) in one kernel: the LoRA term of QLoRA, with
+  ``low = s·(x A)`` (M × r, computed outside: r is tiny) and ``b`` = B (r × N). Each output tile adds
+  ``low_tile · B_tile`` to its accumulator before it is written, so the LoRA update costs no second pass over the
+  output and no extra kernel launch."""
+  return _pallas(x, w, low, b, blocks, interpret)
+
+
+def _pallas(x, w: QTensor, low, b, blocks: BlockSizes, interpret: bool):
   k, n = w.shape
   lead = x.shape[:-1]
   x2 = x.reshape(-1, k)
@@ -108,8 +126,15 @@ def qmatmul_pallas(x, w: QTensor, *, blocks: BlockSizes = BlockSizes(), interpre
   if w.offset is not None:
     in_specs.append(pl.BlockSpec((nb, bs.bn), lambda i, j: (0, j)))
     args.append(w.offset)
+  lora = low is not None
+  if lora:
+    r = b.shape[0]
+    rp = -(-r // LORA_RANK_PAD) * LORA_RANK_PAD
+    low2 = jnp.pad(low.reshape(-1, r).astype(jnp.float32), ((0, mp - m), (0, rp - r)))
+    in_specs += [pl.BlockSpec((bs.bm, rp), lambda i, j: (i, 0)), pl.BlockSpec((rp, bs.bn), lambda i, j: (0, j))]
+    args += [low2, jnp.pad(b.astype(jnp.float32), ((0, rp - r), (0, 0)))]
   out = pl.pallas_call(
-      functools.partial(_kernel, fmt=w.fmt, half=half, n_blocks=nb),
+      functools.partial(_kernel, fmt=w.fmt, half=half, n_blocks=nb, lora=lora),
       out_shape=jax.ShapeDtypeStruct((mp, n), jnp.float32),
       grid=(mp // bs.bm, n // bs.bn),
       in_specs=in_specs,
