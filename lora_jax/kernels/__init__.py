@@ -87,9 +87,10 @@ def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
     return "pallas"
   rows = int(np.prod(x.shape[:-1]))
   if rows <= CPU_M_MAX and jax.default_backend() == "cpu" and _cpu.supports(x, w)[0]:
-    if _cpu.available()[0]:
+    built, why = _cpu.available()
+    if built:
       return "cpu"
-    _log_once(_cpu.available()[1])
+    _log_once(why)
   # NF4's code-to-value select tree costs more than the bytes it saves (benchmarks/results/int4_matmul_cpu.json)
   if rows <= SMALL_M_MAX and jax.default_backend() == "cpu" and w.fmt != "nf4":
     return "small_m"

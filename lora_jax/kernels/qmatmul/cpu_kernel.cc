@@ -246,45 +246,28 @@ void panel(const Problem& p, int64_t m0, int64_t c0, int64_t c1) {
   for (int r = 0; r < R; ++r) std::memcpy(p.y + (m0 + r) * p.n + c0, out[r], width * sizeof(float));
 }
 
-// The columns [c0, N) that do not fill a vector, one at a time, for all rows.
-void tail_columns(const Problem& p, int64_t c0) {
-  const int64_t groups = p.k / p.block;
-  for (int64_t m = 0; m < p.m; ++m) {
-    const float* x = p.x + m * p.k;
-    for (int64_t c = c0; c < p.n; ++c) {
-      double y = 0.0;
-      for (int64_t g = 0; g < groups; ++g) {
-        float acc = 0.0f;
-        for (int64_t k = g * p.block; k < (g + 1) * p.block; ++k) {
-          const uint8_t b = p.codes[(k / 2) * p.n + c];
-          acc += x[k] * p.table[(k & 1) ? (b >> 4) : (b & 15)];
-        }
-        float v = acc * param(p.scale, p.scale_type, g * p.n + c);
-        if (p.offset) v += param(p.offset, p.offset_type, g * p.n + c) * p.xsum[m * groups + g];
-        y += v;
-      }
-      p.y[m * p.n + c] = static_cast<float>(y);
-    }
+// One output y[m, c] weight by weight in the reference's form, x · (table[q] · s + o), accumulated in double: for
+// the columns that do not fill a vector, and for rows holding an inf or NaN. (The vector path factors x out of
+// each block's offset term, o · Σx, which turns an infinite x into inf − inf = NaN where the reference gives ±inf;
+// such rows are a diverged model's, so recomputing them costs nothing in practice.)
+float reference_output(const Problem& p, int64_t m, int64_t c) {
+  const float* x = p.x + m * p.k;
+  double y = 0.0;
+  for (int64_t k = 0; k < p.k; ++k) {
+    const uint8_t b = p.codes[(k / 2) * p.n + c];
+    const int64_t g = (k / p.block) * p.n + c;
+    float w = p.table[(k & 1) ? (b >> 4) : (b & 15)] * param(p.scale, p.scale_type, g);
+    if (p.offset) w += param(p.offset, p.offset_type, g);
+    y += x[k] * w;
   }
+  return static_cast<float>(y);
 }
 
-// The offset term factors x out of each block (o · Σx), which turns an infinite x into inf − inf = NaN where the
-// reference, x · (table[q] · s + o), gives ±inf. Rows holding an inf or NaN are therefore recomputed weight by
-// weight in the reference's form (rare: they are a diverged model's).
-void exact_rows_with_nonfinite_x(const Problem& p) {
+void scalar_outputs(const Problem& p, int64_t vec_cols) {
   for (int64_t m = 0; m < p.m; ++m) {
     const float* x = p.x + m * p.k;
-    if (std::all_of(x, x + p.k, [](float v) { return std::isfinite(v); })) continue;
-    for (int64_t c = 0; c < p.n; ++c) {
-      float y = 0.0f;
-      for (int64_t k = 0; k < p.k; ++k) {
-        const uint8_t b = p.codes[(k / 2) * p.n + c];
-        const int64_t g = (k / p.block) * p.n + c;
-        y += x[k] * (p.table[(k & 1) ? (b >> 4) : (b & 15)] * param(p.scale, p.scale_type, g) +
-                     param(p.offset, p.offset_type, g));
-      }
-      p.y[m * p.n + c] = y;
-    }
+    const bool finite = std::all_of(x, x + p.k, [](float v) { return std::isfinite(v); });
+    for (int64_t c = (finite || !p.offset) ? vec_cols : 0; c < p.n; ++c) p.y[m * p.n + c] = reference_output(p, m, c);
   }
 }
 
@@ -388,8 +371,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     shared->work();
     while (shared->done.load(std::memory_order_acquire) < shared->units) std::this_thread::yield();
   }
-  if (vec_cols < n) tail_columns(p, vec_cols);
-  if (has_offset) exact_rows_with_nonfinite_x(p);
+  scalar_outputs(p, vec_cols);
   return ffi::Error::Success();
 }
 
