@@ -1,6 +1,8 @@
 """The Pallas 4-bit matmul (interpret mode on CPU) and the small-M multiply-reduce against the reference;
 gradients through the custom VJP; dispatch."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,3 +188,59 @@ def test_bf16_qlora_gradients_have_the_inputs_dtypes(impl):
     assert g.dtype == jnp.bfloat16
     scale = float(jnp.max(jnp.abs(h)))
     assert_allclose(g.astype(jnp.float32) / scale, h / scale, "bf16")
+
+
+def _abstract_q(fmt, k, n, block):
+  """A QTensor of ShapeDtypeStructs: lowering needs shapes and dtypes only (no 14336-wide arrays on CPU)."""
+  s = jax.ShapeDtypeStruct
+  pdt = jnp.float16 if fmt in ("q4_0", "q4_1") else jnp.float32
+  return QTensor(s((k // 2, n), jnp.uint8), s((k // block, n), pdt),
+                 s((k // block, n), pdt) if fmt in ("int4_asym", "q4_1") else None, fmt=fmt, block_size=block,
+                 shape=(k, n))
+
+
+LOWER_CASES = [(m, k, n, fmt, 32 if fmt.startswith("q4") else 64, dt)
+               for m, (k, n) in ((1, (4096, 14336)), (16, (14336, 4096)), (300, (576, 1536)))
+               for fmt in ("nf4", "int4_sym", "int4_asym", "q4_0", "q4_1") for dt in (jnp.bfloat16, jnp.float32)]
+
+
+@pytest.mark.parametrize("m,k,n,fmt,block,dt", LOWER_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_pallas_lowers_to_triton_for_cuda(m, k, n, fmt, block, dt):
+  """The GPU kernel's lowering, checked without a GPU: JAX lowers the jitted call for CUDA on CPU, running the Pallas
+  Triton lowering rules (an unsupported op or shape fails here). The call must be a Triton custom call: since JAX
+  0.10 Pallas defaults to Mosaic GPU, which this kernel is not written for. (Compiling the Triton IR to PTX, and
+  the kernel's numbers, need a GPU: benchmarks/int4_matmul.py.)"""
+  from lora_jax.kernels import qmatmul_lora_pallas
+  w = _abstract_q(fmt, k, n, block)
+  x = jax.ShapeDtypeStruct((m, k), dt)
+  lower = lambda f, *a: jax.jit(f).trace(*a).lower(lowering_platforms=("cuda",)).as_text()
+  for text in (lower(lambda x, w: qmatmul_pallas(x, w), x, w),
+               lower(lambda x, w, low, b: qmatmul_lora_pallas(x, w, low, b), x, w,
+                     jax.ShapeDtypeStruct((m, 8), jnp.float32), jax.ShapeDtypeStruct((8, n), dt))):
+    calls = set(re.findall(r"custom_call @([\w$.]+)", text))
+    assert calls == {"__gpu$xla.gpu.triton"}, calls
+
+
+COMPILE_CASES = [c for c in LOWER_CASES if c[0] != 300 or c[3] in ("nf4", "q4_1")]
+
+
+@pytest.mark.parametrize("m,k,n,fmt,block,dt", COMPILE_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_pallas_compiles_for_sm90(m, k, n, fmt, block, dt):
+  """The kernel's Triton IR compiles to an H100/H200 (sm_90) cubin with the triton package, within sm_90's
+  shared memory and registers and without spilling (triton_compile.py says what this does and does not show)."""
+  pytest.importorskip("triton", reason="the triton package (test extra) is not installed")
+  from lora_jax.kernels import qmatmul_lora_pallas
+  from lora_jax.kernels.qmatmul import triton_compile as tc
+  w = _abstract_q(fmt, k, n, block)
+  x = jax.ShapeDtypeStruct((m, k), dt)
+  for fn, args in ((lambda x, w: qmatmul_pallas(x, w), (x, w)),
+                   (lambda x, w, low, b: qmatmul_lora_pallas(x, w, low, b),
+                    (x, w, jax.ShapeDtypeStruct((m, 8), jnp.float32), jax.ShapeDtypeStruct((8, n), dt)))):
+    (kernel,) = tc.triton_kernels(fn, *args)
+    try:
+      r = tc.compile_sm90(kernel)
+    except tc.IRVersionMismatch as e:
+      pytest.skip(str(e))
+    assert r["arch"].startswith("sm_90"), r
+    assert 0 < r["shared_bytes"] <= tc.SM90_SHARED_BYTES and r["registers"] <= tc.SM90_REGISTERS, r
+    assert r["spill_bytes"] == 0, r

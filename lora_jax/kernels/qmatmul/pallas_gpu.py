@@ -8,7 +8,11 @@ is split into its even and odd columns outside the kernel (a copy of M × K elem
 weights for the small M of decoding), which turns the nibble interleave into two plain dots.
 
 Weight bytes read per output tile: K·bn/2 (+ K/B·bn·2 for f16 scales): the 4-bit traffic the decode-time speed
-depends on. `interpret=True` runs the same kernel on CPU (tests); on GPU it lowers through Triton.
+depends on. `interpret=True` runs the same kernel on CPU (tests); on GPU it lowers through Triton, chosen
+explicitly with Triton compiler parameters: since JAX 0.10 a `pallas_call` without them lowers through Mosaic
+GPU, which this kernel is not written for (its whole-K blocks exceed Mosaic's 256-element copies). That the
+kernel lowers to Triton IR for CUDA is checked on CPU (`lower_for_cuda`, tests/kernels/test_qmatmul.py); that
+Triton compiles it to PTX, and its speed, only on a GPU (benchmarks/int4_matmul.py).
 """
 
 from __future__ import annotations
@@ -20,22 +24,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from ...quant._qtensor import QTensor, nf4_values
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Output tile sizes. Defaults are the usual Triton matmul tiles for skinny (decode) shapes; they are the
-  values to sweep with `benchmarks/int4_matmul.py` on a GPU (not yet tuned on hardware: no GPU in this session)."""
+  """Output tile sizes and Triton's launch parameters. Defaults are the usual Triton matmul settings for skinny
+  (decode) shapes; they are the values to sweep with `benchmarks/int4_matmul.py` on a GPU (not yet tuned on
+  hardware: no GPU has been lent to this project's sessions so far)."""
 
   bm: int = 16
   bn: int = 64
+  num_warps: int = 4    # warps per program (32 threads each)
+  num_stages: int = 3   # software-pipelining depth of the loop over K
 
   def for_shape(self, m: int, n: int) -> "BlockSizes":
     bm = max(16, min(self.bm if m <= 16 else 64, _pow2_at_least(m)))
     bn = next((b for b in (self.bn, 128, 64, 32, 16) if n % b == 0), None)
-    return BlockSizes(bm, bn or self.bn)
+    return dataclasses.replace(self, bm=bm, bn=bn or self.bn)
+
+  def compiler_params(self) -> pltriton.CompilerParams:
+    return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def _pow2_at_least(m: int) -> int:
@@ -139,6 +150,7 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes, interpret: bool):
       grid=(mp // bs.bm, n // bs.bn),
       in_specs=in_specs,
       out_specs=pl.BlockSpec((bs.bm, bs.bn), lambda i, j: (i, j)),
+      compiler_params=bs.compiler_params(),  # Triton, not JAX's default Mosaic GPU (module docstring)
       interpret=interpret,
   )(*args)
   return out[:m].reshape(*lead, n)

@@ -1,0 +1,118 @@
+"""Compiling the Pallas GPU kernel to machine code for an NVIDIA Hopper GPU (sm_90: H100 / H200) without a GPU.
+
+JAX lowers a jitted call for CUDA on any machine (``.lower(lowering_platforms=("cuda",))``); for a `pallas_call` that
+runs JAX's Pallas-to-Triton lowering rules and embeds the kernel's Triton IR in the program. On a GPU, XLA then
+compiles that IR with its own copy of Triton. Here the IR is captured as text and compiled by the ``triton``
+package (pinned in the ``test`` extra) for sm_90 down to a cubin with the ``ptxas`` it ships, whose ``-v`` report
+gives the kernel's registers, spills and, from Triton, its shared memory. So an unsupported op, a tile that does not
+fit, or register spilling shows up on CPU, in CI, before a GPU is ever lent.
+
+What this does not show: the kernel's numbers on a GPU (interpret mode checks the semantics on CPU) and its speed;
+nor whether XLA's Triton (a different version from the package's) makes the same choices.
+Uses a private JAX hook (the Pallas Triton lowering function) to read the IR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+
+SM90_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one block may use on sm_90 (H100 / H200)
+SM90_REGISTERS = 255        # registers per thread at most
+
+
+def triton_kernels(fn, *args) -> list[dict]:
+  """Lowers ``jax.jit(fn)(*args)`` for CUDA (args may be `jax.ShapeDtypeStruct`s) and returns, for each Pallas
+  kernel in it, ``{"ir": Triton IR text, "num_warps": .., "num_stages": ..}``. Raises whatever the lowering raises
+  (an op or shape the Pallas Triton lowering does not support)."""
+  from jax._src.pallas.triton import pallas_call_registration as registration
+
+  irs: list[str] = []
+  lower = registration.lowering.lower_jaxpr_to_triton_module
+
+  def capture(*a, **k):
+    result = lower(*a, **k)
+    irs.append(result.module.operation.get_asm())
+    return result
+
+  registration.lowering.lower_jaxpr_to_triton_module = capture
+  try:
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  finally:
+    registration.lowering.lower_jaxpr_to_triton_module = lower
+  launches = re.findall(r"num_stages = (\d+) : i32, num_warps = (\d+) : i32", text)
+  if len(launches) != len(irs):
+    raise RuntimeError(f"found {len(irs)} Triton kernels but {len(launches)} launch configurations in the program")
+  return [{"ir": ir, "num_stages": int(s), "num_warps": int(w)} for ir, (s, w) in zip(irs, launches)]
+
+
+class IRVersionMismatch(RuntimeError):
+  """The triton package cannot read the IR JAX's lowering wrote (a different Triton version): nothing is known
+  about the kernel."""
+
+
+def _ptxas() -> str:
+  import triton
+  bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+  found = str(bundled) if bundled.exists() else shutil.which("ptxas")
+  if not found:
+    raise RuntimeError("no ptxas: neither the triton package's nor one on the PATH")
+  return found
+
+
+def compile_sm90(kernel: dict) -> dict:
+  """Compiles one `triton_kernels` entry for sm_90 with the ``triton`` package; returns shared memory (bytes),
+  registers per thread, spill bytes (stores + loads) and PTX size. Raises on a compile failure;
+  `IRVersionMismatch` when the package cannot even parse the IR."""
+  import triton
+  from triton.backends.compiler import GPUTarget
+
+  with tempfile.TemporaryDirectory(prefix="lj-triton-") as tmp:
+    src = Path(tmp) / "kernel.ttir"
+    src.write_text(kernel["ir"])
+    with _env(TRITON_CACHE_DIR=tmp):
+      try:
+        compiled = triton.compile(str(src), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": kernel["num_warps"], "num_stages": kernel["num_stages"]})
+      except RuntimeError as e:
+        if "Parse MLIR" in str(e):  # the IR is JAX's, so this is version skew, not the kernel
+          raise IRVersionMismatch(f"triton {triton.__version__} cannot parse the Triton IR that jax "
+                                  f"{jax.__version__} emits (pin a triton matching jaxlib's)") from e
+        raise
+    ptx = Path(tmp) / "kernel.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    arch = re.search(r"^\.target (\S+)", compiled.asm["ptx"], re.M).group(1)
+    report = subprocess.run([_ptxas(), f"-arch={arch}", "-v", str(ptx), "-o", os.devnull], capture_output=True,
+                            text=True, check=True)
+  out = report.stdout + report.stderr
+  regs = re.search(r"Used (\d+) registers", out)
+  spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+  if not regs or not spills:
+    raise RuntimeError(f"unexpected ptxas report:\n{out}")
+  return {"arch": arch, "shared_bytes": int(compiled.metadata.shared), "registers": int(regs.group(1)),
+          "spill_bytes": int(spills.group(1)) + int(spills.group(2)), "ptx_lines": compiled.asm["ptx"].count("\n"),
+          "num_warps": kernel["num_warps"], "num_stages": kernel["num_stages"]}
+
+
+@contextlib.contextmanager
+def _env(**values):
+  old = {k: os.environ.get(k) for k in values}
+  os.environ.update(values)
+  try:
+    yield
+  finally:
+    for k, v in old.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
+__all__ = ["IRVersionMismatch", "SM90_REGISTERS", "SM90_SHARED_BYTES", "compile_sm90", "triton_kernels"]
