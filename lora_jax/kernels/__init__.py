@@ -61,24 +61,30 @@ def set_default_impl(impl: str) -> None:
   _DEFAULT_IMPL = impl
 
 
+def _backend() -> str:
+  """The backend the dispatch decides for (a function, so tests can lower a GPU program on CPU)."""
+  return jax.default_backend()
+
+
 def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
   _check_impl(impl)
+  backend = _backend()
   if impl in ("reference", "small_m"):
     return impl
   if impl == "cpu":
-    if jax.default_backend() != "cpu":
-      raise LoraJaxError(f"the CPU qmatmul kernel needs the CPU backend (backend is {jax.default_backend()})")
+    if backend != "cpu":
+      raise LoraJaxError(f"the CPU qmatmul kernel needs the CPU backend (backend is {backend})")
     ok, why = _cpu.supports(x, w)
     if ok:
       ok, why = _cpu.available()
     if not ok:
       raise LoraJaxError(f"the CPU qmatmul kernel cannot take this call: {why}")
     return "cpu"
-  on_gpu = jax.default_backend() == "gpu"
+  on_gpu = backend == "gpu"
   ok, why = supports(x, w)
   if impl == "pallas":
     if not (on_gpu or interpret):
-      raise LoraJaxError(f"the Pallas qmatmul kernel needs a GPU (backend is {jax.default_backend()}); "
+      raise LoraJaxError(f"the Pallas qmatmul kernel needs a GPU (backend is {backend}); "
                          f"use impl='auto' or 'reference'")
     if not ok:
       raise LoraJaxError(f"the Pallas qmatmul kernel does not support this call: {why}")
@@ -86,15 +92,15 @@ def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
   if on_gpu and ok:
     return "pallas"
   rows = int(np.prod(x.shape[:-1]))
-  if rows <= CPU_M_MAX and jax.default_backend() == "cpu" and _cpu.supports(x, w)[0]:
+  if rows <= CPU_M_MAX and backend == "cpu" and _cpu.supports(x, w)[0]:
     built, why = _cpu.available()
     if built:
       return "cpu"
     _log_once(why)
   # NF4's code-to-value select tree costs more than the bytes it saves (benchmarks/results/int4_matmul_cpu.json)
-  if rows <= SMALL_M_MAX and jax.default_backend() == "cpu" and w.fmt != "nf4":
+  if rows <= SMALL_M_MAX and backend == "cpu" and w.fmt != "nf4":
     return "small_m"
-  _log_once(f"backend {jax.default_backend()}" if not on_gpu else why)
+  _log_once(f"backend {backend}" if not on_gpu else why)
   return "reference"
 
 
@@ -116,6 +122,7 @@ def qmatmul_lora(x, w: QTensor, a, b, scale, *, impl: str | None = None, interpr
   product ``s·(x a)`` is formed outside, its product with b inside each output tile); elsewhere it is `qmatmul`
   plus the two small products."""
   choice = _choose(x, w, impl or _DEFAULT_IMPL, interpret)
+  scale = jnp.asarray(scale).astype(jnp.float32)  # a bf16 adapter's scale: no implicit promotion needed
   low = jnp.einsum("...i,ir->...r", x, a.astype(x.dtype), preferred_element_type=jnp.float32)
   if choice == "pallas":
     return _fused_lora_vjp(interpret, x, w, low * scale, b)
@@ -125,7 +132,7 @@ def qmatmul_lora(x, w: QTensor, a, b, scale, *, impl: str | None = None, interpr
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused_lora_vjp(interpret, x, w, low, b):
-  return qmatmul_lora_pallas(x, w, low, b, interpret=interpret)
+  return qmatmul_lora_pallas(x, _scales_after(w, x), low, b, interpret=interpret)
 
 
 def _fused_fwd(interpret, x, w, low, b):
@@ -149,8 +156,8 @@ def _after(w: QTensor, x, field: str = "codes") -> QTensor:
   dequantization before `x` exists. Without it, XLA hoists the dequantization of a loop-invariant weight out of a
   decode loop, and XLA:CPU's default scheduler dequantizes every layer of an unrolled program up front: either way
   the whole base is held in float32 at once (405 MB of temporaries for SmolLM2 with an NF4 base; ≈14 MB with
-  this). The add fuses into the dequantization. Not for the Pallas kernel, whose custom call would read a
-  modified copy. Applied inside the custom VJP, so the residual kept for the backward pass is the stored `w`.
+  this). The add fuses into the dequantization. Not for the codes of the kernels (Pallas, CPU), whose custom
+  calls would read a modified copy. Applied inside the custom VJP, so the residual kept for the backward pass is the stored `w`.
   Costs: under `vmap` over `x` the codes (and so the dequantized kernel) gain the batch axis; under SPMD
   sharding of `x` the scalar x₀ would be broadcast from its device at each call (the library does not shard yet;
   a per-shard dependency via shard_map would avoid that). ``field="scale"`` ties the (int8, double-quantized)
@@ -163,12 +170,18 @@ def _after(w: QTensor, x, field: str = "codes") -> QTensor:
   return dataclasses.replace(w, **{field: a + zero.astype(a.dtype)})
 
 
+def _scales_after(w: QTensor, x) -> QTensor:
+  """For the kernels, which read the stored codes: a double-quantized `w`'s int8 scales tied to `x` (`_after`),
+  so their float32 form is computed per call, not hoisted out of a decode loop for every layer at once."""
+  return _after(w, x, field="scale") if w.double_quantized else w
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _qmatmul_vjp(choice, interpret, x, w):
   if choice == "pallas":
-    return qmatmul_pallas(x, w, interpret=interpret)
+    return qmatmul_pallas(x, _scales_after(w, x), interpret=interpret)
   if choice == "cpu":  # reads the stored codes; only double-quantized scales are computed, after x
-    return qmatmul_cpu(x, _after(w, x, field="scale") if w.double_quantized else w)
+    return qmatmul_cpu(x, _scales_after(w, x))
   w = _after(w, x)
   if choice == "small_m":
     return qmatmul_small_m(x, w)

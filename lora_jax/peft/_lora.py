@@ -148,7 +148,7 @@ class LoRAWeight:
     base = self._base_linear(x)
     low = jnp.einsum("...i,ir->...r", xd, self.a.astype(x.dtype), preferred_element_type=jnp.float32)
     lora = jnp.einsum("...r,ro->...o", low.astype(x.dtype), self.b.astype(x.dtype),
-                      preferred_element_type=jnp.float32) * self.scale
+                      preferred_element_type=jnp.float32) * self.scale.astype(jnp.float32)
     if self.magnitude is None:
       return base + lora
     # DoRA (PEFT's DoraLinearLayer.forward): the column norm is a constant for the backward pass.
@@ -184,11 +184,12 @@ def _lora_linear_fwd(x, w, a, b, scale):
   lora = jnp.einsum("...r,ro->...o", low.astype(x.dtype), b.astype(x.dtype), preferred_element_type=jnp.float32)
   # keep W and A apart as residuals (W is already alive as a parameter; the concatenation would be a second copy
   # of every adapted weight held until the backward pass) and concatenate again there
-  return y[..., :out] + scale * lora, (x, w, a, low, b, scale)
+  return y[..., :out] + scale.astype(jnp.float32) * lora, (x, w, a, low, b, scale)
 
 
 def _lora_linear_bwd(res, dy):
-  x, w, a, low, b, scale = res
+  x, w, a, low, b, scale_in = res
+  scale = scale_in.astype(jnp.float32)
   wa = jnp.concatenate([w.astype(x.dtype), a.astype(x.dtype)], axis=-1)
   dlow = scale * jnp.einsum("...o,ro->...r", dy, b.astype(jnp.float32))
   dx = jnp.einsum("...o,io->...i", jnp.concatenate([dy, dlow], axis=-1).astype(x.dtype), wa,
@@ -199,7 +200,7 @@ def _lora_linear_bwd(res, dy):
   db = scale * jnp.einsum("nr,no->ro", low.reshape(-1, low.shape[-1]), dy.reshape(-1, dy.shape[-1]))
   dscale = jnp.sum(jnp.einsum("nr,ro->no", low.reshape(-1, low.shape[-1]), b.astype(jnp.float32))
                    * dy.reshape(-1, dy.shape[-1]))
-  return dx, None, da.astype(b.dtype), db.astype(b.dtype), dscale.astype(scale.dtype)  # None: W is frozen
+  return dx, None, da.astype(b.dtype), db.astype(b.dtype), dscale.astype(scale_in.dtype)  # None: W is frozen
 
 
 _lora_linear.defvjp(_lora_linear_fwd, _lora_linear_bwd)

@@ -134,12 +134,28 @@ def test_dispatch_errors_and_fallback():
   x = jnp.ones((2, 256))
   with pytest.raises(LoraJaxError, match="needs a GPU"):
     qmatmul(x, w, impl="pallas")
-  dq = quantize(jnp.ones((256, 128)), "nf4", double_quant=True)
-  assert supports(x, dq) == (False, "double-quantized scales")
-  with pytest.raises(LoraJaxError, match="does not support this call: double-quantized"):
-    qmatmul(x, dq, impl="pallas", interpret=True)
+  odd = quantize(jnp.ones((256, 120)), "nf4")
+  assert supports(x, odd) == (False, "N=120 not a multiple of 16")
+  with pytest.raises(LoraJaxError, match="does not support this call: N=120"):
+    qmatmul(x, odd, impl="pallas", interpret=True)
   x = jnp.ones((CPU_M_MAX + 1, 256))
   assert_allclose(qmatmul(x, w), qmatmul_reference(x, w), "f32_op")  # auto on CPU above CPU_M_MAX: the reference
+
+
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_pallas_double_quantized_nf4(m):
+  """`--quantize nf4` double-quantizes: the kernel takes it (float32 block scales formed before the call), plain
+  and with the fused LoRA term, against the reference."""
+  w = quantize(jax.random.normal(jax.random.key(3), (1024, 192)) * 0.05, "nf4", double_quant=True)
+  assert w.double_quantized and supports(jnp.ones((m, 1024)), w) == (True, "")
+  x = jax.random.normal(jax.random.key(m), (m, 1024))
+  a = jax.random.normal(jax.random.key(5), (1024, 8)) * 0.05
+  b = jax.random.normal(jax.random.key(6), (8, 192)) * 0.05
+  with jax.default_matmul_precision("highest"):
+    want = qmatmul_reference(x, w)
+    lora = 2.0 * (x @ a) @ b
+    assert_allclose(qmatmul(x, w, impl="pallas", interpret=True), want, "f32_composite")
+    assert_allclose(qmatmul_lora(x, w, a, b, 2.0, impl="pallas", interpret=True), want + lora, "f32_composite")
 
 
 @pytest.mark.parametrize("fmt,m,r", [("nf4", 1, 8), ("nf4", 33, 1), ("q4_1", 5, 24), ("int4_asym", 16, 16)])
@@ -191,8 +207,13 @@ def test_bf16_qlora_gradients_have_the_inputs_dtypes(impl):
 
 
 def _abstract_q(fmt, k, n, block):
-  """A QTensor of ShapeDtypeStructs: lowering needs shapes and dtypes only (no 14336-wide arrays on CPU)."""
+  """A QTensor of ShapeDtypeStructs: lowering needs shapes and dtypes only (no 14336-wide arrays on CPU).
+  "nf4_dq": double-quantized NF4 (int8 scales, one f32 second-level scale per 256 blocks)."""
   s = jax.ShapeDtypeStruct
+  if fmt == "nf4_dq":
+    groups = -(-(k // block) * n // 256)
+    return QTensor(s((k // 2, n), jnp.uint8), s((k // block, n), jnp.int8), None, s((groups,), jnp.float32),
+                   s((), jnp.float32), fmt="nf4", block_size=block, shape=(k, n))
   pdt = jnp.float16 if fmt in ("q4_0", "q4_1") else jnp.float32
   return QTensor(s((k // 2, n), jnp.uint8), s((k // block, n), pdt),
                  s((k // block, n), pdt) if fmt in ("int4_asym", "q4_1") else None, fmt=fmt, block_size=block,
@@ -201,7 +222,8 @@ def _abstract_q(fmt, k, n, block):
 
 LOWER_CASES = [(m, k, n, fmt, 32 if fmt.startswith("q4") else 64, dt)
                for m, (k, n) in ((1, (4096, 14336)), (16, (14336, 4096)), (300, (576, 1536)))
-               for fmt in ("nf4", "int4_sym", "int4_asym", "q4_0", "q4_1") for dt in (jnp.bfloat16, jnp.float32)]
+               for fmt in ("nf4", "nf4_dq", "int4_sym", "int4_asym", "q4_0", "q4_1")
+               for dt in (jnp.bfloat16, jnp.float32)]
 
 
 @pytest.mark.parametrize("m,k,n,fmt,block,dt", LOWER_CASES, ids=lambda v: getattr(v, "__name__", str(v)))

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -135,3 +136,46 @@ def test_decoding_never_holds_the_dequantized_base(fmt):
                                 jnp.int32(8), jax.random.key(0), steps=8, sampling=SamplingConfig(), eos=()).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < 3 * largest < dequantized / 4, (temp, largest, dequantized)
+
+
+@pytest.mark.parametrize("mode,dtype", [("nf4", jnp.bfloat16), ("int4", jnp.float32)])
+def test_qlora_programs_lower_for_gpu(monkeypatch, mode, dtype):
+  """What a GPU would run, lowered for CUDA on CPU with the dispatch told it is on a GPU: a QLoRA train step (the
+  base as `--quantize` makes it: NF4 double-quantized, or int4) and the prefill and decode programs. Every
+  projection must go through the Pallas kernel as a Triton call (LoRA fused in when training), none through the
+  dequantize-and-dot fallback; with the triton package, each kernel compiles for sm_90 without spilling."""
+  import optax
+  import lora_jax.kernels as kernels
+  from lora_jax.generate import SamplingConfig, decode_chunk, prefill
+  from lora_jax.models._llama import KVCache
+  from lora_jax.quant import quantize_model_params
+  from lora_jax.train import TrainState, make_train_step
+  monkeypatch.setattr(kernels, "_backend", lambda: "gpu")
+  choices = []
+  choose = kernels._choose
+  monkeypatch.setattr(kernels, "_choose", lambda *a: choices.append(choose(*a)) or choices[-1])
+  cfg = dataclasses.replace(CFG, hidden_size=128, intermediate_size=256, head_dim=32)
+  params = jax.tree.map(lambda a: a.astype(dtype), init_params(cfg, key=jax.random.key(0)))
+  frozen = quantize_model_params(params, mode)
+  adapter, frozen = init_lora(LCFG, cfg, frozen, key=jax.random.key(1))
+  tx = optax.adamw(1e-3)
+  state = TrainState(jnp.int32(0), adapter, tx.init(adapter), jax.random.key_data(jax.random.key(0)))
+  b, t = 2, 32
+  batch = {"ids": jnp.zeros((b, t), jnp.int32), "segments": jnp.ones((b, t), jnp.int32),
+           "positions": jnp.tile(jnp.arange(t), (b, 1)), "loss": jnp.ones((b, t), bool)}
+  cuda = lambda jitted, *a, **k: jitted.trace(*a, **k).lower(lowering_platforms=("cuda",)).as_text()
+  applied = apply_lora(LCFG, cfg, frozen, adapter)
+  cache = KVCache.empty(cfg, b, 64, dtype)
+  with jax.numpy_dtype_promotion("standard"):  # optax's AdamW on a bf16 adapter is not written for strict mode
+    train_step = cuda(make_train_step(cfg, LCFG, tx), state, frozen, batch)
+  programs = {
+      "train_step": train_step,
+      "prefill": cuda(prefill, applied, cfg, batch["ids"], batch["segments"] > 0, cache),
+      "decode": cuda(decode_chunk, applied, cfg, cache, jnp.zeros((b, cfg.vocab_size)), jnp.zeros((b,), bool),
+                     jnp.int32(t), jnp.int32(8), jax.random.key(0), steps=8, sampling=SamplingConfig(), eos=()),
+  }
+  # 7 projections per (scanned) layer body in each of the 3 programs (the decode loop's body traced once)
+  assert len(choices) == 21 and set(choices) == {"pallas"}, choices
+  for name, text in programs.items():
+    calls = re.findall(r"custom_call @([\w$.]+)", text)
+    assert calls and set(calls) == {"__gpu$xla.gpu.triton"}, (name, calls)  # identical kernels may be shared

@@ -86,8 +86,6 @@ def _kernel(xe_ref, xo_ref, codes_ref, scale_ref, *rest, fmt: str, half: int, n_
 
 def supports(x, w: QTensor, blocks: BlockSizes = BlockSizes()) -> tuple[bool, str]:
   """Whether this kernel handles the call, and why not."""
-  if w.double_quantized:
-    return False, "double-quantized scales"
   if w.block_size // 2 < 16 or w.block_size & (w.block_size - 1):
     return False, f"block size {w.block_size} (needs a power of two >= 32)"
   k, n = w.shape
@@ -133,7 +131,9 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes, interpret: bool):
       pl.BlockSpec((k // 2, bs.bn), lambda i, j: (0, j)),
       pl.BlockSpec((nb, bs.bn), lambda i, j: (0, j)),
   ]
-  args = [xe, xo, w.codes, w.scale]
+  # double-quantized NF4: the float32 block scales are formed first (an elementwise op reading 1 byte and writing 4
+  # per block of 64 weights, i.e. +1/64 of the f32 weight's size); the kernel reads them like plain absmax
+  args = [xe, xo, w.codes, w.block_scales() if w.double_quantized else w.scale]
   if w.offset is not None:
     in_specs.append(pl.BlockSpec((nb, bs.bn), lambda i, j: (0, j)))
     args.append(w.offset)
