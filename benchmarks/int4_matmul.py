@@ -13,10 +13,11 @@ M in {1, 8, 16, 64, 256, 4096} x (K, N) in {(4096, 4096), (4096, 14336), (14336,
     f32 array, read + write bytes / time); TFLOP/s = 2MKN / time vs a measured 8192^3 bf16 dot.
   * fused LoRA: `qmatmul_lora` (the LoRA term inside the Pallas kernel, r = 16) vs the kernel followed by the two
     small LoRA products, on the first shape and format, M <= 16; relative error between the two.
-  * --block-sweep (after all of the above): explicit (bm, bn) tiles, bm in {16, 32, 64} x bn in {32, 64, 128}, at
-    M = 1 (every M <= 16 is padded to the same bm rows, so M = 1 stands for M <= 16) and M = 4096; reports the best
-    tile and its speedup over the default. Tiles are used as given: `BlockSizes.for_shape` itself forces bm = 16
-    for M <= 16 and bm = min(64, M) above, so only bn of `BlockSizes()` changes what the library runs today.
+  * --block-sweep (after all of the above; first two shapes, first format): explicit tilings (bm, bn, bk, split_k)
+    at M = 1 (every M <= 16 is padded to the same bm rows, so M = 1 stands for M <= 16): bm = 16, bn in
+    {32, 64, 128}, bk (quantization blocks per loop step) in {1, 2, 4}, split_k in {1, 2, 4, 8}; and at M = 4096:
+    bm in {32, 64}, bn in {64, 128}, bk in {1, 2}. Reports the best and its speedup over the default
+    `BlockSizes().for_shape` (timed first), whose bk and split_k are reasoned, not yet measured.
   * the JSON is rewritten after every (shape, format), and shapes that start after --budget-s seconds are skipped,
     so a run cut short by a time limit still leaves its results.
 CPU: the C++ kernel (`qmatmul_cpu`, for M <= CPU_M_MAX), the reference and, for M <= SMALL_M_MAX, the small_m
@@ -61,14 +62,14 @@ GPU_MS, CPU_MS = (1, 8, 16, 64, 256, 4096), (1, 8, 64, 256)
 GPU_SHAPES = {"all": ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)), "small": ((4096, 4096), (4096, 14336))}
 CPU_SHAPES = ((576, 1536), (1536, 576), (576, 576), (4096, 4096))
 FORMATS, TOL = ("nf4", "int4_sym"), 2e-2
-SWEEP = [(bm, bn) for bm in (16, 32, 64) for bn in (32, 64, 128)]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 class Tiles(BlockSizes):
-  """BlockSizes used exactly as given (the block sweep); `BlockSizes.for_shape` picks bm itself."""
+  """BlockSizes used exactly as given (the block sweep: bm, bn, bk, split_k all set); `BlockSizes.for_shape` picks
+  bm itself."""
 
-  def for_shape(self, m, n):
+  def for_shape(self, m, n, k=None, block_size=None):
     return self
 
 
@@ -240,38 +241,61 @@ def fused_lora(args, result, shape, fmt, ms, interp, gib, peaks, t_end, rank=16)
   del qs
 
 
+def sweep_configs(m, dry_run):
+  """(bm, bn, bk, split_k) to time. M <= 16 (decode: bm = 16, the weight stream is everything): output width,
+  blocks per step and K split; large M: output tile and blocks per step, no split."""
+  if m <= 16:
+    configs = [(16, bn, bk, sk) for bn in (32, 64, 128) for bk in (1, 2, 4) for sk in (1, 2, 4, 8)]
+  else:
+    configs = [(bm, bn, bk, 1) for bm in (32, 64) for bn in (64, 128) for bk in (1, 2)]
+  return configs[:2] if dry_run else configs
+
+
 def block_sweep(args, result, shapes, ms, pallas, gib, t_end):
-  """Explicit (bm, bn) tiles; M <= 16 pads to the same bm-row tile, so the smallest M stands for all of them."""
-  print(f"\nblock sweep (M = {list(ms)}): best tile, and its speedup over the default BlockSizes().for_shape")
-  for k, n in shapes:
-    for fmt in args.formats:
-      if time.perf_counter() > t_end:
-        continue
-      try:
-        _, qs = gpu_weights(args, k, n, fmt, gib)
-      except Exception as e:
-        result["sweep"].append({"K": k, "N": n, "fmt": fmt, "error": err_text(e)})
-        continue
-      for m in ms:
-        x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-        default = BlockSizes().for_shape(m, n)
-        entry = {"M": m, "K": k, "N": n, "fmt": fmt, "default": [default.bm, default.bn], "tiles": []}
-        for bm, bn in (SWEEP[:2] if args.dry_run else SWEEP):
-          if n % bn == 0 and time.perf_counter() < t_end:
-            try:
-              entry["tiles"].append({"bm": bm, "bn": bn, "time_s": time_op(pallas(Tiles(bm, bn)), x, qs, args)})
-            except Exception as e:
-              entry["tiles"].append({"bm": bm, "bn": bn, "error": err_text(e)})
-        ok = [t for t in entry["tiles"] if "time_s" in t]
-        dflt = [t["time_s"] for t in ok if [t["bm"], t["bn"]] == entry["default"]]
-        if ok:
-          best = entry["best"] = min(ok, key=lambda t: t["time_s"])
-          entry["best_speedup_vs_default"] = dflt[0] / best["time_s"] if dflt else None
-          print(f"{m:5d} {k:5d} {n:5d} {fmt:8s} best bm={best['bm']:2d} bn={best['bn']:3d} {best['time_s'] * 1e6:9.1f} us"
-                f"  default {entry['default']}: x{entry['best_speedup_vs_default'] or float('nan'):.2f}", flush=True)
-        result["sweep"].append(entry)
-        save(result, args.out)
-      del qs
+  """Explicit tilings (`sweep_configs`) on the first two shapes and the first format; M <= 16 pads to the same
+  bm-row tile, so the smallest M stands for all of them."""
+  print(f"\nblock sweep (M = {list(ms)}): best (bm, bn, bk, split_k), and its speedup over the default "
+        f"BlockSizes().for_shape")
+  fmt = args.formats[0]
+  for k, n in shapes[:2]:
+    if time.perf_counter() > t_end:
+      continue
+    try:
+      _, qs = gpu_weights(args, k, n, fmt, gib)
+    except Exception as e:
+      result["sweep"].append({"K": k, "N": n, "fmt": fmt, "error": err_text(e)})
+      continue
+    for m in ms:
+      x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+      d = BlockSizes().for_shape(m, n, k, 64)
+      default = [d.bm, d.bn, d.bk, d.split_k]
+      entry = {"M": m, "K": k, "N": n, "fmt": fmt, "default": default, "tiles": []}
+      configs = sweep_configs(m, args.dry_run)
+      configs = [tuple(default)] + [c for c in configs if list(c) != default]
+      for bm, bn, bk, sk in configs:
+        if n % bn or (k // 64) % (bk * sk) or time.perf_counter() > t_end:
+          continue
+        tile = {"bm": bm, "bn": bn, "bk": bk, "split_k": sk}
+        try:
+          tile["time_s"] = time_op(pallas(Tiles(bm, bn, bk, sk)), x, qs, args)
+        except Exception as e:
+          tile["error"] = err_text(e)
+        entry["tiles"].append(tile)
+      ok = [t for t in entry["tiles"] if "time_s" in t]
+      dflt = [t["time_s"] for t in ok if [t["bm"], t["bn"], t["bk"], t["split_k"]] == default]
+      if ok:
+        best = entry["best"] = min(ok, key=lambda t: t["time_s"])
+        entry["best_speedup_vs_default"] = dflt[0] / best["time_s"] if dflt else None
+        gb = qs[0].nbytes() / best["time_s"] / 1e9
+        print(f"{m:5d} {k:5d} {n:5d} {fmt:8s} best bm={best['bm']:2d} bn={best['bn']:3d} bk={best['bk']} "
+              f"split_k={best['split_k']} {best['time_s'] * 1e6:9.1f} us ({gb:.0f} GB/s)  default {default}: "
+              f"x{entry['best_speedup_vs_default'] or float('nan'):.2f}", flush=True)
+      errors = [t for t in entry["tiles"] if "error" in t]
+      if errors:
+        print(f"{m:5d} {k:5d} {n:5d} {fmt:8s} {len(errors)} tilings failed, e.g. {errors[0]}", flush=True)
+      result["sweep"].append(entry)
+      save(result, args.out)
+    del qs
 
 
 def print_gpu_row(r):

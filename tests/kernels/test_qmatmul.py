@@ -266,3 +266,41 @@ def test_pallas_compiles_for_sm90(m, k, n, fmt, block, dt):
     assert r["arch"].startswith("sm_90"), r
     assert 0 < r["shared_bytes"] <= tc.SM90_SHARED_BYTES and r["registers"] <= tc.SM90_REGISTERS, r
     assert r["spill_bytes"] == 0, r
+
+
+@pytest.mark.parametrize("fmt,bk,split,lora", [("nf4", 2, 1, False), ("nf4", 1, 4, True), ("q4_1", 2, 2, True),
+                                               ("int4_asym", 4, 2, False), ("q4_0", 8, 4, True)])
+def test_pallas_steps_and_split_k(fmt, bk, split, lora):
+  """Several quantization blocks per loop step (bk) and K split over programs whose partial tiles are summed
+  (split_k), in interpret mode against the reference; the fused LoRA term is added once, not once per split."""
+  from lora_jax.kernels import BlockSizes, qmatmul_lora_pallas
+  block = 64 if fmt in ("nf4", "int4_asym") else 32
+  w = _q(fmt, 2048, 128, block)
+  x = jax.random.normal(jax.random.key(bk * 10 + split), (5, 2048))
+  blocks = BlockSizes(bk=bk, split_k=split)
+  assert blocks.for_shape(5, 128, 2048, block).split_k == split
+  with jax.default_matmul_precision("highest"):
+    want = qmatmul_reference(x, w)
+    if lora:
+      low = jax.random.normal(jax.random.key(7), (5, 8))
+      b = jax.random.normal(jax.random.key(8), (8, 128)) * 0.1
+      got = qmatmul_lora_pallas(x, w, low, b, blocks=blocks, interpret=True)
+      want = want + low @ b
+    else:
+      got = qmatmul_pallas(x, w, blocks=blocks, interpret=True)
+  assert_allclose(got, want, "f32_composite")
+  with pytest.raises(ValueError, match="must divide the 32 quantization blocks"):
+    qmatmul_pallas(x, _q("nf4", 2048, 128, 64), blocks=BlockSizes(bk=3, split_k=1), interpret=True)
+
+
+@pytest.mark.parametrize("m,k,n,block,want", [
+    (1, 4096, 4096, 64, (16, 64, 2, 2)),     # 64 output tiles: split K in two (+12.5% bytes, the bound)
+    (1, 14336, 4096, 64, (16, 64, 2, 4)),    # longer K: split further within the bound
+    (1, 4096, 4096, 32, (16, 64, 4, 2)),     # 128 rows of K per step: 4 blocks of 32
+    (64, 4096, 4096, 64, (64, 64, 2, 1)),    # partial sums of 64 rows would cost too much
+    (1, 576, 1536, 64, (16, 64, 1, 1)),      # 9 blocks: odd, no even split or step
+])
+def test_block_sizes_resolution(m, k, n, block, want):
+  from lora_jax.kernels import BlockSizes
+  bs = BlockSizes().for_shape(m, n, k, block)
+  assert (bs.bm, bs.bn, bs.bk, bs.split_k) == want
