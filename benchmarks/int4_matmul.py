@@ -18,7 +18,8 @@ M in {1, 8, 16, 64, 256, 4096} x (K, N) in {(4096, 4096), (4096, 14336), (14336,
     {32, 64, 128}, bk (quantization blocks per loop step) in {1, 2, 4}, split_k in {1, 2, 4, 8}; and at M = 4096:
     bm in {32, 64}, bn in {64, 128}, bk in {1, 2}. Reports the best and its speedup over the default
     `BlockSizes().for_shape` (timed first), whose bk and split_k are reasoned, not yet measured.
-  * the JSON is rewritten after every (shape, format), and shapes that start after --budget-s seconds are skipped,
+  * the JSON is rewritten after every (shape, format); shapes that start after --budget-s seconds are skipped, and
+    the fused-LoRA timing and the sweep each stop starting new work after --sweep-budget-s seconds of their own,
     so a run cut short by a time limit still leaves its results.
 CPU: the C++ kernel (`qmatmul_cpu`, for M <= CPU_M_MAX), the reference and, for M <= SMALL_M_MAX, the small_m
 multiply-reduce (the Pallas kernel needs a GPU; interpret mode is not timed) on SmolLM2-135M shapes (K, N) in
@@ -31,9 +32,9 @@ temporaries (a base dequantized all at once would show there); "same ids": greed
 "= kernel", to the kernel variant's) before the first difference.
 
 Usage: python benchmarks/int4_matmul.py [--quick] [--mode gpu|cpu] [--shapes small] [--formats nf4,int4_sym]
-                                       [--block-sweep] [--budget-s S] [--reps N] [--out PATH]
+                                       [--block-sweep] [--budget-s S] [--sweep-budget-s S] [--reps N] [--out PATH]
        python benchmarks/int4_matmul.py --mode gpu --dry-run   # the GPU code path on CPU: tiny shape, interpret mode
-  On a time-limited GPU: --block-sweep --budget-s 400 --out $OUT/int4_matmul_gpu.json (--quick: 2 shapes, 10 reps).
+  On a time-limited GPU: scripts/gpu_check.sh (the GPU tests, then --block-sweep --budget-s 200 --sweep-budget-s 80).
 """
 
 from __future__ import annotations
@@ -195,10 +196,12 @@ def run_gpu(args, result):
         print_gpu_row(row)
       save(result, args.out)
       del wb, qs
-  fused_lora(args, result, shapes[0], args.formats[0], [m for m in ms if m <= 16], interp, gib, peaks, t_end)
+  # fused LoRA and the sweep have budgets of their own, so a main table that uses all of --budget-s leaves them time
+  fused_lora(args, result, shapes[0], args.formats[0], [m for m in ms if m <= 16], interp, gib, peaks,
+             time.perf_counter() + args.sweep_budget_s)
   if args.block_sweep:
     block_sweep(args, result, shapes, [m for m in ms if m <= 16][:1] + [m for m in ms if m > 16][-1:], pallas, gib,
-                t_end)
+                time.perf_counter() + args.sweep_budget_s)
 
 
 def fused_lora(args, result, shape, fmt, ms, interp, gib, peaks, t_end, rank=16):
@@ -453,7 +456,10 @@ def main():
   ap.add_argument("--dry-run", action="store_true", help="GPU mode on any backend: tiny shapes, Pallas interpret, 1 rep")
   ap.add_argument("--reps", type=int, help="timed calls per op, median reported (GPU 20, CPU 10; quick 10 / 3)")
   ap.add_argument("--warmup", type=int, default=2)
-  ap.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining shapes after this many seconds")
+  ap.add_argument("--budget-s", type=float, default=1e9, help="GPU: skip the remaining shapes of the main table "
+                  "after this many seconds")
+  ap.add_argument("--sweep-budget-s", type=float, default=1e9, help="GPU: seconds for the fused-LoRA timing, and "
+                  "again for the block sweep (each stops starting new work after it)")
   ap.add_argument("--new-tokens", type=int, help="CPU decode: new tokens (64; 16 with --quick)")
   ap.add_argument("--decode-reps", type=int, help="CPU decode: timed repetitions (3; 1 with --quick)")
   ap.add_argument("--out", help="JSON path (default benchmarks/results/int4_matmul_{mode}.json)")
