@@ -16,8 +16,9 @@ M in {1, 8, 16, 64, 256, 4096} x (K, N) in {(4096, 4096), (4096, 14336), (14336,
   * --block-sweep (after all of the above; first two shapes, first format): explicit tilings (bm, bn, bk, split_k)
     at M = 1 (every M <= 16 is padded to the same bm rows, so M = 1 stands for M <= 16): bm = 16, bn in
     {32, 64, 128}, bk (quantization blocks per loop step) in {1, 2, 4}, split_k in {1, 2, 4, 8}; and at M = 4096:
-    bm in {32, 64}, bn in {64, 128}, bk in {1, 2}. Reports the best and its speedup over the default
-    `BlockSizes().for_shape` (timed first), whose bk and split_k are reasoned, not yet measured.
+    bm in {32, 64}, bn in {64, 128}, bk in {1, 2}. Each tiling's output is checked against the reference (as
+    above); reports the best correct one and its speedup over the default `BlockSizes().for_shape` (timed first),
+    whose bk and split_k are reasoned, not yet measured.
   * the JSON is rewritten after every (shape, format); shapes that start after --budget-s seconds are skipped, and
     the fused-LoRA timing and the sweep each stop starting new work after --sweep-budget-s seconds of their own,
     so a run cut short by a time limit still leaves its results.
@@ -34,7 +35,7 @@ temporaries (a base dequantized all at once would show there); "same ids": greed
 Usage: python benchmarks/int4_matmul.py [--quick] [--mode gpu|cpu] [--shapes small] [--formats nf4,int4_sym]
                                        [--block-sweep] [--budget-s S] [--sweep-budget-s S] [--reps N] [--out PATH]
        python benchmarks/int4_matmul.py --mode gpu --dry-run   # the GPU code path on CPU: tiny shape, interpret mode
-  On a time-limited GPU: scripts/gpu_check.sh (the GPU tests, then --block-sweep --budget-s 200 --sweep-budget-s 80).
+  On a time-limited GPU: scripts/gpu_check.sh (the GPU tests, then --block-sweep --budget-s 180 --sweep-budget-s 70).
 """
 
 from __future__ import annotations
@@ -223,6 +224,9 @@ def fused_lora(args, result, shape, fmt, ms, interp, gib, peaks, t_end, rank=16)
   print(f"\nfused LoRA (r={rank}, {fmt}, {k}x{n}): {'M':>4} {'fused us':>9} {'split us':>9} {'fused/split':>11} "
         f"{'rel err':>8}")
   for m in ms:
+    if time.perf_counter() > t_end:
+      rows.append({"M": m, "skipped": "budget"})
+      continue
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
     row, outs = {"M": m, "K": k, "N": n, "fmt": fmt, "rank": rank}, {}
     for name, op in (("fused", fused), ("split", split)):
@@ -270,6 +274,7 @@ def block_sweep(args, result, shapes, ms, pallas, gib, t_end):
       continue
     for m in ms:
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+      ref = np.asarray(qmatmul_reference(x, qs[0]))
       d = BlockSizes().for_shape(m, n, k, 64)
       default = [d.bm, d.bn, d.bk, d.split_k]
       entry = {"M": m, "K": k, "N": n, "fmt": fmt, "default": default, "tiles": []}
@@ -278,13 +283,15 @@ def block_sweep(args, result, shapes, ms, pallas, gib, t_end):
       for bm, bn, bk, sk in configs:
         if n % bn or (k // 64) % (bk * sk) or time.perf_counter() > t_end:
           continue
-        tile = {"bm": bm, "bn": bn, "bk": bk, "split_k": sk}
+        tile, first = {"bm": bm, "bn": bn, "bk": bk, "split_k": sk}, []
         try:
-          tile["time_s"] = time_op(pallas(Tiles(bm, bn, bk, sk)), x, qs, args)
+          tile["time_s"] = time_op(pallas(Tiles(bm, bn, bk, sk)), x, qs, args, first)
+          tile["rel_err"] = float(np.max(np.abs(first[0] - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+          tile["pass"] = bool(tile["rel_err"] < TOL)  # a fast tiling that computes the wrong thing is no candidate
         except Exception as e:
           tile["error"] = err_text(e)
         entry["tiles"].append(tile)
-      ok = [t for t in entry["tiles"] if "time_s" in t]
+      ok = [t for t in entry["tiles"] if t.get("pass")]
       dflt = [t["time_s"] for t in ok if [t["bm"], t["bn"], t["bk"], t["split_k"]] == default]
       if ok:
         best = entry["best"] = min(ok, key=lambda t: t["time_s"])
@@ -293,9 +300,10 @@ def block_sweep(args, result, shapes, ms, pallas, gib, t_end):
         print(f"{m:5d} {k:5d} {n:5d} {fmt:8s} best bm={best['bm']:2d} bn={best['bn']:3d} bk={best['bk']} "
               f"split_k={best['split_k']} {best['time_s'] * 1e6:9.1f} us ({gb:.0f} GB/s)  default {default}: "
               f"x{entry['best_speedup_vs_default'] or float('nan'):.2f}", flush=True)
-      errors = [t for t in entry["tiles"] if "error" in t]
+      errors = [t for t in entry["tiles"] if not t.get("pass")]
       if errors:
-        print(f"{m:5d} {k:5d} {n:5d} {fmt:8s} {len(errors)} tilings failed, e.g. {errors[0]}", flush=True)
+        print(f"{m:5d} {k:5d} {n:5d} {fmt:8s} {len(errors)} tilings failed or were wrong, e.g. {errors[0]}",
+              flush=True)
       result["sweep"].append(entry)
       save(result, args.out)
     del qs

@@ -22,4 +22,4 @@ def test_int4_matmul_gpu_dry_run(tmp_path):
   assert all("time_s" in row[op] for row in rows for op in ("pallas", "reference", "bf16_dot")), rows
   assert result["fused_lora"] and all(row["pass"] for row in result["fused_lora"]), result["fused_lora"]
   tiles = [t for entry in result["sweep"] for t in entry["tiles"]]
-  assert tiles and all("time_s" in t for t in tiles), result["sweep"]
+  assert tiles and all("time_s" in t and t["pass"] for t in tiles), result["sweep"]

@@ -138,6 +138,8 @@ def test_dispatch_errors_and_fallback():
   assert supports(x, odd) == (False, "N=120 not a multiple of 16")
   with pytest.raises(LoraJaxError, match="does not support this call: N=120"):
     qmatmul(x, odd, impl="pallas", interpret=True)
+  with pytest.raises(ValueError, match="N=120 is not a multiple of the tile width"):  # called directly: no silent gap
+    qmatmul_pallas(x, odd, interpret=True)
   x = jnp.ones((CPU_M_MAX + 1, 256))
   assert_allclose(qmatmul(x, w), qmatmul_reference(x, w), "f32_op")  # auto on CPU above CPU_M_MAX: the reference
 
@@ -158,7 +160,8 @@ def test_pallas_double_quantized_nf4(m):
     assert_allclose(qmatmul_lora(x, w, a, b, 2.0, impl="pallas", interpret=True), want + lora, "f32_composite")
 
 
-@pytest.mark.parametrize("fmt,m,r", [("nf4", 1, 8), ("nf4", 33, 1), ("q4_1", 5, 24), ("int4_asym", 16, 16)])
+@pytest.mark.parametrize("fmt,m,r", [("nf4", 1, 8), ("nf4", 33, 1), ("q4_1", 5, 24), ("int4_asym", 16, 16),
+                                     ("nf4", 2, 40)])
 def test_pallas_fused_lora_matches_unfused(fmt, m, r):
   """The LoRA term inside the Pallas kernel (interpret mode) against the reference plus the two small products."""
   w = _q(fmt, 576, 192, 64 if fmt == "nf4" else 32)
@@ -236,9 +239,10 @@ def test_pallas_lowers_to_triton_for_cuda(m, k, n, fmt, block, dt):
   w = _abstract_q(fmt, k, n, block)
   x = jax.ShapeDtypeStruct((m, k), dt)
   lower = lambda f, *a: jax.jit(f).trace(*a).lower(lowering_platforms=("cuda",)).as_text()
+  rank = 40 if m == 300 else 8  # padded to a power of two (48 would not lower)
   for text in (lower(lambda x, w: qmatmul_pallas(x, w), x, w),
                lower(lambda x, w, low, b: qmatmul_lora_pallas(x, w, low, b), x, w,
-                     jax.ShapeDtypeStruct((m, 8), jnp.float32), jax.ShapeDtypeStruct((8, n), dt))):
+                     jax.ShapeDtypeStruct((m, rank), jnp.float32), jax.ShapeDtypeStruct((rank, n), dt))):
     calls = set(re.findall(r"custom_call @([\w$.]+)", text))
     assert calls == {"__gpu$xla.gpu.triton"}, calls
 
@@ -255,9 +259,10 @@ def test_pallas_compiles_for_sm90(m, k, n, fmt, block, dt):
   from lora_jax.kernels.qmatmul import triton_compile as tc
   w = _abstract_q(fmt, k, n, block)
   x = jax.ShapeDtypeStruct((m, k), dt)
+  rank = 40 if m == 300 else 8
   for fn, args in ((lambda x, w: qmatmul_pallas(x, w), (x, w)),
                    (lambda x, w, low, b: qmatmul_lora_pallas(x, w, low, b),
-                    (x, w, jax.ShapeDtypeStruct((m, 8), jnp.float32), jax.ShapeDtypeStruct((8, n), dt)))):
+                    (x, w, jax.ShapeDtypeStruct((m, rank), jnp.float32), jax.ShapeDtypeStruct((rank, n), dt)))):
     (kernel,) = tc.triton_kernels(fn, *args)
     try:
       r = tc.compile_sm90(kernel)
@@ -304,3 +309,14 @@ def test_block_sizes_resolution(m, k, n, block, want):
   from lora_jax.kernels import BlockSizes
   bs = BlockSizes().for_shape(m, n, k, block)
   assert (bs.bm, bs.bn, bs.bk, bs.split_k) == want
+
+
+def test_explicit_split_k_picks_a_step_that_divides():
+  """18 blocks split in 2: 9 per program, so one block per step (2 would not divide), and the call works."""
+  from lora_jax.kernels import BlockSizes
+  assert BlockSizes(split_k=2).for_shape(1, 128, 18 * 64, 64).bk == 1
+  w = _q("nf4", 18 * 64, 128, 64)
+  x = jax.random.normal(jax.random.key(0), (2, 18 * 64))
+  with jax.default_matmul_precision("highest"):
+    assert_allclose(qmatmul_pallas(x, w, blocks=BlockSizes(split_k=2), interpret=True), qmatmul_reference(x, w),
+                    "f32_composite")

@@ -32,7 +32,7 @@ def _close(got, want, tol):
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "nf4_dq", "int4_sym", "int4_asym", "q4_0", "q4_1"])
-@pytest.mark.parametrize("m", [1, 16, 300])
+@pytest.mark.parametrize("m", [1, 300])  # M <= 16 all pad to the 16-row tile
 @pytest.mark.parametrize("k,n", [(576, 1536), (4096, 4096)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 def test_pallas_on_gpu_matches_reference(fmt, m, k, n, dtype):

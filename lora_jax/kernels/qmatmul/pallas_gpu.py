@@ -25,7 +25,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -37,7 +36,8 @@ class BlockSizes:
   """Tiling and Triton's launch parameters, in one place; `for_shape` resolves them for a call.
 
   * ``bm × bn``: the output tile of one program (bm >= 16: Triton's dots need it; M is padded to it).
-  * ``bk``: quantization blocks loaded per step of the loop over K (None: 128 rows of K per step). Each program
+  * ``bk``: quantization blocks loaded per step of the loop over K (None: the largest power of two up to 128 rows
+    of K per step that divides the blocks evenly; one block when the block count is odd). Each program
     keeps only a few loads in flight per step, and at decode sizes the weight stream is all there is, so larger
     steps mean more bytes in flight (Little's law: ~3 MB across an H200 to reach its bandwidth).
   * ``split_k``: programs along K, whose float32 partial tiles are summed afterwards (None: doubled while there are
@@ -68,7 +68,8 @@ class BlockSizes:
   def resolve(self, m: int, n: int, k: int, block_size: int) -> "BlockSizes":
     """bk and split_k for this shape (each a power of two dividing the work evenly), given bm and bn."""
     nb = k // block_size
-    bk = self.bk or _pow2_divisor(nb, max(1, 128 // block_size))
+    per_split = nb // self.split_k if self.split_k and nb % self.split_k == 0 else nb
+    bk = self.bk or _pow2_divisor(per_split, max(1, 128 // block_size))
     steps = nb // bk if nb % bk == 0 else 0
     split = self.split_k
     if split is None:
@@ -136,7 +137,7 @@ def supports(x, w: QTensor, blocks: BlockSizes = BlockSizes()) -> tuple[bool, st
   if w.block_size // 2 < 16 or w.block_size & (w.block_size - 1):
     return False, f"block size {w.block_size} (needs a power of two >= 32)"
   k, n = w.shape
-  if blocks.for_shape(int(np.prod(x.shape[:-1])), n).bn is None or n % 16:
+  if n % 16:
     return False, f"N={n} not a multiple of 16"
   if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     return False, f"activation dtype {x.dtype}"
@@ -149,7 +150,8 @@ def qmatmul_pallas(x, w: QTensor, *, blocks: BlockSizes = BlockSizes(), interpre
   return _pallas(x, w, None, None, blocks, interpret)
 
 
-LORA_RANK_PAD = 16  # the rank is padded (with zeros) to a multiple of this: Triton's dots need dims >= 16
+LORA_RANK_PAD = 16  # the rank is padded with zeros to a power of two >= this: Triton's dots need dims >= 16 and
+# Pallas Triton needs power-of-two block shapes (a rank of 40 padded to 48 would not lower)
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
@@ -170,6 +172,8 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes, interpret: bool):
   nb = k // w.block_size
   bs = blocks.for_shape(m, n, k, w.block_size)
   bk, split = bs.bk or 1, bs.split_k or 1
+  if n % bs.bn:
+    raise ValueError(f"N={n} is not a multiple of the tile width bn={bs.bn}")
   if nb % (bk * split):
     raise ValueError(f"bk={bk} x split_k={split} must divide the {nb} quantization blocks along K")
   steps = nb // (bk * split)
@@ -191,7 +195,7 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes, interpret: bool):
   lora = low is not None
   if lora:
     r = b.shape[0]
-    rp = -(-r // LORA_RANK_PAD) * LORA_RANK_PAD
+    rp = max(LORA_RANK_PAD, _pow2_at_least(r))
     low2 = jnp.pad(low.reshape(-1, r).astype(jnp.float32), ((0, mp - m), (0, rp - r)))
     in_specs += [pl.BlockSpec((bs.bm, rp), lambda i, j, s: (i, 0)),
                  pl.BlockSpec((rp, bs.bn), lambda i, j, s: (0, j))]
