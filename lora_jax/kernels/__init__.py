@@ -41,7 +41,8 @@ from ..quant._qtensor import QTensor, dequantize
 from .qmatmul import cpu as _cpu
 from .qmatmul.cpu import CPU_M_MAX, qmatmul_cpu
 from .qmatmul.pallas_gpu import BlockSizes, qmatmul_lora_pallas, qmatmul_pallas, supports
-from .qmatmul.reference import qmatmul_reference
+from .qmatmul.reference import _after, qmatmul_reference
+from .fused_lora import lora_linear
 from .qmatmul.small_m import SMALL_M_MAX, qmatmul_small_m
 
 IMPLS = ("auto", "reference", "pallas", "cpu", "small_m")
@@ -119,10 +120,13 @@ def qmatmul(x, w: QTensor, *, impl: str | None = None, interpret: bool = False):
 def qmatmul_lora(x, w: QTensor, a, b, scale, *, impl: str | None = None, interpret: bool = False):
   """QLoRA's linear, ``x @ dequantize(w) + scale · (x a) b`` (float32, (..., N)); differentiable in x, a, b and
   scale. With the Pallas kernel the LoRA term rides in the same kernel (`qmatmul_lora_pallas`: the rank-r
-  product ``s·(x a)`` is formed outside, its product with b inside each output tile); elsewhere it is `qmatmul`
-  plus the two small products."""
+  product ``s·(x a)`` is formed outside, its product with b inside each output tile). On the reference path the
+  dequantized W and A share one GEMM, forward and backward (`lora_linear`: skinny rank-r GEMMs run far below the
+  matmul rate on CPU). With the CPU kernel or small_m (a few rows) it is `qmatmul` plus the two small products."""
   choice = _choose(x, w, impl or _DEFAULT_IMPL, interpret)
   scale = jnp.asarray(scale).astype(jnp.float32)  # a bf16 adapter's scale: no implicit promotion needed
+  if choice == "reference":  # dequantize + one GEMM for x [W | A], as for a dense base (`lora_linear`)
+    return lora_linear(x, w, a, b, scale)
   low = jnp.einsum("...i,ir->...r", x, a.astype(x.dtype), preferred_element_type=jnp.float32)
   if choice == "pallas":
     return _fused_lora_vjp(interpret, x, w, low * scale, b)
@@ -148,26 +152,6 @@ def _fused_bwd(interpret, res, dy):
 
 
 _fused_lora_vjp.defvjp(_fused_fwd, _fused_bwd)
-
-
-def _after(w: QTensor, x, field: str = "codes") -> QTensor:
-  """`w` with its codes made to depend on `x` by adding a zero computed from it (``(x₀ != x₀) & (x₀ == x₀)``,
-  false for every value, NaN included; XLA does not fold float self-comparisons), so that XLA cannot start the
-  dequantization before `x` exists. Without it, XLA hoists the dequantization of a loop-invariant weight out of a
-  decode loop, and XLA:CPU's default scheduler dequantizes every layer of an unrolled program up front: either way
-  the whole base is held in float32 at once (405 MB of temporaries for SmolLM2 with an NF4 base; ≈14 MB with
-  this). The add fuses into the dequantization. Not for the codes of the kernels (Pallas, CPU), whose custom
-  calls would read a modified copy. Applied inside the custom VJP, so the residual kept for the backward pass is the stored `w`.
-  Costs: under `vmap` over `x` the codes (and so the dequantized kernel) gain the batch axis; under SPMD
-  sharding of `x` the scalar x₀ would be broadcast from its device at each call (the library does not shard yet;
-  a per-shard dependency via shard_map would avoid that). ``field="scale"`` ties the (int8, double-quantized)
-  scales instead, for the CPU kernel, which reads the codes as stored and must not get a modified copy."""
-  if x.size == 0:
-    return w
-  x0 = x.reshape(-1)[0]
-  zero = (x0 != x0) & (x0 == x0)
-  a = getattr(w, field)
-  return dataclasses.replace(w, **{field: a + zero.astype(a.dtype)})
 
 
 def _scales_after(w: QTensor, x) -> QTensor:
@@ -202,6 +186,6 @@ def _bwd(choice, interpret, res, dy):
 
 _qmatmul_vjp.defvjp(_fwd, _bwd)
 
-__all__ = ["BlockSizes", "CPU_M_MAX", "IMPLS", "SMALL_M_MAX", "qmatmul", "qmatmul_cpu", "qmatmul_lora",
+__all__ = ["BlockSizes", "CPU_M_MAX", "IMPLS", "SMALL_M_MAX", "lora_linear", "qmatmul", "qmatmul_cpu", "qmatmul_lora",
            "qmatmul_lora_pallas", "qmatmul_pallas", "qmatmul_reference", "qmatmul_small_m", "set_default_impl",
            "supports"]

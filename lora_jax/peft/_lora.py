@@ -136,7 +136,8 @@ class LoRAWeight:
     """``x @ materialize()`` without forming the dense update (float32 accumulation)."""
     if self.magnitude is None and not (self.dropout > 0 and self.dropout_key is not None) and \
         not hasattr(self.w, "linear"):
-      return _lora_linear(x, self.w, self.a, self.b, self.scale)
+      from ..kernels import lora_linear
+      return lora_linear(x, self.w, self.a, self.b, self.scale)
     if self.magnitude is None and not (self.dropout > 0 and self.dropout_key is not None) and \
         hasattr(self.w, "linear"):  # QLoRA: one op (on GPU one kernel) for the 4-bit base and the LoRA term
       from ..kernels import qmatmul_lora
@@ -162,48 +163,6 @@ class LoRAWeight:
     else:
       dora = factor * (base + lora)
     return jnp.where(self.scale != 0, dora, base)
-
-
-@jax.custom_vjp
-def _lora_linear(x, w, a, b, scale):
-  """``x W + s (x A) B`` (float32) with one GEMM for ``x [W | A]``.
-
-  A rank-r product ``x A`` alone is a skinny GEMM that runs far below the machine's matmul rate (and ``∂A`` is
-  another); appending A to W's columns makes it ride along with the base GEMM, and the backward does the same with
-  ``[∂y | ∂(xA)] [W | A]ᵀ``. The custom VJP also makes sure no gradient is ever formed for the frozen W (autodiff
-  of the concatenation would build the full ``xᵀ ∂y`` and slice it).
-  """
-  return _lora_linear_fwd(x, w, a, b, scale)[0]
-
-
-def _lora_linear_fwd(x, w, a, b, scale):
-  wa = jnp.concatenate([w.astype(x.dtype), a.astype(x.dtype)], axis=-1)
-  y = jnp.einsum("...i,io->...o", x, wa, preferred_element_type=jnp.float32)
-  out = w.shape[-1]
-  low = y[..., out:]
-  lora = jnp.einsum("...r,ro->...o", low.astype(x.dtype), b.astype(x.dtype), preferred_element_type=jnp.float32)
-  # keep W and A apart as residuals (W is already alive as a parameter; the concatenation would be a second copy
-  # of every adapted weight held until the backward pass) and concatenate again there
-  return y[..., :out] + scale.astype(jnp.float32) * lora, (x, w, a, low, b, scale)
-
-
-def _lora_linear_bwd(res, dy):
-  x, w, a, low, b, scale_in = res
-  scale = scale_in.astype(jnp.float32)
-  wa = jnp.concatenate([w.astype(x.dtype), a.astype(x.dtype)], axis=-1)
-  dlow = scale * jnp.einsum("...o,ro->...r", dy, b.astype(jnp.float32))
-  dx = jnp.einsum("...o,io->...i", jnp.concatenate([dy, dlow], axis=-1).astype(x.dtype), wa,
-                  preferred_element_type=jnp.float32).astype(x.dtype)
-  x2 = x.reshape(-1, x.shape[-1])
-  da = jnp.einsum("ni,nr->ir", x2, dlow.reshape(-1, dlow.shape[-1]).astype(x.dtype),
-                  preferred_element_type=jnp.float32)
-  db = scale * jnp.einsum("nr,no->ro", low.reshape(-1, low.shape[-1]), dy.reshape(-1, dy.shape[-1]))
-  dscale = jnp.sum(jnp.einsum("nr,ro->no", low.reshape(-1, low.shape[-1]), b.astype(jnp.float32))
-                   * dy.reshape(-1, dy.shape[-1]))
-  return dx, None, da.astype(b.dtype), db.astype(b.dtype), dscale.astype(scale_in.dtype)  # None: W is frozen
-
-
-_lora_linear.defvjp(_lora_linear_fwd, _lora_linear_bwd)
 
 
 def _kernel(params, path):

@@ -320,3 +320,26 @@ def test_explicit_split_k_picks_a_step_that_divides():
   with jax.default_matmul_precision("highest"):
     assert_allclose(qmatmul_pallas(x, w, blocks=BlockSizes(split_k=2), interpret=True), qmatmul_reference(x, w),
                     "f32_composite")
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "q4_1"])
+def test_qlora_reference_path_is_one_gemm_with_4bit_residuals(fmt):
+  """`qmatmul_lora` on the reference path (training-sized inputs on CPU) goes through `lora_linear`: values and
+  gradients (x, A, B, scale) equal autodiff of the dense dequantized layer, and the backward pass keeps the
+  stored 4-bit W, not a float copy."""
+  w = _q(fmt, 256, 128, 64 if fmt == "nf4" else 32)
+  keys = jax.random.split(jax.random.key(4), 3)
+  x = jax.random.normal(keys[0], (CPU_M_MAX + 6, 256))
+  a, b = jax.random.normal(keys[1], (256, 4)) * 0.1, jax.random.normal(keys[2], (4, 128)) * 0.1
+  s = jnp.float32(1.5)
+  assert _choose(x, w, "auto", False) == "reference"
+  fused = lambda x, a, b, s: jnp.sum(jnp.sin(qmatmul_lora(x, w, a, b, s)))
+  dense = lambda x, a, b, s: jnp.sum(jnp.sin(x @ w.dequantize() + s * (x @ a) @ b))
+  with jax.default_matmul_precision("highest"):
+    for got, want in zip(jax.grad(fused, argnums=(0, 1, 2, 3))(x, a, b, s),
+                         jax.grad(dense, argnums=(0, 1, 2, 3))(x, a, b, s)):
+      assert_allclose(got, want, "f32_composite")
+  _, vjp = jax.vjp(lambda x: qmatmul_lora(x, w, a, b, s), x)
+  leaves = jax.tree.leaves(vjp)
+  assert any(leaf is w.codes for leaf in leaves)
+  assert not any(getattr(leaf, "shape", None) == (256, 128) for leaf in leaves)  # no dequantized kernel kept
