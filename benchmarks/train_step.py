@@ -8,7 +8,8 @@ subprocess (``--worker lora_jax`` / ``--worker hf``) so peak RSS figures are ind
 ``RESULT {json}`` line. The lora_jax worker runs first and hands the ids and the GGUF path to the HF worker.
 
   * lora_jax: ``make_train_step`` (one jitted function: forward, backward w.r.t. the adapter only, AdamW update),
-              with its default activation policy ``remat="dots"`` (projection outputs kept, the rest recomputed).
+              with its default activation policy ``remat="auto"``: "dots" for the fp32 base (projection outputs
+              kept, the rest recomputed), "full" for a 4-bit base (layer inputs kept).
   * HF:       ``get_peft_model``, ``model.train()``, ``loss.backward(); opt.step(); opt.zero_grad()``; 2 torch threads.
 
 Measured per system: first_step_s (the first step; for lora_jax it includes tracing + XLA compilation), then the
@@ -30,8 +31,9 @@ time. Peak: median of 10 jitted fp32 ``jnp.dot`` (2048x2048)@(2048x2048) after 2
 (2*2048^3 FLOPs each); "FLOP floor" = step FLOPs / peak, the step time if every FLOP ran at matmul peak.
 
 QLoRA (``--qlora nf4,native``, default): the same lora_jax step with the frozen base quantized (NF4, or the GGUF's
-own Q4_1 blocks), each in its own worker, for peak RSS and step time against the fp32 base; on CPU the 4-bit
-kernel is the reference (dequantize + dot), so the step is slower and the memory is the point.
+own Q4_1 blocks), each in its own worker, for peak RSS and step time against the fp32 base. On CPU, at 1024 rows,
+the 4-bit base takes the XLA path: each weight is dequantized right before its GEMM (x [W | A], `lora_linear`),
+forward and backward, and with "full" rematerialisation once more for the recomputed forward.
 
 Usage: python benchmarks/train_step.py [--quick] [--steps N] [--qlora nf4,native|none] [--out ...json]
 """

@@ -87,7 +87,8 @@ class TrainConfig:
   grad_accum: int = 1
   lora_plus_ratio: float | None = None        # LoRA+: lr of B = lr × ratio
   dtype: str = "float32"                      # compute dtype: float32 | bfloat16
-  remat: str | bool = "dots"                  # none | dots | full: what the backward pass keeps (see REMAT);
+  remat: str | bool = "auto"                  # auto | none | dots | full: what the backward pass keeps (see
+                                              # REMAT; auto: full for a quantized base, else dots);
                                               # false / true (the earlier boolean form) mean none / full
   eval_every: int = 0                         # eval loss every N steps (0: only at the end)
   checkpoint_every: int = 50
@@ -106,8 +107,8 @@ class TrainConfig:
       raise LoraJaxError(f"train.dtype must be float32 or bfloat16, got {self.dtype!r}")
     if isinstance(self.remat, bool):
       object.__setattr__(self, "remat", "full" if self.remat else "none")
-    if self.remat not in REMAT:
-      raise LoraJaxError(f"train.remat must be one of {list(REMAT)}, got {self.remat!r}")
+    if self.remat not in ("auto", *REMAT):
+      raise LoraJaxError(f"train.remat must be one of {['auto', *REMAT]}, got {self.remat!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -232,7 +232,31 @@ def test_remat_config_is_checked(setup):
     _cfg(raw, train={"remat": "some"})
   assert _cfg(raw, train={"remat": False}).train.remat == "none"   # the earlier boolean form
   assert _cfg(raw, train={"remat": True}).train.remat == "full"
-  assert _cfg(raw).train.remat == "dots"
+  assert _cfg(raw).train.remat == "auto"
+
+
+def test_auto_remat_is_full_for_a_quantized_base(setup):
+  """``remat="auto"`` (the default) keeps only layer inputs for a 4-bit base (QLoRA is about memory) and the
+  projection outputs for a float one: the compiled step's temporaries equal those of the explicit policy."""
+  from lora_jax.io import load_model
+  from lora_jax.peft import LoraConfig, lora_optimizer
+  from lora_jax.quant import quantize_params
+  from lora_jax.train import TrainState, make_train_step, resolve_remat
+  root, _ = setup
+  model = load_model(root / "tiny")
+  lcfg = LoraConfig(rank=4, targets=("all-linear",))
+  shape = (8, 64)
+  batch = {"ids": jnp.zeros(shape, jnp.int32), "positions": jnp.tile(jnp.arange(64), (8, 1)),
+           "segments": jnp.ones(shape, jnp.int32), "loss": jnp.ones(shape, bool)}
+  for base, want in ((model.params, "dots"), (quantize_params(model.params, "int4_sym", block_size=16), "full")):
+    adapter, frozen = lcfg.init_adapter(model.config, base, key=jax.random.key(0))
+    assert resolve_remat("auto", frozen) == want and resolve_remat("none", frozen) == "none"
+    tx = lora_optimizer(1e-3, adapter)
+    state = TrainState(jnp.int32(0), adapter, tx.init(adapter), jax.random.key_data(jax.random.key(1)))
+    temp = {r: make_train_step(model.config, lcfg, tx, remat=r).lower(state, frozen, batch).compile()
+            .memory_analysis().temp_size_in_bytes for r in ("auto", "dots", "full")}
+    other = "full" if want == "dots" else "dots"
+    assert temp["auto"] == temp[want] != temp[other], (want, temp)
 
 
 @pytest.mark.parametrize("method,extra", [("ia3", {}), ("prompt_tuning", {"num_virtual_tokens": 4}),
