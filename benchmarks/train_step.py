@@ -86,7 +86,7 @@ def worker_lora_jax(args, _inputs):
   import numpy as np
   from lora_jax import load_model
   from lora_jax.peft import LoraConfig, init_lora, lora_optimizer, trainable_summary
-  from lora_jax.train import TrainState, make_train_step
+  from lora_jax.train import TrainState, make_train_step, resolve_remat
 
   t0 = time.perf_counter()
   m = load_model(PRESET)
@@ -115,6 +115,7 @@ def worker_lora_jax(args, _inputs):
   out = {"load_s": load_s, "gguf": m.source, "ids": ids.tolist(), **run_steps(step, args)}
   out["trainable"] = {k: v for k, v in trainable_summary(lcfg, m.config, adapter).items() if k != "text"}
   out["base_weight_bytes"] = sum(int(a.nbytes) for a in jax.tree.leaves(frozen))
+  out["remat"] = resolve_remat("auto", frozen)  # make_train_step's default policy for this base
   if args.quantize != "none":
     return out
   c = m.config
@@ -257,7 +258,7 @@ def main():
     for fmt, r in (("float32", lj), *qlora.items()):
       qlora_figures[fmt] = {"base_weight_mb": r["base_weight_bytes"] / 1e6, "median_step_s": r["median_step_s"],
                             "peak_rss_mib": r["peak_rss_mib"], "rss_vs_fp32": r["peak_rss_mib"] / lj["peak_rss_mib"],
-                            "first_loss": r["first_loss"]}
+                            "first_loss": r["first_loss"], "remat": r.get("remat")}
       f = qlora_figures[fmt]
       print(f"{fmt:<16}{f['base_weight_mb']:>9.0f}{f['median_step_s']:>10.2f}{f['peak_rss_mib']:>16.0f}"
             f"{f['rss_vs_fp32']:>12.2f}{f['first_loss']:>12.4f}")

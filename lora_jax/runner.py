@@ -170,13 +170,24 @@ def _check_out_dir(out: Path, resolved: dict, overwrite: bool) -> bool:
   return False
 
 
+def resolve_run_config(cfg: RunConfig) -> tuple[RunConfig, dict]:
+  """The config a run records (``config.yaml``, compared when resuming): `train.remat: auto` replaced by the
+  policy that runs (`full` for a quantized base, else `dots`; per sweep point, as it depends on `quantize`), so
+  runs saved before `auto` existed still resume; without the sweep section."""
+  if cfg.train.remat == "auto":
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, remat="full" if cfg.quantize != "none" else "dots"))
+  resolved = to_dict(cfg)
+  resolved.pop("sweep", None)
+  return cfg, resolved
+
+
 def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: list[str] | None = None,
           progress: bool = True, model=None) -> dict[str, Any]:
   """Runs (or resumes) one training run into `out`; returns its summary."""
   import orbax.checkpoint as ocp
   out = Path(out).absolute()
-  resolved = to_dict(cfg)
-  resolved.pop("sweep", None)
+  cfg, resolved = resolve_run_config(cfg)
   resuming = _check_out_dir(out, resolved, overwrite)
   if resuming and (out / "summary.json").exists():
     summary = json.loads((out / "summary.json").read_text())

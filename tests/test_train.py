@@ -294,3 +294,19 @@ def test_peak_rss_window_resets_per_run():
   assert reset_peak_rss()
   after = peak_rss_mib()
   assert during - after > 300, (during, after)
+
+
+def test_saved_runs_record_the_resolved_remat_and_still_resume(setup, tmp_path):
+  """A run records the policy that runs, not "auto"; a run directory saved with `remat: dots` (before "auto"
+  existed) is the same run under the default config, so a sweep skips or resumes it instead of refusing it."""
+  import yaml
+  from lora_jax.runner import _check_out_dir, resolve_run_config
+  _, raw = setup
+  cfg = _cfg(raw)
+  assert cfg.train.remat == "auto"
+  _, resolved = resolve_run_config(cfg)
+  assert resolved["train"]["remat"] == "dots"
+  assert resolve_run_config(_cfg(raw, quantize="int4"))[1]["train"]["remat"] == "full"
+  old = dict(resolved, train=dict(resolved["train"], remat="dots"))
+  (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+  assert _check_out_dir(tmp_path, resolved, overwrite=False)

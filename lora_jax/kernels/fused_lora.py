@@ -56,7 +56,7 @@ def _bwd(res, dy):
   db = scale * jnp.einsum("nr,no->ro", low.reshape(-1, low.shape[-1]), dy.reshape(-1, dy.shape[-1]))
   dscale = jnp.sum(jnp.einsum("nr,ro->no", low.reshape(-1, low.shape[-1]), b.astype(jnp.float32))
                    * dy.reshape(-1, dy.shape[-1]))
-  return dx, None, da.astype(b.dtype), db.astype(b.dtype), dscale.astype(scale_in.dtype)  # None: W is frozen
+  return dx, None, da.astype(a.dtype), db.astype(b.dtype), dscale.astype(scale_in.dtype)  # None: W is frozen
 
 
 lora_linear.defvjp(_fwd, _bwd)
