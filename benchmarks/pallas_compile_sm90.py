@@ -26,17 +26,15 @@ from int4_matmul import GPU_SHAPES, Tiles, err_text, save, sweep_configs  # noqa
 
 from lora_jax.kernels import BlockSizes, qmatmul_pallas  # noqa: E402
 from lora_jax.kernels.qmatmul import triton_compile as tc  # noqa: E402
-from lora_jax.quant import QTensor  # noqa: E402
+from lora_jax.quant import quantize  # noqa: E402
 
 MS, FORMATS = (1, 64, 4096), ("nf4", "int4_sym")  # every M <= 16 pads to M = 16, like M = 1
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def abstract_weight(fmt, k, n, block=64):
-  s = jax.ShapeDtypeStruct
-  return QTensor(s((k // 2, n), jnp.uint8), s((k // block, n), jnp.float32),
-                 s((k // block, n), jnp.float32) if fmt == "int4_asym" else None, fmt=fmt, block_size=block,
-                 shape=(k, n))
+  """The QTensor's shapes and dtypes (`quantize` under `jax.eval_shape`): lowering needs no values."""
+  return jax.eval_shape(lambda w: quantize(w, fmt, block_size=block), jax.ShapeDtypeStruct((k, n), jnp.float32))
 
 
 def main():

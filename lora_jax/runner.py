@@ -39,7 +39,7 @@ from .config import PROMPT_METHODS, PeftConfig, RunConfig, expand_sweep, flatten
 from .data import batch_at, build_rows, read_examples, split_examples
 from .peft import (IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, lora_optimizer,
                    save_adapter)
-from .train import TrainState, make_eval_loss, make_schedule, make_train_step, target_budget
+from .train import TrainState, make_eval_loss, make_schedule, make_train_step, resolve_remat, target_budget
 
 PACKAGES = ("lora_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tokenizers", "safetensors",
             "gguf", "tensorboardX")
@@ -176,7 +176,7 @@ def resolve_run_config(cfg: RunConfig) -> tuple[RunConfig, dict]:
   runs saved before `auto` existed still resume; without the sweep section."""
   if cfg.train.remat == "auto":
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, remat="full" if cfg.quantize != "none" else "dots"))
+        cfg.train, remat=resolve_remat("auto", quantized=cfg.quantize != "none")))
   resolved = to_dict(cfg)
   resolved.pop("sweep", None)
   return cfg, resolved

@@ -75,3 +75,25 @@ def assert_trees_all_shapes(actual, desired) -> None:
   shapes = lambda t: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), t)
   assert shapes(actual) == shapes(desired)
 
+
+def random_qtensor(fmt: str, k: int, n: int, block: int | None = None, *, double_quant: bool = False,
+                   param_dtype=None, seed: int = 0, std: float = 0.05):
+  """A quantized (k, n) kernel of N(0, std) weights for tests (deterministic in `seed`, k and n).
+
+  nf4 / int4_sym / int4_asym come from `quant.quantize` (`double_quant` for nf4). q4_0 / q4_1 are built as GGUF
+  stores them: the int4_sym / int4_asym codes with float16 block parameters. `param_dtype` casts the block
+  parameters (not of a double-quantized tensor). Under `jax.eval_shape` it gives the abstract tensor.
+  """
+  import jax.numpy as jnp
+  from .quant import QTensor, quantize
+  from .quant._quantize import DEFAULT_BLOCK
+  block = block or DEFAULT_BLOCK[fmt]
+  w = jax.random.normal(jax.random.key(seed + k * 7 + n), (k, n), jnp.float32) * std
+  gguf = {"q4_0": "int4_sym", "q4_1": "int4_asym"}
+  t = quantize(w, gguf.get(fmt, fmt), block_size=block, double_quant=double_quant and fmt == "nf4")
+  if fmt in gguf:
+    param_dtype = param_dtype or jnp.float16
+  if param_dtype is None or t.double_quantized:
+    return t
+  cast = lambda a: None if a is None else a.astype(param_dtype)
+  return QTensor(t.codes, cast(t.scale), cast(t.offset), fmt=fmt, block_size=block, shape=(k, n))

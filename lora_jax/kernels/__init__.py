@@ -28,7 +28,6 @@ to be measured on a GPU).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax

@@ -134,14 +134,11 @@ class LoRAWeight:
 
   def linear(self, x: Float[Array, "... in"]) -> Float[Array, "... out"]:
     """``x @ materialize()`` without forming the dense update (float32 accumulation)."""
-    if self.magnitude is None and not (self.dropout > 0 and self.dropout_key is not None) and \
-        not hasattr(self.w, "linear"):
-      from ..kernels import lora_linear
+    if self.magnitude is None and not (self.dropout > 0 and self.dropout_key is not None):
+      from ..kernels import lora_linear, qmatmul_lora
+      if hasattr(self.w, "linear"):  # QLoRA: one op (on GPU one kernel) for the 4-bit base and the LoRA term
+        return qmatmul_lora(x, self.w, self.a, self.b, self.scale)
       return lora_linear(x, self.w, self.a, self.b, self.scale)
-    if self.magnitude is None and not (self.dropout > 0 and self.dropout_key is not None) and \
-        hasattr(self.w, "linear"):  # QLoRA: one op (on GPU one kernel) for the 4-bit base and the LoRA term
-      from ..kernels import qmatmul_lora
-      return qmatmul_lora(x, self.w, self.a, self.b, self.scale)
     xd = x
     if self.dropout > 0 and self.dropout_key is not None:
       keep = jax.random.bernoulli(self.dropout_key, 1 - self.dropout, x.shape)

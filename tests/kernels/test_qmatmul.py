@@ -12,18 +12,12 @@ from lora_jax import LoraJaxError
 from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, _choose, qmatmul, qmatmul_lora, qmatmul_pallas,
                               qmatmul_reference, qmatmul_small_m, supports)
 from lora_jax.kernels.qmatmul import cpu
-from lora_jax.quant import QTensor, quantize
-from lora_jax.quant._qtensor import pack
-from lora_jax.testing import assert_allclose
+from lora_jax.quant import quantize
+from lora_jax.testing import assert_allclose, random_qtensor
 
 
 def _q(fmt, k, n, block):
-  w = jax.random.normal(jax.random.key(k * 7 + n), (k, n), jnp.float32) * 0.05
-  if fmt in ("q4_0", "q4_1"):  # GGUF-style: f16 block parameters
-    q = quantize(w, "int4_sym" if fmt == "q4_0" else "int4_asym", block_size=32)
-    return QTensor(q.codes, q.scale.astype(jnp.float16), None if q.offset is None else q.offset.astype(jnp.float16),
-                   fmt=fmt, block_size=32, shape=(k, n))
-  return quantize(w, fmt, block_size=block)
+  return random_qtensor(fmt, k, n, block)
 
 
 SHAPES = [(576, 192), (576, 1536), (1536, 576), (256, 128)]
@@ -210,17 +204,9 @@ def test_bf16_qlora_gradients_have_the_inputs_dtypes(impl):
 
 
 def _abstract_q(fmt, k, n, block):
-  """A QTensor of ShapeDtypeStructs: lowering needs shapes and dtypes only (no 14336-wide arrays on CPU).
-  "nf4_dq": double-quantized NF4 (int8 scales, one f32 second-level scale per 256 blocks)."""
-  s = jax.ShapeDtypeStruct
-  if fmt == "nf4_dq":
-    groups = -(-(k // block) * n // 256)
-    return QTensor(s((k // 2, n), jnp.uint8), s((k // block, n), jnp.int8), None, s((groups,), jnp.float32),
-                   s((), jnp.float32), fmt="nf4", block_size=block, shape=(k, n))
-  pdt = jnp.float16 if fmt in ("q4_0", "q4_1") else jnp.float32
-  return QTensor(s((k // 2, n), jnp.uint8), s((k // block, n), pdt),
-                 s((k // block, n), pdt) if fmt in ("int4_asym", "q4_1") else None, fmt=fmt, block_size=block,
-                 shape=(k, n))
+  """The tensor's shapes and dtypes only (lowering needs no values, and no 14336-wide arrays on CPU); "nf4_dq":
+  double-quantized NF4."""
+  return jax.eval_shape(lambda: random_qtensor(fmt.removesuffix("_dq"), k, n, block, double_quant=fmt == "nf4_dq"))
 
 
 LOWER_CASES = [(m, k, n, fmt, 32 if fmt.startswith("q4") else 64, dt)

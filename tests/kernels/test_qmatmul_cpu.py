@@ -1,7 +1,6 @@
 """The C++ CPU 4-bit matmul (XLA FFI) against the reference: formats, block sizes, parameter dtypes, row counts
 (one to several passes of 4 rows), column counts that do not fill a vector, the threaded path; its build."""
 
-import dataclasses
 import os
 
 import jax
@@ -12,8 +11,8 @@ import pytest
 from lora_jax import LoraJaxError
 from lora_jax.kernels import CPU_M_MAX, qmatmul, qmatmul_reference
 from lora_jax.kernels.qmatmul import cpu
-from lora_jax.quant import QTensor, quantize
-from lora_jax.testing import assert_allclose
+from lora_jax.quant import QTensor
+from lora_jax.testing import assert_allclose, random_qtensor
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,16 +25,7 @@ def _kernel():
 
 
 def _q(fmt, k, n, block, param_dtype=jnp.float32, double_quant=False, seed=0):
-  w = jax.random.normal(jax.random.key(seed + k * 7 + n), (k, n), jnp.float32) * 0.05
-  base = {"q4_0": "int4_sym", "q4_1": "int4_asym"}.get(fmt, fmt)
-  t = quantize(w, base, block_size=block, double_quant=double_quant) if fmt == "nf4" else \
-      quantize(w, base, block_size=block)
-  cast = lambda a: None if a is None else a.astype(param_dtype)
-  if fmt in ("q4_0", "q4_1"):
-    return QTensor(t.codes, cast(t.scale), cast(t.offset), fmt=fmt, block_size=block, shape=(k, n))
-  if double_quant:
-    return t
-  return dataclasses.replace(t, scale=cast(t.scale), offset=cast(t.offset))
+  return random_qtensor(fmt, k, n, block, param_dtype=param_dtype, double_quant=double_quant, seed=seed)
 
 
 def _want(x, w):

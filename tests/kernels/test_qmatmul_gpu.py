@@ -8,21 +8,13 @@ import numpy as np
 import pytest
 
 from lora_jax.kernels import BlockSizes, qmatmul, qmatmul_lora, qmatmul_pallas, qmatmul_reference
-from lora_jax.quant import QTensor, quantize
-from lora_jax.testing import assert_allclose
+from lora_jax.testing import assert_allclose, random_qtensor
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")]
 
 
 def _q(fmt, k, n):
-  w = jax.random.normal(jax.random.key(k + n), (k, n), jnp.float32) * 0.05
-  if fmt in ("q4_0", "q4_1"):
-    q = quantize(w, "int4_sym" if fmt == "q4_0" else "int4_asym", block_size=32)
-    return QTensor(q.codes, q.scale.astype(jnp.float16), None if q.offset is None else q.offset.astype(jnp.float16),
-                   fmt=fmt, block_size=32, shape=(k, n))
-  if fmt == "nf4_dq":
-    return quantize(w, "nf4", double_quant=True)
-  return quantize(w, fmt, block_size=64)
+  return random_qtensor(fmt.removesuffix("_dq"), k, n, double_quant=fmt == "nf4_dq")
 
 
 def _close(got, want, tol):

@@ -21,11 +21,12 @@ def _after(w: QTensor, x, field: str = "codes") -> QTensor:
   decode loop, and XLA:CPU's default scheduler dequantizes every layer of an unrolled program up front: either way
   the whole base is held in float32 at once (405 MB of temporaries for SmolLM2 with an NF4 base; ≈14 MB with
   this). The add fuses into the dequantization. Not for the codes of the kernels (Pallas, CPU), whose custom
-  calls would read a modified copy. Applied inside the custom VJP, so the residual kept for the backward pass is the stored `w`.
+  calls would read a modified copy. Applied inside the custom VJPs, so the residual kept for the backward pass is
+  the stored `w`.
   Costs: under `vmap` over `x` the codes (and so the dequantized kernel) gain the batch axis; under SPMD
   sharding of `x` the scalar x₀ would be broadcast from its device at each call (the library does not shard yet;
   a per-shard dependency via shard_map would avoid that). ``field="scale"`` ties the (int8, double-quantized)
-  scales instead, for the CPU kernel, which reads the codes as stored and must not get a modified copy."""
+  scales instead, for the kernels, which read the codes as stored (`kernels._scales_after`)."""
   if x.size == 0:
     return w
   x0 = x.reshape(-1)[0]

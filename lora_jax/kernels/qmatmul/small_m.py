@@ -19,7 +19,6 @@ XLA spends more on unpacking than the 8× fewer bytes save.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from ...quant._qtensor import QTensor, nf4_values
