@@ -2,26 +2,28 @@
 
 Mode by ``jax.default_backend()`` (or ``--mode gpu|cpu``); results go to benchmarks/results/int4_matmul_{mode}.json.
 
-GPU (no network, no model): weights N(0, 0.02) quantized to nf4 and int4_sym (group 64), bf16 activations, for
-M in {1, 8, 16, 64, 256, 4096} x (K, N) in {(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)}.
-  * check: max |pallas - reference| / max |reference| on every shape (the outputs of the first, compiling, timed
+GPU (no network, no model): weights N(0, 0.02) quantized to nf4 (double-quantized, as `--quantize nf4` makes it)
+and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 4096} x (K, N) in {(4096, 4096),
+(4096, 14336), (14336, 4096), (8192, 8192)}.
+  * --policy-sweep (first, with --sweep-budget-s seconds): a search over the kernel's shape-independent choices
+    (`BlockSizes`: dot mma|fma, NF4 lookup select|gather, bn, bk, num_warps, num_stages, min_programs, which sets
+    split_k) for nf4 at M = 1 and M = 16 and int4_sym at M = 1: the default, 31 random policies, two rounds of
+    every one-field change of the best, on (K, N) = (4096, 14336); the best three and the default again on
+    (14336, 4096); least total time wins. Policies are compiled 16 at a time on a thread pool, then timed.
+  * the main table's Pallas column uses the sweep's winners (M = 1: its class; M <= 16: the M = 16 class; above:
+    the default); the row records the resolved BlockSizes.
+  * check: max |pallas - reference| / max |reference| on every shape and policy (the outputs of the first, compiling,
     call), pass if < 2e-2 (bf16); failures and exceptions are recorded and the run goes on.
-  * time: Pallas kernel (default BlockSizes), reference, and ``x @ w_bf16``. One timed call runs the op on C distinct
+  * time: Pallas kernel, reference (dequantize + dot), and ``x @ w_bf16``. One timed call runs the op on C distinct
     copies of the weight inside one jit (C x weights >= 1 GiB of bf16, so nothing is served from L2 and the Python
     dispatch is amortised); time per op = wall / C, median of --reps calls after warm-up.
   * weight GB/s = QTensor.nbytes() (bf16: 2KN) / time, vs the measured copy bandwidth (jitted ``a + 1`` on a 1 GiB
     f32 array, read + write bytes / time); TFLOP/s = 2MKN / time vs a measured 8192^3 bf16 dot.
-  * fused LoRA: `qmatmul_lora` (the LoRA term inside the Pallas kernel, r = 16) vs the kernel followed by the two
-    small LoRA products, on the first shape and format, M <= 16; relative error between the two.
-  * --block-sweep (after all of the above; first two shapes, first format): explicit tilings (bm, bn, bk, split_k)
-    at M = 1 (every M <= 16 is padded to the same bm rows, so M = 1 stands for M <= 16): bm = 16, bn in
-    {32, 64, 128}, bk (quantization blocks per loop step) in {1, 2, 4}, split_k in {1, 2, 4, 8}; and at M = 4096:
-    bm in {32, 64}, bn in {64, 128}, bk in {1, 2}. Each tiling's output is checked against the reference (as
-    above); reports the best correct one and its speedup over the default `BlockSizes().for_shape` (timed first),
-    whose bk and split_k are reasoned, not yet measured.
-  * the JSON is rewritten after every (shape, format); shapes that start after --budget-s seconds are skipped, and
-    the fused-LoRA timing and the sweep each stop starting new work after --sweep-budget-s seconds of their own,
-    so a run cut short by a time limit still leaves its results.
+  * fused LoRA: `qmatmul_lora_pallas` (the LoRA term inside the Pallas kernel, r = 16) vs the kernel followed by
+    the two small LoRA products, on the first shape and format, M <= 16; relative error between the two.
+  * the JSON is rewritten after every step; main-table shapes that start after --budget-s seconds are skipped, and
+    the sweep and the fused-LoRA timing stop starting new work after their own budgets, so a run cut short by a
+    time limit still leaves its results.
 CPU: the C++ kernel (`qmatmul_cpu`, for M <= CPU_M_MAX), the reference and, for M <= SMALL_M_MAX, the small_m
 multiply-reduce (the Pallas kernel needs a GPU; interpret mode is not timed) on SmolLM2-135M shapes (K, N) in
 {(576, 1536), (1536, 576), (576, 576)} and (4096, 4096), M in {1, 8, 64, 256}, f32, vs an f32 dot; a dot whose weight is stored as bf16 / int8 / int4 (and int8 x int8 -> int32) vs
@@ -33,14 +35,17 @@ temporaries (a base dequantized all at once would show there); "same ids": greed
 "= kernel", to the kernel variant's) before the first difference.
 
 Usage: python benchmarks/int4_matmul.py [--quick] [--mode gpu|cpu] [--shapes small] [--formats nf4,int4_sym]
-                                       [--block-sweep] [--budget-s S] [--sweep-budget-s S] [--reps N] [--out PATH]
+                                       [--policy-sweep] [--budget-s S] [--sweep-budget-s S] [--lora-budget-s S]
+                                       [--reps N] [--out PATH]
        python benchmarks/int4_matmul.py --mode gpu --dry-run   # the GPU code path on CPU: tiny shape, interpret mode
-  On a time-limited GPU: scripts/gpu_check.sh (the GPU tests, then --block-sweep --budget-s 180 --sweep-budget-s 70).
+  On a time-limited GPU: scripts/gpu_check.sh (the GPU tests, then the sweep and the main table within budgets).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -56,23 +61,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate import PARAGRAPH, machine_info  # noqa: E402  (same machine description and prompt text)
 
-from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, BlockSizes, qmatmul_cpu, qmatmul_pallas,  # noqa: E402
-                              qmatmul_reference, qmatmul_small_m)
+from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, BlockSizes, default_blocks, qmatmul_cpu,  # noqa: E402
+                              qmatmul_pallas, qmatmul_reference, qmatmul_small_m)
 from lora_jax.quant import DEFAULT_RULES, QTensor, quantize, quantize_model_params  # noqa: E402
 
-GPU_MS, CPU_MS = (1, 8, 16, 64, 256, 4096), (1, 8, 64, 256)
+GPU_MS, CPU_MS = (1, 8, 16, 64, 128, 256, 4096), (1, 8, 64, 256)
 GPU_SHAPES = {"all": ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)), "small": ((4096, 4096), (4096, 14336))}
 CPU_SHAPES = ((576, 1536), (1536, 576), (576, 576), (4096, 4096))
 FORMATS, TOL = ("nf4", "int4_sym"), 2e-2
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-class Tiles(BlockSizes):
-  """BlockSizes used exactly as given (the block sweep: bm, bn, bk, split_k all set); `BlockSizes.for_shape` picks
-  bm itself."""
-
-  def for_shape(self, m, n, k=None, block_size=None):
-    return self
 
 
 def err_text(e):
@@ -145,10 +142,11 @@ def machine():
 
 
 def gpu_weights(args, k, n, fmt, gib):
-  """C distinct copies of the bf16 weight and of its `fmt` QTensor (C x bf16 bytes >= gib, 2 <= C <= 32)."""
+  """C distinct copies of the bf16 weight and of its `fmt` QTensor (C x bf16 bytes >= gib, 2 <= C <= 32); NF4
+  double-quantized, as `--quantize nf4` makes it."""
   c = 2 if args.dry_run else max(2, min(32, -(-gib // (2 * k * n))))
   w = jax.random.normal(jax.random.key(0), (k, n), jnp.float32).astype(jnp.bfloat16) * 0.02
-  return copies_of(w, c), copies_of(quantize(w, fmt, block_size=64), c)
+  return copies_of(w, c), copies_of(quantize(w, fmt, block_size=64, double_quant=fmt == "nf4"), c)
 
 
 def run_gpu(args, result):
@@ -157,9 +155,13 @@ def run_gpu(args, result):
   ms = (1, 16) if args.dry_run else GPU_MS
   gib = (8 << 20) if args.dry_run else (1 << 30)
   peaks = result["peaks"] = device_peaks(args, gib, 256 if args.dry_run else 8192, jnp.bfloat16)
-  print(f"copy {peaks['copy_gb_s']:.0f} GB/s, bf16 matmul {peaks['matmul_tflop_s']:.1f} TFLOP/s\n{GPU_HEADER}",
-        flush=True)
+  print(f"copy {peaks['copy_gb_s']:.0f} GB/s, bf16 matmul {peaks['matmul_tflop_s']:.1f} TFLOP/s", flush=True)
   pallas = lambda blocks: (lambda x, w: qmatmul_pallas(x, w, blocks=blocks, interpret=interp))
+  tuned = {}
+  if args.policy_sweep:  # first, so that the main table times the policies it found
+    sweep_shapes = ((256, 128), (512, 256)) if args.dry_run else ((4096, 14336), (14336, 4096))
+    tuned = policy_sweep(args, result, sweep_shapes, pallas, gib, time.perf_counter() + args.sweep_budget_s)
+  print(GPU_HEADER, flush=True)
   bf16_dot = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
   t_end = time.perf_counter() + args.budget_s
   for k, n in shapes:
@@ -174,11 +176,13 @@ def run_gpu(args, result):
         continue
       nbytes = qs[0].nbytes()
       for m in ms:
-        row = {"M": m, "K": k, "N": n, "fmt": fmt, "copies": len(qs), "weight_bytes": nbytes}
+        blocks = tuned_for(tuned, fmt, m)
+        row = {"M": m, "K": k, "N": n, "fmt": fmt, "copies": len(qs), "weight_bytes": nbytes,
+               "blocks": dataclasses.asdict(blocks.for_shape(m, n, k, 64))}
         result["rows"].append(row)
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
         outs = {}  # the check compares the outputs of the first (compiling) timed call on weight copy 0
-        for name, op, ws, nb in (("pallas", pallas(BlockSizes()), qs, nbytes),
+        for name, op, ws, nb in (("pallas", pallas(blocks), qs, nbytes),
                                  ("reference", qmatmul_reference, qs, nbytes), ("bf16_dot", bf16_dot, wb, 2 * k * n)):
           try:
             row[name] = perf(time_op(op, x, ws, args, outs.setdefault(name, [])), m, k, n, nb, peaks)
@@ -197,18 +201,14 @@ def run_gpu(args, result):
         print_gpu_row(row)
       save(result, args.out)
       del wb, qs
-  # fused LoRA and the sweep have budgets of their own, so a main table that uses all of --budget-s leaves them time
   fused_lora(args, result, shapes[0], args.formats[0], [m for m in ms if m <= 16], interp, gib, peaks,
-             time.perf_counter() + args.sweep_budget_s)
-  if args.block_sweep:
-    block_sweep(args, result, shapes, [m for m in ms if m <= 16][:1] + [m for m in ms if m > 16][-1:], pallas, gib,
-                time.perf_counter() + args.sweep_budget_s)
+             time.perf_counter() + args.lora_budget_s, tuned)
 
 
-def fused_lora(args, result, shape, fmt, ms, interp, gib, peaks, t_end, rank=16):
+def fused_lora(args, result, shape, fmt, ms, interp, gib, peaks, t_end, tuned, rank=16):
   """QLoRA's linear with the LoRA term inside the Pallas kernel (`qmatmul_lora`) vs the kernel followed by the two
   small LoRA products, at decode sizes: what the fusion saves (a pass over the output, two launches)."""
-  from lora_jax.kernels import qmatmul_lora
+  from lora_jax.kernels import qmatmul_lora_pallas
   k, n = shape
   if time.perf_counter() > t_end:
     result["fused_lora"] = [{"skipped": "budget"}]
@@ -217,8 +217,9 @@ def fused_lora(args, result, shape, fmt, ms, interp, gib, peaks, t_end, rank=16)
   a = jax.random.normal(jax.random.key(1), (k, rank), jnp.bfloat16) * 0.02
   b = jax.random.normal(jax.random.key(2), (rank, n), jnp.bfloat16) * 0.02
   s = jnp.float32(2.0)
-  fused = lambda x, w: qmatmul_lora(x, w, a, b, s, impl="pallas", interpret=interp)
-  split = lambda x, w: qmatmul_pallas(x, w, interpret=interp) + s * jnp.dot(
+  fused = lambda blocks: lambda x, w: qmatmul_lora_pallas(
+      x, w, s * jnp.dot(x, a, preferred_element_type=jnp.float32), b, blocks=blocks, interpret=interp)
+  split = lambda blocks: lambda x, w: qmatmul_pallas(x, w, blocks=blocks, interpret=interp) + s * jnp.dot(
       jnp.dot(x, a, preferred_element_type=jnp.float32).astype(x.dtype), b, preferred_element_type=jnp.float32)
   rows = result["fused_lora"] = []
   print(f"\nfused LoRA (r={rank}, {fmt}, {k}x{n}): {'M':>4} {'fused us':>9} {'split us':>9} {'fused/split':>11} "
@@ -229,7 +230,8 @@ def fused_lora(args, result, shape, fmt, ms, interp, gib, peaks, t_end, rank=16)
       continue
     x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
     row, outs = {"M": m, "K": k, "N": n, "fmt": fmt, "rank": rank}, {}
-    for name, op in (("fused", fused), ("split", split)):
+    blocks = tuned_for(tuned, fmt, m)
+    for name, op in (("fused", fused(blocks)), ("split", split(blocks))):
       try:
         row[name] = perf(time_op(op, x, qs, args, outs.setdefault(name, [])), m, k, n, qs[0].nbytes(), peaks)
       except Exception as e:
@@ -248,65 +250,153 @@ def fused_lora(args, result, shape, fmt, ms, interp, gib, peaks, t_end, rank=16)
   del qs
 
 
-def sweep_configs(m, dry_run):
-  """(bm, bn, bk, split_k) to time. M <= 16 (decode: bm = 16, the weight stream is everything): output width,
-  blocks per step and K split; large M: output tile and blocks per step, no split."""
-  if m <= 16:
-    configs = [(16, bn, bk, sk) for bn in (32, 64, 128) for bk in (1, 2, 4) for sk in (1, 2, 4, 8)]
-  else:
-    configs = [(bm, bn, bk, 1) for bm in (32, 64) for bn in (64, 128) for bk in (1, 2)]
-  return configs[:2] if dry_run else configs
+POLICY_FIELDS = {"dot": ("fma", "mma"), "lookup": ("select", "gather"), "bn": (32, 64, 128), "bk": (1, 2, 4),
+                 "num_warps": (2, 4, 8), "num_stages": (2, 3, 4), "min_programs": (132, 264, 528, 1056)}
+SWEEP_CLASSES = (("nf4", 1), ("nf4", 16), ("int4_sym", 1))  # (format, M): M = 1 decode, M = 16 a few rows
 
 
-def block_sweep(args, result, shapes, ms, pallas, gib, t_end):
-  """Explicit tilings (`sweep_configs`) on the first two shapes and the first format; M <= 16 pads to the same
-  bm-row tile, so the smallest M stands for all of them."""
-  print(f"\nblock sweep (M = {list(ms)}): best (bm, bn, bk, split_k), and its speedup over the default "
-        f"BlockSizes().for_shape")
-  fmt = args.formats[0]
-  for k, n in shapes[:2]:
-    if time.perf_counter() > t_end:
-      continue
+def policy_fields(fmt, m):
+  """The values each BlockSizes field may take at (fmt, m): "fma" only for M = 1, "gather" only for NF4."""
+  f = dict(POLICY_FIELDS)
+  if m > 1:
+    f["dot"] = ("mma",)
+  if fmt != "nf4":
+    f["lookup"] = ("select",)
+  return f
+
+
+def policy_of(blocks):
+  return {k: getattr(blocks, k) for k in POLICY_FIELDS}
+
+
+def compile_many(jobs):
+  """[(fn, args)] -> [compiled executable or exception], lowered and compiled on a thread pool (XLA's and Triton's
+  compilers release the GIL: a sweep's hundred kernels compile in parallel on the machine's cores)."""
+  from concurrent.futures import ThreadPoolExecutor
+
+  def one(job):
+    fn, args = job
     try:
+      return jax.jit(fn).lower(*args).compile()
+    except Exception as e:  # a policy that does not lower or compile is a result, not a crash
+      return e
+  with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+    return list(pool.map(one, jobs))
+
+
+def time_policies(args, policies, x, qs, ref, pallas):
+  """Each policy's op over the weight copies (as `time_op`), compiled in parallel, timed one after another; the
+  first output checked against the reference. Returns one entry per policy."""
+  fns = [(lambda x, ws, p=p: [pallas(p)(x, w) for w in ws]) for p in policies]
+  compiled = compile_many([(f, (x, qs)) for f in fns])
+  out = []
+  for p, c in zip(policies, compiled):
+    entry = {"policy": policy_of(p)}
+    if isinstance(c, Exception):
+      entry["error"] = err_text(c)
+    else:
+      try:
+        first = np.asarray(jax.block_until_ready(c(x, qs))[0])
+        entry["rel_err"] = float(np.max(np.abs(first - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+        entry["pass"] = bool(entry["rel_err"] < TOL)  # a fast policy that computes the wrong thing is no candidate
+        entry["time_s"] = median_s(c, x, qs, reps=args.reps, warmup=max(0, args.warmup - 1)) / len(qs)
+      except Exception as e:
+        entry["error"] = err_text(e)
+    out.append(entry)
+  return out
+
+
+def policy_sweep(args, result, shapes, pallas, gib, t_end):
+  """A search over shape-independent kernel policies (`POLICY_FIELDS`: dot, NF4 lookup, bn, bk, warps, stages,
+  min_programs, which sets split_k) for each (format, M) of `SWEEP_CLASSES`, on the first shape: the default, then
+  random policies, then two rounds of every one-field change of the best so far; the best three and the default
+  are then timed on the second shape too, and the one with the least total time wins. Every timing's output is
+  checked against the reference. Returns {(fmt, M): winning BlockSizes}."""
+  import random
+  rng = random.Random(0)
+  tuned = {}
+  classes = SWEEP_CLASSES[:1] if args.dry_run else SWEEP_CLASSES
+  share = (t_end - time.perf_counter()) / len(classes)
+  for ci, (fmt, m) in enumerate(classes):
+    c_end = min(t_end, time.perf_counter() + share * (1 if ci < len(classes) - 1 else 2))
+    fields = policy_fields(fmt, m)
+    default = default_blocks(m, fmt)
+    entry = {"fmt": fmt, "M": m, "shapes": [list(s) for s in shapes[:2]], "default": policy_of(default), "timed": []}
+    result["sweep"].append(entry)
+    seen = {}
+
+    def run(k, n, policies):
       _, qs = gpu_weights(args, k, n, fmt, gib)
-    except Exception as e:
-      result["sweep"].append({"K": k, "N": n, "fmt": fmt, "error": err_text(e)})
-      continue
-    for m in ms:
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
       ref = np.asarray(qmatmul_reference(x, qs[0]))
-      d = BlockSizes().for_shape(m, n, k, 64)
-      default = [d.bm, d.bn, d.bk, d.split_k]
-      entry = {"M": m, "K": k, "N": n, "fmt": fmt, "default": default, "tiles": []}
-      configs = sweep_configs(m, args.dry_run)
-      configs = [tuple(default)] + [c for c in configs if list(c) != default]
-      for bm, bn, bk, sk in configs:
-        if n % bn or (k // 64) % (bk * sk) or time.perf_counter() > t_end:
-          continue
-        tile, first = {"bm": bm, "bn": bn, "bk": bk, "split_k": sk}, []
-        try:
-          tile["time_s"] = time_op(pallas(Tiles(bm, bn, bk, sk)), x, qs, args, first)
-          tile["rel_err"] = float(np.max(np.abs(first[0] - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
-          tile["pass"] = bool(tile["rel_err"] < TOL)  # a fast tiling that computes the wrong thing is no candidate
-        except Exception as e:
-          tile["error"] = err_text(e)
-        entry["tiles"].append(tile)
-      ok = [t for t in entry["tiles"] if t.get("pass")]
-      dflt = [t["time_s"] for t in ok if [t["bm"], t["bn"], t["bk"], t["split_k"]] == default]
-      if ok:
-        best = entry["best"] = min(ok, key=lambda t: t["time_s"])
-        entry["best_speedup_vs_default"] = dflt[0] / best["time_s"] if dflt else None
-        gb = qs[0].nbytes() / best["time_s"] / 1e9
-        print(f"{m:5d} {k:5d} {n:5d} {fmt:8s} best bm={best['bm']:2d} bn={best['bn']:3d} bk={best['bk']} "
-              f"split_k={best['split_k']} {best['time_s'] * 1e6:9.1f} us ({gb:.0f} GB/s)  default {default}: "
-              f"x{entry['best_speedup_vs_default'] or float('nan'):.2f}", flush=True)
-      errors = [t for t in entry["tiles"] if not t.get("pass")]
-      if errors:
-        print(f"{m:5d} {k:5d} {n:5d} {fmt:8s} {len(errors)} tilings failed or were wrong, e.g. {errors[0]}",
-              flush=True)
-      result["sweep"].append(entry)
+      timed = time_policies(args, policies, x, qs, ref, pallas)
+      for t in timed:
+        t.update(K=k, N=n)
+      entry["timed"].extend(timed)
       save(result, args.out)
-    del qs
+      return timed
+
+    def key(p):
+      return tuple(sorted(policy_of(p).items()))
+
+    def explore(policies, k, n):
+      todo = [p for p in policies if key(p) not in seen]
+      for i in range(0, len(todo), 16):
+        if time.perf_counter() > c_end:
+          return
+        for p, t in zip(todo[i:i + 16], run(k, n, todo[i:i + 16])):
+          seen[key(p)] = (p, t)
+
+    def best(n_best=1):
+      ok = [(t["time_s"], p) for p, t in seen.values() if t.get("pass")]
+      return [p for _, p in sorted(ok, key=lambda e: e[0])[:n_best]]
+
+    k, n = shapes[0]
+    space = [BlockSizes(**dict(zip(fields, combo))) for combo in itertools.product(*fields.values())]
+    rng.shuffle(space)
+    explore([default] + space[:2 if args.dry_run else 31], k, n)
+    for _ in range(0 if args.dry_run else 2):
+      top = best()
+      if not top:
+        break
+      explore([dataclasses.replace(top[0], **{f: v}) for f, vals in fields.items() for v in vals
+               if v != getattr(top[0], f)], k, n)
+    finalists = best(3)
+    if not finalists:
+      entry["winner"] = None
+      continue
+    finalists = finalists + ([default] if key(default) not in {key(p) for p in finalists} else [])
+    if len(shapes) > 1 and time.perf_counter() < t_end:
+      k2, n2 = shapes[1]
+      second = {key(p): t for p, t in zip(finalists, run(k2, n2, finalists))}
+    else:
+      second = {}
+    def total(p):
+      t2 = second.get(key(p), {})
+      return seen[key(p)][1]["time_s"] + (t2["time_s"] if t2.get("pass") else (0 if not second else float("inf")))
+    win = min((p for p in finalists if key(p) in seen and seen[key(p)][1].get("pass")), key=total)
+    d_total = total(default) if key(default) in seen and seen[key(default)][1].get("pass") else None
+    entry["winner"] = policy_of(win)
+    entry["winner_total_s"], entry["default_total_s"] = total(win), d_total
+    entry["speedup_vs_default"] = d_total / total(win) if d_total else None
+    tuned[(fmt, m)] = win
+    print(f"{fmt:8s} M={m:<3d} {len(seen):3d} policies: best {policy_of(win)}  "
+          f"x{entry['speedup_vs_default'] or float('nan'):.2f} vs default", flush=True)
+  result["tuned"] = [{"fmt": f, "M": m, "policy": policy_of(p)} for (f, m), p in tuned.items()]
+  save(result, args.out)
+  return tuned
+
+
+def tuned_for(tuned, fmt, m):
+  """The swept policy for a main-table row: M = 1 its own class, 2..16 the M = 16 class (NF4's for int4), else (or
+  without a sweep) `default_blocks`."""
+  if m == 1 and (fmt, 1) in tuned:
+    return tuned[(fmt, 1)]
+  if m <= 16:
+    p = tuned.get((fmt, 16)) or tuned.get(("nf4", 16))
+    if p is not None:
+      return dataclasses.replace(p, lookup="select") if fmt != "nf4" else p
+  return default_blocks(m, fmt)
 
 
 def print_gpu_row(r):
@@ -460,21 +550,22 @@ def main():
   ap.add_argument("--quick", action="store_true", help="GPU: --shapes small, 10 reps; CPU: 3 reps, 16 new tokens, 1 decode rep")
   ap.add_argument("--shapes", choices=("all", "small"), default="all", help="GPU (K, N) set")
   ap.add_argument("--formats", type=lambda v: tuple(v.split(",")), default=FORMATS, help="GPU: nf4,int4_sym")
-  ap.add_argument("--block-sweep", action="store_true", help="GPU: sweep (bm, bn) tiles for M <= 16 and M = 4096")
+  ap.add_argument("--policy-sweep", action="store_true", help="GPU: search the kernel's BlockSizes policies first "
+                  "(nf4 M = 1 and 16, int4_sym M = 1); the main table then uses the winners")
   ap.add_argument("--dry-run", action="store_true", help="GPU mode on any backend: tiny shapes, Pallas interpret, 1 rep")
   ap.add_argument("--reps", type=int, help="timed calls per op, median reported (GPU 20, CPU 10; quick 10 / 3)")
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--budget-s", type=float, default=1e9, help="GPU: skip the remaining shapes of the main table "
                   "after this many seconds")
-  ap.add_argument("--sweep-budget-s", type=float, default=1e9, help="GPU: seconds for the fused-LoRA timing, and "
-                  "again for the block sweep (each stops starting new work after it)")
+  ap.add_argument("--sweep-budget-s", type=float, default=1e9, help="GPU: seconds for the policy sweep")
+  ap.add_argument("--lora-budget-s", type=float, default=1e9, help="GPU: seconds for the fused-LoRA timing")
   ap.add_argument("--new-tokens", type=int, help="CPU decode: new tokens (64; 16 with --quick)")
   ap.add_argument("--decode-reps", type=int, help="CPU decode: timed repetitions (3; 1 with --quick)")
   ap.add_argument("--out", help="JSON path (default benchmarks/results/int4_matmul_{mode}.json)")
   args = ap.parse_args()
   args.mode = args.mode or ("gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "cpu")
   if args.dry_run:
-    args.mode, args.reps, args.warmup, args.block_sweep = "gpu", 1, 0, True
+    args.mode, args.reps, args.warmup, args.policy_sweep = "gpu", 1, 0, True
     args.out = args.out or "/tmp/int4_matmul_dryrun.json"
   if args.quick and args.mode == "gpu":
     args.shapes = "small"

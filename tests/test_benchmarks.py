@@ -21,5 +21,7 @@ def test_int4_matmul_gpu_dry_run(tmp_path):
   assert rows and all(row["check"]["pass"] for row in rows), rows
   assert all("time_s" in row[op] for row in rows for op in ("pallas", "reference", "bf16_dot")), rows
   assert result["fused_lora"] and all(row["pass"] for row in result["fused_lora"]), result["fused_lora"]
-  tiles = [t for entry in result["sweep"] for t in entry["tiles"]]
-  assert tiles and all("time_s" in t and t["pass"] for t in tiles), result["sweep"]
+  timed = [t for entry in result["sweep"] for t in entry["timed"]]
+  assert timed and all("time_s" in t and t["pass"] for t in timed), result["sweep"]
+  assert result["tuned"] and all(entry["winner"] for entry in result["sweep"]), result["sweep"]
+  assert all(row["blocks"]["dot"] == ("fma" if (row["M"], row["fmt"]) == (1, "nf4") else "mma") for row in rows), rows

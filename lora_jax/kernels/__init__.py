@@ -10,7 +10,9 @@
   cannot be built.
 * ``impl="small_m"``: a multiply-reduce that XLA fuses with the nibble unpacking (`kernels/qmatmul/small_m.py`),
   reading only the packed bytes; for decoding without the CPU kernel.
-* ``impl="auto"`` (default): Pallas on GPU when `supports(...)` holds; on CPU the C++ kernel for at most
+* ``impl="auto"`` (default): on GPU, Pallas for at most `PALLAS_M_MAX` rows when `supports(...)` holds (above
+  that XLA's dequantize + cuBLAS dot was faster on an H200, and within 1.13-1.34x of a bf16 dot at M = 4096,
+  where the kernel was 5-7x slower); on CPU the C++ kernel for at most
   `CPU_M_MAX` rows when it builds here, else ``small_m`` for at most `SMALL_M_MAX` rows of an int4 / GGUF
   tensor (for NF4 its select tree costs more than the dequantize + dot it replaces); the reference otherwise,
   logging the reason once.
@@ -22,8 +24,9 @@ fp32 (benchmarks/int4_matmul.py); the C++ kernel is what makes a 4-bit base deco
 
 The op is differentiable in ``x`` through a `jax.custom_vjp` (``dx = dy · Wᵀ`` with the dequantized kernel), so a
 LoRA adapter on a quantized base trains; the quantized base itself gets no gradient. `qmatmul_lora` is QLoRA's
-whole linear; on GPU its LoRA term is fused into the Pallas kernel (the issue's stretch goal; its speed is still
-to be measured on a GPU).
+whole linear. The Pallas kernel can also add the LoRA term inside (`qmatmul_lora_pallas`, the issue's stretch
+goal), but on an H200 that was no faster than the kernel plus two small dots (0.98-1.13x), so `qmatmul_lora`
+runs those.
 """
 
 from __future__ import annotations
@@ -39,12 +42,13 @@ from .._log import log
 from ..quant._qtensor import QTensor, dequantize
 from .qmatmul import cpu as _cpu
 from .qmatmul.cpu import CPU_M_MAX, qmatmul_cpu
-from .qmatmul.pallas_gpu import BlockSizes, qmatmul_lora_pallas, qmatmul_pallas, supports
+from .qmatmul.pallas_gpu import DECODE_NF4, BlockSizes, default_blocks, qmatmul_lora_pallas, qmatmul_pallas, supports
 from .qmatmul.reference import _after, qmatmul_reference
 from .fused_lora import lora_linear
 from .qmatmul.small_m import SMALL_M_MAX, qmatmul_small_m
 
 IMPLS = ("auto", "reference", "pallas", "cpu", "small_m")
+PALLAS_M_MAX = 64  # rows up to which auto takes the Pallas kernel on GPU (README: the H200 crossover)
 _DEFAULT_IMPL = "auto"
 _LOGGED: set[str] = set()
 
@@ -89,9 +93,9 @@ def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
     if not ok:
       raise LoraJaxError(f"the Pallas qmatmul kernel does not support this call: {why}")
     return "pallas"
-  if on_gpu and ok:
-    return "pallas"
   rows = int(np.prod(x.shape[:-1]))
+  if on_gpu and ok and rows <= PALLAS_M_MAX:
+    return "pallas"
   if rows <= CPU_M_MAX and backend == "cpu" and _cpu.supports(x, w)[0]:
     built, why = _cpu.available()
     if built:
@@ -100,7 +104,10 @@ def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
   # NF4's code-to-value select tree costs more than the bytes it saves (benchmarks/results/int4_matmul_cpu.json)
   if rows <= SMALL_M_MAX and backend == "cpu" and w.fmt != "nf4":
     return "small_m"
-  _log_once(f"backend {backend}" if not on_gpu else why)
+  if not on_gpu:
+    _log_once(f"backend {backend}")
+  elif not ok:
+    _log_once(why)
   return "reference"
 
 
@@ -121,48 +128,28 @@ def qmatmul_lora(x, w: QTensor, a, b, scale, *, impl: str | None = None, interpr
   scale. With the Pallas kernel the LoRA term rides in the same kernel (`qmatmul_lora_pallas`: the rank-r
   product ``s·(x a)`` is formed outside, its product with b inside each output tile). On the reference path the
   dequantized W and A share one GEMM, forward and backward (`lora_linear`: skinny rank-r GEMMs run far below the
-  matmul rate on CPU). With the CPU kernel or small_m (a few rows) it is `qmatmul` plus the two small products."""
+  matmul rate on CPU). With a kernel (Pallas, CPU) or small_m (a few rows) it is `qmatmul` plus the two small
+  products."""
   choice = _choose(x, w, impl or _DEFAULT_IMPL, interpret)
   scale = jnp.asarray(scale).astype(jnp.float32)  # a bf16 adapter's scale: no implicit promotion needed
   if choice == "reference":  # dequantize + one GEMM for x [W | A], as for a dense base (`lora_linear`)
     return lora_linear(x, w, a, b, scale)
   low = jnp.einsum("...i,ir->...r", x, a.astype(x.dtype), preferred_element_type=jnp.float32)
-  if choice == "pallas":
-    return _fused_lora_vjp(interpret, x, w, low * scale, b)
   lora = jnp.einsum("...r,ro->...o", low.astype(x.dtype), b.astype(x.dtype), preferred_element_type=jnp.float32)
   return _qmatmul_vjp(choice, interpret, x, w) + lora * scale
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_lora_vjp(interpret, x, w, low, b):
-  return qmatmul_lora_pallas(x, _scales_after(w, x), low, b, interpret=interpret)
-
-
-def _fused_fwd(interpret, x, w, low, b):
-  return _fused_lora_vjp(interpret, x, w, low, b), (w, jnp.zeros((0,), x.dtype), low, b)
-
-
-def _fused_bwd(interpret, res, dy):
-  w, x_dtype, low, b = res
-  dx, dw = _bwd("pallas", interpret, (w, x_dtype), dy)
-  dlow = jnp.einsum("...o,ro->...r", dy, b.astype(jnp.float32))
-  db = jnp.einsum("nr,no->ro", low.reshape(-1, low.shape[-1]), dy.reshape(-1, dy.shape[-1]))
-  return dx, dw, dlow.astype(low.dtype), db.astype(b.dtype)
-
-
-_fused_lora_vjp.defvjp(_fused_fwd, _fused_bwd)
-
-
 def _scales_after(w: QTensor, x) -> QTensor:
-  """For the kernels, which read the stored codes: a double-quantized `w`'s int8 scales tied to `x` (`_after`),
-  so their float32 form is computed per call, not hoisted out of a decode loop for every layer at once."""
+  """For the CPU kernel, which reads the stored codes: a double-quantized `w`'s int8 scales tied to `x` (`_after`),
+  so their float32 form is computed per call, not hoisted out of a decode loop for every layer at once. (The
+  Pallas kernel forms them itself, from the int8 codes.)"""
   return _after(w, x, field="scale") if w.double_quantized else w
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _qmatmul_vjp(choice, interpret, x, w):
   if choice == "pallas":
-    return qmatmul_pallas(x, _scales_after(w, x), interpret=interpret)
+    return qmatmul_pallas(x, w, interpret=interpret)
   if choice == "cpu":  # reads the stored codes; only double-quantized scales are computed, after x
     return qmatmul_cpu(x, _scales_after(w, x))
   w = _after(w, x)
@@ -185,6 +172,6 @@ def _bwd(choice, interpret, res, dy):
 
 _qmatmul_vjp.defvjp(_fwd, _bwd)
 
-__all__ = ["BlockSizes", "CPU_M_MAX", "IMPLS", "SMALL_M_MAX", "lora_linear", "qmatmul", "qmatmul_cpu", "qmatmul_lora",
-           "qmatmul_lora_pallas", "qmatmul_pallas", "qmatmul_reference", "qmatmul_small_m", "set_default_impl",
-           "supports"]
+__all__ = ["BlockSizes", "CPU_M_MAX", "DECODE_NF4", "IMPLS", "PALLAS_M_MAX", "SMALL_M_MAX", "default_blocks",
+           "lora_linear", "qmatmul", "qmatmul_cpu", "qmatmul_lora", "qmatmul_lora_pallas", "qmatmul_pallas",
+           "qmatmul_reference", "qmatmul_small_m", "set_default_impl", "supports"]

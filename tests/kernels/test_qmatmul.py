@@ -259,17 +259,22 @@ def test_pallas_compiles_for_sm90(m, k, n, fmt, block, dt):
     assert r["spill_bytes"] == 0, r
 
 
-@pytest.mark.parametrize("fmt,bk,split,lora", [("nf4", 2, 1, False), ("nf4", 1, 4, True), ("q4_1", 2, 2, True),
-                                               ("int4_asym", 4, 2, False), ("q4_0", 8, 4, True)])
-def test_pallas_steps_and_split_k(fmt, bk, split, lora):
-  """Several quantization blocks per loop step (bk) and K split over programs whose partial tiles are summed
-  (split_k), in interpret mode against the reference; the fused LoRA term is added once, not once per split."""
+@pytest.mark.parametrize("fmt,bk,split,lora,dot,lookup", [
+    ("nf4", 2, 1, False, "mma", "select"), ("nf4", 1, 4, True, "mma", "select"), ("q4_1", 2, 2, True, "mma", "select"),
+    ("int4_asym", 4, 2, False, "mma", "select"), ("q4_0", 8, 4, True, "mma", "select"),
+    ("nf4", 2, 2, True, "fma", "gather"), ("nf4_dq", 1, 2, False, "mma", "gather"), ("nf4_dq", 4, 1, True, "fma", "select"),
+    ("q4_1", 1, 8, False, "fma", "select")])
+def test_pallas_steps_split_k_and_variants(fmt, bk, split, lora, dot, lookup):
+  """Several quantization blocks per loop step (bk), K split over programs whose partial tiles are summed
+  (split_k), both dots (tensor cores; CUDA-core multiply-reduce on 5 rows padded to 8) and both NF4 lookups, in
+  interpret mode against the reference; the fused LoRA term is added once, not once per split."""
   from lora_jax.kernels import BlockSizes, qmatmul_lora_pallas
-  block = 64 if fmt in ("nf4", "int4_asym") else 32
-  w = _q(fmt, 2048, 128, block)
+  block = 64 if fmt.startswith("nf4") or fmt == "int4_asym" else 32
+  w = random_qtensor(fmt.removesuffix("_dq"), 2048, 128, block, double_quant=fmt == "nf4_dq")
   x = jax.random.normal(jax.random.key(bk * 10 + split), (5, 2048))
-  blocks = BlockSizes(bk=bk, split_k=split)
-  assert blocks.for_shape(5, 128, 2048, block).split_k == split
+  blocks = BlockSizes(bk=bk, split_k=split, dot=dot, lookup=lookup)
+  resolved = blocks.for_shape(5, 128, 2048, block)
+  assert resolved.split_k == split and resolved.bm == (8 if dot == "fma" else 16)
   with jax.default_matmul_precision("highest"):
     want = qmatmul_reference(x, w)
     if lora:
@@ -284,17 +289,35 @@ def test_pallas_steps_and_split_k(fmt, bk, split, lora):
     qmatmul_pallas(x, _q("nf4", 2048, 128, 64), blocks=BlockSizes(bk=3, split_k=1), interpret=True)
 
 
-@pytest.mark.parametrize("m,k,n,block,want", [
-    (1, 4096, 4096, 64, (16, 64, 2, 2)),     # 64 output tiles: split K in two (+12.5% bytes, the bound)
-    (1, 14336, 4096, 64, (16, 64, 2, 4)),    # longer K: split further within the bound
-    (1, 4096, 4096, 32, (16, 64, 4, 2)),     # 128 rows of K per step: 4 blocks of 32
-    (64, 4096, 4096, 64, (64, 64, 2, 1)),    # partial sums of 64 rows would cost too much
-    (1, 576, 1536, 64, (16, 64, 1, 1)),      # 9 blocks: odd, no even split or step
+@pytest.mark.parametrize("m,k,n,fmt,block,want", [
+    (1, 4096, 4096, "nf4", 64, (1, 128, 1, 16)),      # DECODE_NF4: one row (multiply-reduce), 32 tiles split 16 ways
+    (1, 576, 1536, "nf4", 64, (1, 128, 1, 1)),        # 9 blocks: odd, no even split or step
+    (1, 4096, 4096, "int4_sym", 64, (16, 64, 2, 2)),  # tensor cores, 16 rows: split K in two (+12.5% bytes, the bound)
+    (2, 4096, 4096, "nf4", 64, (16, 64, 2, 2)),       # NF4 beyond one row: tensor cores too
+    (2, 14336, 4096, "nf4", 64, (16, 64, 2, 4)),      # longer K: split further within the bound
+    (2, 4096, 4096, "q4_0", 32, (16, 64, 4, 2)),      # 128 rows of K per step: 4 blocks of 32
+    (64, 4096, 4096, "int4_sym", 64, (64, 64, 2, 1)),  # partial sums of 64 rows would cost too much
 ])
-def test_block_sizes_resolution(m, k, n, block, want):
-  from lora_jax.kernels import BlockSizes
-  bs = BlockSizes().for_shape(m, n, k, block)
+def test_default_blocks_resolution(m, k, n, fmt, block, want):
+  from lora_jax.kernels import DECODE_NF4, BlockSizes, default_blocks
+  policy = default_blocks(m, fmt)
+  assert policy == (DECODE_NF4 if (m, fmt) == (1, "nf4") else BlockSizes())
+  bs = policy.for_shape(m, n, k, block)
   assert (bs.bm, bs.bn, bs.bk, bs.split_k) == want
+  with pytest.raises(ValueError, match="dot must be 'mma' or 'fma'"):
+    BlockSizes(dot="wgmma").for_shape(m, n, k, block)
+
+
+def test_gpu_dispatch_by_rows(monkeypatch):
+  """On a GPU, auto takes the Pallas kernel up to PALLAS_M_MAX rows and XLA's dequantize + dot above (faster
+  there on an H200); an explicit impl="pallas" is obeyed at any size."""
+  import lora_jax.kernels as kernels
+  monkeypatch.setattr(kernels, "_backend", lambda: "gpu")
+  w = _q("nf4", 256, 128, 64)
+  assert _choose(jnp.ones((1, 256)), w, "auto", False) == "pallas"
+  assert _choose(jnp.ones((2, kernels.PALLAS_M_MAX // 2, 256)), w, "auto", False) == "pallas"
+  assert _choose(jnp.ones((kernels.PALLAS_M_MAX + 1, 256)), w, "auto", False) == "reference"
+  assert _choose(jnp.ones((4096, 256)), w, "pallas", False) == "pallas"
 
 
 def test_explicit_split_k_picks_a_step_that_divides():

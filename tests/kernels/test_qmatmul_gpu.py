@@ -1,5 +1,5 @@
 """The Pallas kernel compiled and run on a GPU (`-m gpu`; skipped without one): values against the reference for
-every format, the tilings (bk, split_k), the fused LoRA term, gradients, and a QLoRA training step. On CPU the same
+every format, the tilings (bk, split_k) and variants (dot, NF4 lookup, warps, stages), the fused LoRA term, gradients, and a QLoRA training step. On CPU the same
 kernel is checked in interpret mode (test_qmatmul.py) and compiled for sm_90 without running."""
 
 import jax
@@ -24,7 +24,7 @@ def _close(got, want, tol):
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "nf4_dq", "int4_sym", "int4_asym", "q4_0", "q4_1"])
-@pytest.mark.parametrize("m", [1, 300])  # M <= 16 all pad to the 16-row tile
+@pytest.mark.parametrize("m", [1, 300])  # 1: the default multiply-reduce path; 300: tensor cores
 @pytest.mark.parametrize("k,n", [(576, 1536), (4096, 4096)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 def test_pallas_on_gpu_matches_reference(fmt, m, k, n, dtype):
@@ -34,11 +34,22 @@ def test_pallas_on_gpu_matches_reference(fmt, m, k, n, dtype):
   _close(got, qmatmul_reference(x, w), "bf16" if dtype == jnp.bfloat16 else "tf32")
 
 
-@pytest.mark.parametrize("bk,split", [(1, 1), (2, 1), (4, 1), (1, 2), (2, 4), (4, 8)])
-def test_tilings_on_gpu(bk, split):
-  w = _q("nf4", 4096, 4096)
-  x = jax.random.normal(jax.random.key(0), (4, 4096), jnp.bfloat16)
-  got = qmatmul_pallas(x, w, blocks=BlockSizes(bk=bk, split_k=split))
+@pytest.mark.parametrize("m,fmt,blocks", [
+    (4, "nf4", BlockSizes(bk=1, split_k=1)), (4, "nf4", BlockSizes(bk=2, split_k=1)),
+    (4, "nf4", BlockSizes(bk=4, split_k=1)), (4, "nf4", BlockSizes(bk=1, split_k=2)),
+    (4, "nf4", BlockSizes(bk=2, split_k=4)), (4, "nf4", BlockSizes(bk=4, split_k=8)),
+    (4, "nf4_dq", BlockSizes(lookup="gather", bn=128, num_warps=8, num_stages=2)),
+    (16, "nf4_dq", BlockSizes(lookup="gather", bk=4, split_k=2, num_warps=2, num_stages=4)),
+    (1, "nf4_dq", BlockSizes(dot="fma", lookup="gather", bn=32, bk=1, split_k=8)),
+    (1, "nf4_dq", BlockSizes(dot="fma", bn=128, bk=4, num_warps=8, num_stages=4)),
+    (3, "int4_sym", BlockSizes(dot="fma", bn=64, bk=2, split_k=4, num_warps=2, num_stages=2)),
+    (1, "q4_1", BlockSizes(dot="mma", bk=2, split_k=2)),
+], ids=str)
+def test_tilings_and_variants_on_gpu(m, fmt, blocks):
+  """bk, split_k, both dots (tensor cores; CUDA-core multiply-reduce), both NF4 lookups, warps and stages."""
+  w = _q(fmt, 4096, 4096)
+  x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16)
+  got = qmatmul_pallas(x, w, blocks=blocks)
   _close(got, qmatmul_reference(x, w), "bf16")
 
 
@@ -49,7 +60,9 @@ def test_fused_lora_and_gradients_on_gpu():
   a = (jax.random.normal(keys[1], (4096, 16)) * 0.02).astype(jnp.bfloat16)
   b = (jax.random.normal(keys[2], (16, 1024)) * 0.02).astype(jnp.bfloat16)
   loss = lambda impl: lambda x, a, b: jnp.sum(jnp.tanh(qmatmul_lora(x, w, a, b, jnp.float32(2.0), impl=impl)))
-  _close(qmatmul_lora(x, w, a, b, 2.0, impl="pallas"), qmatmul_lora(x, w, a, b, 2.0, impl="reference"), "bf16")
+  for rows in (x, x[:1]):  # tensor-core and (one row) multiply-reduce paths
+    _close(qmatmul_lora(rows, w, a, b, 2.0, impl="pallas"), qmatmul_lora(rows, w, a, b, 2.0, impl="reference"),
+           "bf16")
   got = jax.grad(loss("pallas"), argnums=(0, 1, 2))(x, a, b)
   want = jax.grad(loss("reference"), argnums=(0, 1, 2))(x, a, b)
   for g, h in zip(got, want):

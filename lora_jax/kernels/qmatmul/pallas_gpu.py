@@ -3,19 +3,32 @@
 Grid: (M / bm, N / bn, split_k) programs; each computes one (bm × bn) output tile over its share of K. It walks
 that share `bk` quantization blocks per loop step: for each block it loads the packed codes (B/2 × bn bytes) and
 the per-block scale (and offset) row, unpacks the low and high nibbles (even and odd rows of K), maps codes to
-values in registers (NF4: a 4-level select tree over the code bits; int4/q4: an affine map), and accumulates two
-dots ``x_even · W_even + x_odd · W_odd`` in float32. The activation is split into its even and odd columns outside
-the kernel (a copy of M × K elements, negligible next to the weights for the small M of decoding), which turns the
-nibble interleave into two plain dots. With split_k > 1 the programs write float32 partial tiles that one XLA
-reduction sums (deterministic, unlike atomics). `BlockSizes` holds every tiling choice.
+values in registers, and accumulates ``x_even · W_even + x_odd · W_odd`` in float32. Everything a call needs
+happens in the one kernel, plus, with split_k > 1, one XLA reduction that sums the float32 partial tiles
+(deterministic, unlike atomics), and, for tensor-core dots, one XLA op that pads the activation to bm rows and
+splits its even and odd columns:
 
-Weight bytes read per output tile: K·bn/2 (+ K/B·bn·2 for f16 scales): the 4-bit traffic the decode-time speed
+* double-quantized NF4 scales are formed per block from their int8 codes and second-level scales (a gather of one
+  float per 256 blocks), so the call reads 1 byte per scale, not a float32 copy made by a separate XLA op;
+* NF4 codes become values by a 4-level select tree over the code bits or by a gather from the 16-entry table
+  (`BlockSizes.lookup`); the int4 / GGUF formats are an affine map;
+* the products run on tensor cores (``dot="mma"``: bm >= 16, M padded to it; the activation's even and odd
+  columns split outside, the layout of the first H200 run, where int4 at M = 16 ran 1.2-1.5x faster than the
+  second run's strided loads in the kernel, though under different tile policies) or, for a few rows, as a
+  multiply-reduce on the CUDA cores (``dot="fma"``: bm = M rounded up to a power of two, no 16-row padding of the
+  activation or of the partial tiles; x read with strided loads; W stays float32).
+
+Measured on an H200 (benchmarks/results/int4_matmul_gpu*.json, README): correct in every format and variant, and
+2.5-3.8x faster than XLA's dequantize + dot at M = 1, but at 7-17% of the copy bandwidth, far from the 75% a
+bandwidth-bound kernel should reach; above M = 64 XLA's dequantize + cuBLAS is faster, and `kernels.qmatmul`
+dispatches there.
+
+Weight bytes read per output tile: K·bn/2 (+ K/B·bn scale bytes): the 4-bit traffic the decode-time speed
 depends on. `interpret=True` runs the same kernel on CPU (tests). On GPU it lowers through Triton, chosen
 explicitly with Triton compiler parameters: since JAX 0.10 a `pallas_call` without them lowers through Mosaic
 GPU, which this kernel is not written for (it fails there: "exceeds available shared memory"). Without a GPU,
 the tests check that the kernel lowers for CUDA to a Triton call and that its Triton IR compiles for sm_90 within
-the hardware's limits (`triton_compile.py`); its numbers on a GPU and its speed need one
-(benchmarks/int4_matmul.py).
+the hardware's limits (`triton_compile.py`); `scripts/gpu_check.sh` checks its numbers and times it on a GPU.
 """
 
 from __future__ import annotations
@@ -28,27 +41,32 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from ...quant._qtensor import QTensor, nf4_values
+from ...quant._qtensor import DQ_GROUP, NF4_TABLE, QTensor, nf4_values
+
+_OFFSET_FORMATS = ("int4_asym", "q4_1")
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tiling and Triton's launch parameters, in one place; `for_shape` resolves them for a call.
+  """Tiling, kernel variants and Triton's launch parameters, in one place; `for_shape` resolves them for a call.
 
-  * ``bm × bn``: the output tile of one program (bm >= 16: Triton's dots need it; M is padded to it).
+  * ``bm × bn``: the output tile of one program. With ``dot="mma"`` bm >= 16 (Triton's dots need it; M is padded
+    to it): `bm` for M <= 16, 64 above. With ``dot="fma"`` bm is M rounded up to a power of two (at most 16).
   * ``bk``: quantization blocks loaded per step of the loop over K (None: the largest power of two up to 128 rows
-    of K per step that divides the blocks evenly; one block when the block count is odd). Each program
-    keeps only a few loads in flight per step, and at decode sizes the weight stream is all there is, so larger
-    steps mean more bytes in flight (Little's law: ~3 MB across an H200 to reach its bandwidth).
+    of K per step that divides the blocks evenly; one block when the block count is odd). At decode sizes the
+    weight stream is all there is, so larger steps mean more bytes in flight (Little's law: ~3 MB across an H200
+    to reach its bandwidth).
   * ``split_k``: programs along K, whose float32 partial tiles are summed afterwards (None: doubled while there are
     fewer than `min_programs` programs, each keeps >= 4 steps, and the partial sums' traffic, written and read
-    back, 8·split_k·M_padded·N bytes, stays within 1/8 of the packed codes' K·N/2). At decode sizes the output
-    alone gives too few programs (N/bn: 64 for N = 4096, bn = 64, on 132 SMs); at M <= 16, K = 4096 gets
-    split_k = 2 (+12.5% bytes), K = 14336 gets 4 (+7%).
+    back, 8·split_k·M_padded·N bytes, stays within 1/8 of the packed codes' K·N/2).
+  * ``dot``: "mma" (tensor cores) or "fma" (multiply-reduce on CUDA cores).
+  * ``lookup``: NF4 code to value by "select" (a select tree on the code bits: 15 selects per weight) or "gather"
+    (a load from the 16-entry table, cached in L1).
   * ``num_warps``, ``num_stages``: Triton's warps per program and software-pipelining depth.
 
-  The defaults are reasoned, not measured (no GPU has been lent to this project's sessions so far);
-  `benchmarks/int4_matmul.py --block-sweep` times the alternatives on a GPU."""
+  `default_blocks` picks the policy for a call when none is given: the fields' defaults here are the
+  tensor-core policy, `DECODE_NF4` the one-row NF4 policy. Both were measured on an H200
+  (benchmarks/results/int4_matmul_gpu*.json; `benchmarks/int4_matmul.py --policy-sweep` times the alternatives)."""
 
   bm: int = 16
   bn: int = 64
@@ -57,10 +75,18 @@ class BlockSizes:
   num_warps: int = 4
   num_stages: int = 3
   min_programs: int = 264  # two per SM of an H100 / H200 (132 SMs)
+  dot: str = "mma"
+  lookup: str = "select"
 
   def for_shape(self, m: int, n: int, k: int | None = None, block_size: int | None = None) -> "BlockSizes":
     """Tile sizes for an (m × k) @ (k × n) call; bk and split_k are resolved when k and block_size are given."""
-    bm = max(16, min(self.bm if m <= 16 else 64, _pow2_at_least(m)))
+    if self.dot not in ("mma", "fma") or self.lookup not in ("select", "gather"):
+      raise ValueError(f"BlockSizes: dot must be 'mma' or 'fma' (got {self.dot!r}) and lookup 'select' or "
+                       f"'gather' (got {self.lookup!r})")
+    if self.dot == "fma":
+      bm = min(16, _pow2_at_least(m))
+    else:
+      bm = max(16, min(self.bm if m <= 16 else 64, _pow2_at_least(m)))
     bn = next((b for b in (self.bn, 128, 64, 32, 16) if n % b == 0), None)
     out = dataclasses.replace(self, bm=bm, bn=bn or self.bn)
     return out.resolve(m, n, k, block_size) if k and block_size else out
@@ -85,6 +111,21 @@ class BlockSizes:
     return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
+# One row of NF4 (batch-1 decoding): the policy sweep's winner on an H200 (benchmarks/results/int4_matmul_gpu.json):
+# NF4's code-to-value map dominates there, and a multiply-reduce on CUDA cores with the table gathered from L1 ran
+# 1.8x faster than tensor-core dots with the select tree (76 vs 153 us at 4096 x 14336, 77 vs 128 us at 14336 x 4096).
+# Of the two best (153.1 us in total each) this is the one with 4 warps, not 2: with 2, each thread holds twice the
+# (1 x 32 x 128) float32 accumulator, and Triton 3.5 spills it (tests/kernels: no default may spill).
+DECODE_NF4 = BlockSizes(bn=128, bk=1, num_warps=4, num_stages=2, min_programs=1056, dot="fma", lookup="gather")
+
+
+def default_blocks(m: int, fmt: str) -> BlockSizes:
+  """The kernel policy for `m` rows of a `fmt` weight when the caller gives none: `DECODE_NF4` for one row of NF4,
+  else tensor-core dots with `BlockSizes`' defaults (the int4 / GGUF formats' cheap affine map left the one-row
+  sweep without a clear winner: the best of 44 policies was 1.11x the default in total and slower on one shape)."""
+  return DECODE_NF4 if m == 1 and fmt == "nf4" else BlockSizes()
+
+
 def _pow2_divisor(n: int, at_most: int) -> int:
   """The largest power of two <= at_most that divides n."""
   d = 1
@@ -97,42 +138,78 @@ def _pow2_at_least(m: int) -> int:
   return 1 << max(0, (m - 1).bit_length())
 
 
-def _values(q, scale, offset, fmt):
+def _values(q, scale, offset, fmt, table_ref):
   if fmt == "nf4":
-    return nf4_values(q) * scale
+    return (table_ref[q] if table_ref is not None else nf4_values(q)) * scale
   if fmt in ("int4_sym", "q4_0"):
     return (q.astype(jnp.float32) - 8.0) * scale
   return q.astype(jnp.float32) * scale + offset
 
 
-def _kernel(xe_ref, xo_ref, codes_ref, scale_ref, *rest, fmt: str, half: int, bk: int, steps: int, lora: bool):
-  rest = list(rest)
-  offset_ref = rest.pop(0) if fmt in ("int4_asym", "q4_1") else None
+def _products(a, b):
+  """The (bm × r × bn) products a[:, i] · b[i, :] in float32, for the multiply-reduce of ``dot="fma"``."""
+  return a.astype(jnp.float32)[:, :, None] * b.astype(jnp.float32)[None, :, :]
+
+
+def _mac(acc, a, b, dot):
+  """acc + a (bm × r) · b (r × bn): a tensor-core dot in a's dtype into the (bm × bn) float32 accumulator, or, for
+  "fma", the products added into a (bm × r × bn) accumulator that is reduced over r once, after the loop (a
+  reduction per step would cross threads through shared memory at every step)."""
+  if dot == "fma":
+    return acc + _products(a, b)
+  return acc + jnp.dot(a, b.astype(a.dtype), preferred_element_type=jnp.float32)
+
+
+def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, gather: bool, lora: bool,
+            dot: str):
+  rest = list(refs)
+  half = block // 2
+  if dot == "mma":  # the even and odd columns of x, split outside
+    xe_ref, xo_ref = rest.pop(0), rest.pop(0)
+    x_even = lambda g: xe_ref[:, pl.ds(g * half, half)]
+    x_odd = lambda g: xo_ref[:, pl.ds(g * half, half)]
+  else:  # x as it is, read with strided loads
+    x_ref = rest.pop(0)
+    x_even = lambda g: x_ref[:, pl.ds(g * block, half, stride=2)]
+    x_odd = lambda g: x_ref[:, pl.ds(g * block + 1, half, stride=2)]
+  codes_ref, scale_ref = rest.pop(0), rest.pop(0)
+  offset_ref = rest.pop(0) if fmt in _OFFSET_FORMATS else None
+  dq_ref, dq_offset_ref = (rest.pop(0), rest.pop(0)) if dq else (None, None)
+  table_ref = rest.pop(0) if gather else None
   low_ref, b_ref = (rest.pop(0), rest.pop(0)) if lora else (None, None)
   (o_ref,) = rest
+  bn = codes_ref.shape[-1]
   first = pl.program_id(2) * steps  # this program's first step along K (split_k)
+  if dq:  # flat index of this tile's first scale in each block row; second-level groups of DQ_GROUP scales
+    cols = pl.program_id(1) * bn + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)
+    dq_offset = dq_offset_ref[0]
 
   def body(t, acc):
     for u in range(bk):  # bk quantization blocks per step: their loads are in flight together
       g = (first + t) * bk + u
-      rows = pl.ds(g * half, half)
-      c = codes_ref[rows, :].astype(jnp.int32)
+      c = codes_ref[pl.ds(g * half, half), :].astype(jnp.int32)
       sc = scale_ref[pl.ds(g, 1), :].astype(jnp.float32)
+      if dq:
+        sc = sc * dq_ref[(g * n + cols) // DQ_GROUP] + dq_offset
       off = offset_ref[pl.ds(g, 1), :].astype(jnp.float32) if offset_ref is not None else None
-      w_even = _values(c & 0xF, sc, off, fmt).astype(xe_ref.dtype)
-      w_odd = _values(c >> 4, sc, off, fmt).astype(xe_ref.dtype)
-      acc += jnp.dot(xe_ref[:, rows], w_even, preferred_element_type=jnp.float32)
-      acc += jnp.dot(xo_ref[:, rows], w_odd, preferred_element_type=jnp.float32)
+      w_even = _values(c & 0xF, sc, off, fmt, table_ref)
+      w_odd = _values(c >> 4, sc, off, fmt, table_ref)
+      acc = _mac(acc, x_even(g), w_even, dot)
+      acc = _mac(acc, x_odd(g), w_odd, dot)
     return acc
 
-  acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape[-2:], jnp.float32))
+  bm = o_ref.shape[-2]
+  acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, half, bn) if dot == "fma" else (bm, bn), jnp.float32))
+  if dot == "fma":
+    acc = jnp.sum(acc, axis=1)
   if lora:  # the LoRA term's second product, s·(xA)·B, on the tile already in registers (once: split 0)
-    lora_tile = jnp.dot(low_ref[...], b_ref[...], preferred_element_type=jnp.float32)
+    lora_tile = (jnp.sum(_products(low_ref[...], b_ref[...]), axis=1) if dot == "fma"
+                 else jnp.dot(low_ref[...], b_ref[...], preferred_element_type=jnp.float32))
     acc += jnp.where(pl.program_id(2) == 0, lora_tile, jnp.zeros_like(lora_tile))
   o_ref[...] = acc.reshape(o_ref.shape)
 
 
-def supports(x, w: QTensor, blocks: BlockSizes = BlockSizes()) -> tuple[bool, str]:
+def supports(x, w: QTensor) -> tuple[bool, str]:
   """Whether this kernel handles the call, and why not."""
   if w.block_size // 2 < 16 or w.block_size & (w.block_size - 1):
     return False, f"block size {w.block_size} (needs a power of two >= 32)"
@@ -145,8 +222,8 @@ def supports(x, w: QTensor, blocks: BlockSizes = BlockSizes()) -> tuple[bool, st
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
-def qmatmul_pallas(x, w: QTensor, *, blocks: BlockSizes = BlockSizes(), interpret: bool = False):
-  """``x @ dequantize(w)`` (float32 result, shape (..., N)) with the Pallas kernel."""
+def qmatmul_pallas(x, w: QTensor, *, blocks: BlockSizes | None = None, interpret: bool = False):
+  """``x @ dequantize(w)`` (float32 result, shape (..., N)) with the Pallas kernel; `blocks` None: `default_blocks`."""
   return _pallas(x, w, None, None, blocks, interpret)
 
 
@@ -155,22 +232,22 @@ LORA_RANK_PAD = 16  # the rank is padded with zeros to a power of two >= this: T
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
-def qmatmul_lora_pallas(x, w: QTensor, low, b, *, blocks: BlockSizes = BlockSizes(), interpret: bool = False):
+def qmatmul_lora_pallas(x, w: QTensor, low, b, *, blocks: BlockSizes | None = None, interpret: bool = False):
   """``x @ dequantize(w) + low @ b`` (float32, (..., N)) in one kernel: the LoRA term of QLoRA, with
   ``low = s·(x A)`` (M × r, computed outside: r is tiny) and ``b`` = B (r × N). Each output tile adds
   ``low_tile · B_tile`` to its accumulator before it is written, so the LoRA update costs no second pass over the
-  output and no extra kernel launch."""
+  output and no extra kernel launch. (On an H200 that saved nothing at decode sizes, 0.98-1.13x the unfused time,
+  so `kernels.qmatmul_lora` runs the kernel and the two small products separately.)"""
   return _pallas(x, w, low, b, blocks, interpret)
 
 
-def _pallas(x, w: QTensor, low, b, blocks: BlockSizes, interpret: bool):
+def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
   k, n = w.shape
   lead = x.shape[:-1]
   x2 = x.reshape(-1, k)
   m = x2.shape[0]
-  half = w.block_size // 2
   nb = k // w.block_size
-  bs = blocks.for_shape(m, n, k, w.block_size)
+  bs = (blocks or default_blocks(m, w.fmt)).for_shape(m, n, k, w.block_size)
   bk, split = bs.bk or 1, bs.split_k or 1
   if n % bs.bn:
     raise ValueError(f"N={n} is not a multiple of the tile width bn={bs.bn}")
@@ -178,20 +255,30 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes, interpret: bool):
     raise ValueError(f"bk={bk} x split_k={split} must divide the {nb} quantization blocks along K")
   steps = nb // (bk * split)
   mp = -(-m // bs.bm) * bs.bm
-  x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
-  xe, xo = x2[:, 0::2], x2[:, 1::2]
-  in_specs = [
-      pl.BlockSpec((bs.bm, k // 2), lambda i, j, s: (i, 0)),
-      pl.BlockSpec((bs.bm, k // 2), lambda i, j, s: (i, 0)),
-      pl.BlockSpec((k // 2, bs.bn), lambda i, j, s: (0, j)),
-      pl.BlockSpec((nb, bs.bn), lambda i, j, s: (0, j)),
-  ]
-  # double-quantized NF4: the float32 block scales are formed first (an elementwise op reading 1 byte and writing 4
-  # per block of 64 weights, i.e. +1/64 of the f32 weight's size); the kernel reads them like plain absmax
-  args = [xe, xo, w.codes, w.block_scales() if w.double_quantized else w.scale]
+  if mp != m:
+    x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
+  tile = lambda rows: pl.BlockSpec((rows, bs.bn), lambda i, j, s: (0, j))
+  whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
+  rows = lambda cols: pl.BlockSpec((bs.bm, cols), lambda i, j, s: (i, 0))
+  if bs.dot == "mma":
+    in_specs, args = [rows(k // 2), rows(k // 2)], [x2[:, 0::2], x2[:, 1::2]]
+  else:
+    in_specs, args = [rows(k)], [x2]
+  in_specs += [tile(k // 2), tile(nb)]
+  args += [w.codes, w.scale]  # double-quantized NF4: int8 scale codes, formed into floats in the kernel
   if w.offset is not None:
-    in_specs.append(pl.BlockSpec((nb, bs.bn), lambda i, j, s: (0, j)))
+    in_specs.append(tile(nb))
     args.append(w.offset)
+  dq = w.double_quantized
+  if dq:
+    dq_args = [w.dq_scale.astype(jnp.float32), jnp.reshape(w.dq_offset, (1,)).astype(jnp.float32)]
+    in_specs += [whole(a) for a in dq_args]
+    args += dq_args
+  gather = w.fmt == "nf4" and bs.lookup == "gather"
+  if gather:
+    table = jnp.asarray(NF4_TABLE, jnp.float32)
+    in_specs.append(whole(table))
+    args.append(table)
   lora = low is not None
   if lora:
     r = b.shape[0]
@@ -205,7 +292,8 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes, interpret: bool):
   else:  # one float32 partial tile per split, summed below
     out_shape, out_spec = (split, mp, n), pl.BlockSpec((None, bs.bm, bs.bn), lambda i, j, s: (s, i, j))
   out = pl.pallas_call(
-      functools.partial(_kernel, fmt=w.fmt, half=half, bk=bk, steps=steps, lora=lora),
+      functools.partial(_kernel, fmt=w.fmt, block=w.block_size, n=n, bk=bk, steps=steps, dq=dq, gather=gather,
+                        lora=lora, dot=bs.dot),
       out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
       grid=(mp // bs.bm, n // bs.bn, split),
       in_specs=in_specs,
@@ -215,4 +303,4 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes, interpret: bool):
   )(*args)
   if split > 1:
     out = jnp.sum(out, axis=0)
-  return out[:m].reshape(*lead, n)
+  return (out[:m] if mp != m else out).reshape(*lead, n)
