@@ -5,7 +5,10 @@ Mode by ``jax.default_backend()`` (or ``--mode gpu|cpu``); results go to benchma
 GPU (no network, no model): weights N(0, 0.02) quantized to nf4 (double-quantized, as `--quantize nf4` makes it)
 and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 4096} x (K, N) in {(4096, 4096),
 (4096, 14336), (14336, 4096), (8192, 8192)}.
-  * --policy-sweep (first, with --sweep-budget-s seconds): a search over the kernel's shape-independent choices
+  * --floor (first): where the one-row time goes, int4_sym at (4096, 4096) and (4096, 14336): the op, a Pallas
+    kernel on the same grid and loop that only streams the codes, one that only writes its output, and XLA's sum
+    over the same bytes (`stream_kernels`).
+  * --policy-sweep (then, with --sweep-budget-s seconds): a search over the kernel's shape-independent choices
     (`BlockSizes`: dot mma|fma, NF4 lookup select|gather, bn, bk, num_warps, num_stages, min_programs, which sets
     split_k) for nf4 at M = 1 and M = 16 and int4_sym at M = 1: the default, 31 random policies, two rounds of
     every one-field change of the best, on (K, N) = (4096, 14336); the best three and the default again on
@@ -35,7 +38,7 @@ temporaries (a base dequantized all at once would show there); "same ids": greed
 "= kernel", to the kernel variant's) before the first difference.
 
 Usage: python benchmarks/int4_matmul.py [--quick] [--mode gpu|cpu] [--shapes small] [--formats nf4,int4_sym]
-                                       [--policy-sweep] [--budget-s S] [--sweep-budget-s S] [--lora-budget-s S]
+                                       [--floor] [--policy-sweep] [--budget-s S] [--sweep-budget-s S] [--lora-budget-s S]
                                        [--reps N] [--out PATH]
        python benchmarks/int4_matmul.py --mode gpu --dry-run   # the GPU code path on CPU: tiny shape, interpret mode
   On a time-limited GPU: scripts/gpu_check.sh (the GPU tests, then the sweep and the main table within budgets).
@@ -158,6 +161,8 @@ def run_gpu(args, result):
   print(f"copy {peaks['copy_gb_s']:.0f} GB/s, bf16 matmul {peaks['matmul_tflop_s']:.1f} TFLOP/s", flush=True)
   pallas = lambda blocks: (lambda x, w: qmatmul_pallas(x, w, blocks=blocks, interpret=interp))
   tuned = {}
+  if args.floor:
+    floor(args, result, ((256, 128),) if args.dry_run else ((4096, 4096), (4096, 14336)), interp, gib, peaks)
   if args.policy_sweep:  # first, so that the main table times the policies it found
     sweep_shapes = ((256, 128), (512, 256)) if args.dry_run else ((4096, 14336), (14336, 4096))
     tuned = policy_sweep(args, result, sweep_shapes, pallas, gib, time.perf_counter() + args.sweep_budget_s)
@@ -248,6 +253,72 @@ def fused_lora(args, result, shape, fmt, ms, interp, gib, peaks, t_end, tuned, r
           f"{row.get('rel_err', float('nan')):8.1e}", flush=True)
   save(result, args.out)
   del qs
+
+
+def stream_kernels(k, n, bn, bk, split, warps, stages, interp):
+  """Two Pallas kernels on the qmatmul kernel's grid (N / bn tiles x split_k) and loop (bk blocks of 32 packed rows
+  per step, `pl.ds` loads): "stream" only reads the packed codes (sums them, so the loads cannot be dropped);
+  "empty" only writes its output tile. With XLA's own sum over the same bytes, they separate what the Pallas
+  kernel's time goes to: launch and grid, the load loop as written, or the dequantization and dots."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as pltriton
+  half, nb = 32, k // 64
+  steps = nb // (bk * split)
+
+  def stream(codes_ref, o_ref):
+    first = pl.program_id(1) * steps
+
+    def body(t, acc):
+      for u in range(bk):
+        g = (first + t) * bk + u
+        acc += jnp.sum(codes_ref[pl.ds(g * half, half), :].astype(jnp.float32), axis=0, keepdims=True)
+      return acc
+    o_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros((1, bn), jnp.float32)).reshape(o_ref.shape)
+
+  def empty(codes_ref, o_ref):
+    o_ref[...] = jnp.zeros(o_ref.shape, jnp.float32)
+
+  def call(body):
+    return lambda codes: pl.pallas_call(
+        body, out_shape=jax.ShapeDtypeStruct((split, 1, n), jnp.float32), grid=(n // bn, split),
+        in_specs=[pl.BlockSpec((k // 2, bn), lambda j, s: (0, j))],
+        out_specs=pl.BlockSpec((None, 1, bn), lambda j, s: (s, 0, j)),
+        compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=stages), interpret=interp)(codes)
+  return call(stream), call(empty)
+
+
+def floor(args, result, shapes, interp, gib, peaks):
+  """Where the one-row time goes (int4_sym, M = 1): the whole op (default policy), the "stream" and "empty" Pallas
+  kernels of `stream_kernels` on the default tiling and on a wide one, and XLA's sum over the same codes."""
+  rows = result["floor"] = []
+  print(f"\nfloor (int4_sym, M = 1): us per call and GB/s of packed codes\n{'K':>5} {'N':>5} {'what':34s} "
+        f"{'us':>8} {'GB/s':>7}")
+  for k, n in shapes:
+    _, qs = gpu_weights(args, k, n, "int4_sym", gib)
+    codes = [q.codes for q in qs]
+    x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
+    d = default_blocks(1, "int4_sym").for_shape(1, n, k, 64)
+    ops = [("op (default policy)", lambda x, w: qmatmul_pallas(x, w, interpret=interp), x, qs, dataclasses.asdict(d))]
+    for tag, (bn, bk, split, warps, stages) in (("default tiling", (d.bn, d.bk, d.split_k, d.num_warps,
+                                                                      d.num_stages)),
+                                                ("wide tiling", (min(128, n), min(4, k // 64), 1, 4, 3))):
+      stream, empty = stream_kernels(k, n, bn, bk, split, warps, stages, interp)
+      tiling = {"bn": bn, "bk": bk, "split_k": split, "num_warps": warps, "num_stages": stages}
+      ops += [(f"stream, {tag}", lambda _, c, f=stream: f(c), x, codes, tiling),
+              (f"empty, {tag}", lambda _, c, f=empty: f(c), x, codes, tiling)]
+    ops.append(("XLA sum of the codes", lambda _, c: jnp.sum(c, axis=0, dtype=jnp.int32), x, codes, None))
+    for what, op, xx, ws, tiling in ops:
+      row = {"K": k, "N": n, "what": what, "tiling": tiling}
+      try:
+        t = time_op(op, xx, ws, args)
+        row.update(time_s=t, codes_gb_s=qs[0].codes.size / t / 1e9)
+        print(f"{k:5d} {n:5d} {what:34s} {t * 1e6:8.1f} {row['codes_gb_s']:7.0f}", flush=True)
+      except Exception as e:
+        row["error"] = err_text(e)
+        print(f"{k:5d} {n:5d} {what:34s} ERROR {row['error'][:80]}", flush=True)
+      rows.append(row)
+    save(result, args.out)
+    del qs, codes
 
 
 POLICY_FIELDS = {"dot": ("fma", "mma"), "lookup": ("select", "gather"), "bn": (32, 64, 128), "bk": (1, 2, 4),
@@ -552,6 +623,8 @@ def main():
   ap.add_argument("--formats", type=lambda v: tuple(v.split(",")), default=FORMATS, help="GPU: nf4,int4_sym")
   ap.add_argument("--policy-sweep", action="store_true", help="GPU: search the kernel's BlockSizes policies first "
                   "(nf4 M = 1 and 16, int4_sym M = 1); the main table then uses the winners")
+  ap.add_argument("--floor", action="store_true", help="GPU: first, where the one-row time goes (op, a Pallas "
+                  "kernel that only streams the codes, one that only writes, XLA's sum of the codes)")
   ap.add_argument("--dry-run", action="store_true", help="GPU mode on any backend: tiny shapes, Pallas interpret, 1 rep")
   ap.add_argument("--reps", type=int, help="timed calls per op, median reported (GPU 20, CPU 10; quick 10 / 3)")
   ap.add_argument("--warmup", type=int, default=2)
@@ -565,7 +638,7 @@ def main():
   args = ap.parse_args()
   args.mode = args.mode or ("gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "cpu")
   if args.dry_run:
-    args.mode, args.reps, args.warmup, args.policy_sweep = "gpu", 1, 0, True
+    args.mode, args.reps, args.warmup, args.policy_sweep, args.floor = "gpu", 1, 0, True, True
     args.out = args.out or "/tmp/int4_matmul_dryrun.json"
   if args.quick and args.mode == "gpu":
     args.shapes = "small"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a lent GPU should run, as one command (a device session has ~15 minutes in all): the GPU tests
 # (tests/kernels/test_qmatmul_gpu.py: the Pallas kernel's values, tilings and variants, fused LoRA, gradients, a QLoRA
-# step), then benchmarks/int4_matmul.py: the policy sweep (which picks the kernel's defaults), the main table with
+# step), then benchmarks/int4_matmul.py: where the one-row time goes (--floor), the policy sweep, the main table with
 # the sweep's winners, and fused vs split LoRA. Uses the machine's own python3 and packages (no install); writes
 # gpu_check.log, gpu_tests.xml and int4_matmul_gpu.json under $OUT (default benchmarks/results). Budgets (tests 110 s,
 # sweep 150 s, main table 150 s, fused LoRA 15 s; each stops starting new work when spent) keep the command near
@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,po
 timeout 110 python3 -m pytest -v -m gpu -p no:cacheprovider --junitxml "$out/gpu_tests.xml" \
   tests/kernels/test_qmatmul_gpu.py 2>&1 | tee -a "$log"
 tests_rc=${PIPESTATUS[0]}
-python3 benchmarks/int4_matmul.py --mode gpu --policy-sweep --sweep-budget-s 150 --budget-s "${BUDGET_S:-150}" \
+python3 benchmarks/int4_matmul.py --mode gpu --floor --policy-sweep --sweep-budget-s 150 --budget-s "${BUDGET_S:-150}" \
   --lora-budget-s 15 --out "$out/int4_matmul_gpu.json" 2>&1 | tee -a "$log"
 bench_rc=${PIPESTATUS[0]}
 echo "gpu tests rc=$tests_rc, benchmark rc=$bench_rc" | tee -a "$log"

@@ -24,4 +24,5 @@ def test_int4_matmul_gpu_dry_run(tmp_path):
   timed = [t for entry in result["sweep"] for t in entry["timed"]]
   assert timed and all("time_s" in t and t["pass"] for t in timed), result["sweep"]
   assert result["tuned"] and all(entry["winner"] for entry in result["sweep"]), result["sweep"]
+  assert len(result["floor"]) == 6 and all("time_s" in row for row in result["floor"]), result["floor"]
   assert all(row["blocks"]["dot"] == ("fma" if (row["M"], row["fmt"]) == (1, "nf4") else "mma") for row in rows), rows
