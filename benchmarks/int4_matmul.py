@@ -10,7 +10,7 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
     over the same bytes (`stream_kernels`).
   * --policy-sweep (then, with --sweep-budget-s seconds): a search over the kernel's shape-independent choices
     (`BlockSizes`: dot mma|fma, NF4 lookup select|gather, bn, bk, num_warps, num_stages, min_programs, which sets
-    split_k) for nf4 at M = 1 and M = 16 and int4_sym at M = 1: the default, 31 random policies, two rounds of
+    split_k, prefetch 0|1) for nf4 at M = 1 and M = 16 and int4_sym at M = 1: the default, 31 random policies, two rounds of
     every one-field change of the best, on (K, N) = (4096, 14336); the best three and the default again on
     (14336, 4096); least total time wins. Policies are compiled 16 at a time on a thread pool, then timed.
   * the main table's Pallas column uses the sweep's winners (M = 1: its class; M <= 16: the M = 16 class; above:
@@ -322,7 +322,8 @@ def floor(args, result, shapes, interp, gib, peaks):
 
 
 POLICY_FIELDS = {"dot": ("fma", "mma"), "lookup": ("select", "gather"), "bn": (32, 64, 128), "bk": (1, 2, 4),
-                 "num_warps": (2, 4, 8), "num_stages": (2, 3, 4), "min_programs": (132, 264, 528, 1056)}
+                 "num_warps": (2, 4, 8), "num_stages": (2, 3, 4), "min_programs": (132, 264, 528, 1056),
+                 "prefetch": (0, 1)}
 SWEEP_CLASSES = (("nf4", 1), ("nf4", 16), ("int4_sym", 1))  # (format, M): M = 1 decode, M = 16 a few rows
 
 
@@ -352,7 +353,9 @@ def compile_many(jobs):
     except Exception as e:  # a policy that does not lower or compile is a result, not a crash
       return e
   with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-    return list(pool.map(one, jobs))
+    out = list(pool.map(one, jobs))
+  # a failure in the pool is retried alone, so that only a policy that fails by itself is reported as failing
+  return [one(job) if isinstance(c, Exception) else c for job, c in zip(jobs, out)]
 
 
 def time_policies(args, policies, x, qs, ref, pallas):

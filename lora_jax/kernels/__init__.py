@@ -10,9 +10,9 @@
   cannot be built.
 * ``impl="small_m"``: a multiply-reduce that XLA fuses with the nibble unpacking (`kernels/qmatmul/small_m.py`),
   reading only the packed bytes; for decoding without the CPU kernel.
-* ``impl="auto"`` (default): on GPU, Pallas for at most `PALLAS_M_MAX` rows when `supports(...)` holds (above
-  that XLA's dequantize + cuBLAS dot was faster on an H200, and within 1.13-1.34x of a bf16 dot at M = 4096,
-  where the kernel was 5-7x slower); on CPU the C++ kernel for at most
+* ``impl="auto"`` (default): on GPU, Pallas for 1 to `pallas_max_m(fmt)` rows when `supports(...)` holds (above
+  that XLA's dequantize + cuBLAS dot was faster on an H200, and within 1.12-1.34x of a bf16 dot at M = 4096,
+  where the kernel took 2.8-7.3x its time); on CPU the C++ kernel for at most
   `CPU_M_MAX` rows when it builds here, else ``small_m`` for at most `SMALL_M_MAX` rows of an int4 / GGUF
   tensor (for NF4 its select tree costs more than the dequantize + dot it replaces); the reference otherwise,
   logging the reason once.
@@ -48,7 +48,17 @@ from .fused_lora import lora_linear
 from .qmatmul.small_m import SMALL_M_MAX, qmatmul_small_m
 
 IMPLS = ("auto", "reference", "pallas", "cpu", "small_m")
-PALLAS_M_MAX = 64  # rows up to which auto takes the Pallas kernel on GPU (README: the H200 crossover)
+PALLAS_M_MAX = {"nf4": 64}  # rows up to which auto takes the Pallas kernel on GPU; other formats: PALLAS_M_MAX_AFFINE
+PALLAS_M_MAX_AFFINE = 256
+# The H200 crossover with XLA's dequantize + dot, for the tensor-core layout that ships (first run,
+# benchmarks/results/int4_matmul_gpu_run1.json): NF4 took 0.48-0.99x XLA's time at M = 64 and 1.15-1.30x at 256;
+# int4 0.85-0.97x at 256 (2.8-3.0x at 4096). int4_asym and the GGUF formats share int4's affine map (q4_1 one more
+# multiply-add) and its threshold; they were not timed.
+
+
+def pallas_max_m(fmt: str) -> int:
+  """Rows up to which `impl="auto"` takes the Pallas kernel on a GPU for a `fmt` weight."""
+  return PALLAS_M_MAX.get(fmt, PALLAS_M_MAX_AFFINE)
 _DEFAULT_IMPL = "auto"
 _LOGGED: set[str] = set()
 
@@ -94,7 +104,7 @@ def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
       raise LoraJaxError(f"the Pallas qmatmul kernel does not support this call: {why}")
     return "pallas"
   rows = int(np.prod(x.shape[:-1]))
-  if on_gpu and ok and rows <= PALLAS_M_MAX:
+  if on_gpu and ok and 0 < rows <= pallas_max_m(w.fmt):  # no rows: XLA's path handles the empty product
     return "pallas"
   if rows <= CPU_M_MAX and backend == "cpu" and _cpu.supports(x, w)[0]:
     built, why = _cpu.available()
@@ -125,11 +135,10 @@ def qmatmul(x, w: QTensor, *, impl: str | None = None, interpret: bool = False):
 
 def qmatmul_lora(x, w: QTensor, a, b, scale, *, impl: str | None = None, interpret: bool = False):
   """QLoRA's linear, ``x @ dequantize(w) + scale · (x a) b`` (float32, (..., N)); differentiable in x, a, b and
-  scale. With the Pallas kernel the LoRA term rides in the same kernel (`qmatmul_lora_pallas`: the rank-r
-  product ``s·(x a)`` is formed outside, its product with b inside each output tile). On the reference path the
-  dequantized W and A share one GEMM, forward and backward (`lora_linear`: skinny rank-r GEMMs run far below the
-  matmul rate on CPU). With a kernel (Pallas, CPU) or small_m (a few rows) it is `qmatmul` plus the two small
-  products."""
+  scale. On the reference path the dequantized W and A share one GEMM, forward and backward (`lora_linear`:
+  skinny rank-r GEMMs run far below the matmul rate on CPU). With a kernel (Pallas, CPU) or small_m (a few rows)
+  it is `qmatmul` plus the two small products: the Pallas kernel with the LoRA term inside (`qmatmul_lora_pallas`)
+  was no faster on an H200."""
   choice = _choose(x, w, impl or _DEFAULT_IMPL, interpret)
   scale = jnp.asarray(scale).astype(jnp.float32)  # a bf16 adapter's scale: no implicit promotion needed
   if choice == "reference":  # dequantize + one GEMM for x [W | A], as for a dense base (`lora_linear`)
@@ -172,6 +181,7 @@ def _bwd(choice, interpret, res, dy):
 
 _qmatmul_vjp.defvjp(_fwd, _bwd)
 
-__all__ = ["BlockSizes", "CPU_M_MAX", "DECODE_NF4", "IMPLS", "PALLAS_M_MAX", "SMALL_M_MAX", "default_blocks",
-           "lora_linear", "qmatmul", "qmatmul_cpu", "qmatmul_lora", "qmatmul_lora_pallas", "qmatmul_pallas",
-           "qmatmul_reference", "qmatmul_small_m", "set_default_impl", "supports"]
+__all__ = ["BlockSizes", "CPU_M_MAX", "DECODE_NF4", "IMPLS", "PALLAS_M_MAX", "PALLAS_M_MAX_AFFINE", "SMALL_M_MAX",
+           "default_blocks", "lora_linear", "pallas_max_m", "qmatmul", "qmatmul_cpu", "qmatmul_lora",
+           "qmatmul_lora_pallas", "qmatmul_pallas", "qmatmul_reference", "qmatmul_small_m", "set_default_impl",
+           "supports"]

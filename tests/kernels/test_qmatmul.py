@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from lora_jax import LoraJaxError
-from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, _choose, qmatmul, qmatmul_lora, qmatmul_pallas,
-                              qmatmul_reference, qmatmul_small_m, supports)
+from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, _choose, qmatmul, qmatmul_lora, qmatmul_lora_pallas,
+                              qmatmul_pallas, qmatmul_reference, qmatmul_small_m, supports)
 from lora_jax.kernels.qmatmul import cpu
 from lora_jax.quant import quantize
 from lora_jax.testing import assert_allclose, random_qtensor
@@ -157,7 +157,9 @@ def test_pallas_double_quantized_nf4(m):
 @pytest.mark.parametrize("fmt,m,r", [("nf4", 1, 8), ("nf4", 33, 1), ("q4_1", 5, 24), ("int4_asym", 16, 16),
                                      ("nf4", 2, 40)])
 def test_pallas_fused_lora_matches_unfused(fmt, m, r):
-  """The LoRA term inside the Pallas kernel (interpret mode) against the reference plus the two small products."""
+  """QLoRA's linear on the Pallas path (the kernel, then the two small products) and the kernel with the LoRA
+  term inside (`qmatmul_lora_pallas`, rank padded to a power of two >= 16), in interpret mode, against the
+  reference plus the two small products."""
   w = _q(fmt, 576, 192, 64 if fmt == "nf4" else 32)
   keys = jax.random.split(jax.random.key(m * 31 + r), 3)
   x = jax.random.normal(keys[0], (m, 576))
@@ -166,8 +168,10 @@ def test_pallas_fused_lora_matches_unfused(fmt, m, r):
   got = qmatmul_lora(x, w, a, b, scale, impl="pallas", interpret=True)
   with jax.default_matmul_precision("highest"):
     want = qmatmul_reference(x, w) + scale * ((x @ a) @ b)
-  assert got.shape == (m, 192) and got.dtype == jnp.float32
+    fused = qmatmul_lora_pallas(x, w, scale * (x @ a), b, interpret=True)  # the rank padded inside the kernel
+  assert got.shape == fused.shape == (m, 192) and got.dtype == fused.dtype == jnp.float32
   assert_allclose(got, want, "f32_composite")
+  assert_allclose(fused, want, "f32_composite")
 
 
 def test_pallas_fused_lora_gradients():
@@ -259,20 +263,23 @@ def test_pallas_compiles_for_sm90(m, k, n, fmt, block, dt):
     assert r["spill_bytes"] == 0, r
 
 
-@pytest.mark.parametrize("fmt,bk,split,lora,dot,lookup", [
-    ("nf4", 2, 1, False, "mma", "select"), ("nf4", 1, 4, True, "mma", "select"), ("q4_1", 2, 2, True, "mma", "select"),
-    ("int4_asym", 4, 2, False, "mma", "select"), ("q4_0", 8, 4, True, "mma", "select"),
-    ("nf4", 2, 2, True, "fma", "gather"), ("nf4_dq", 1, 2, False, "mma", "gather"), ("nf4_dq", 4, 1, True, "fma", "select"),
-    ("q4_1", 1, 8, False, "fma", "select")])
-def test_pallas_steps_split_k_and_variants(fmt, bk, split, lora, dot, lookup):
+@pytest.mark.parametrize("fmt,bk,split,lora,dot,lookup,prefetch", [
+    ("nf4", 2, 1, False, "mma", "select", 0), ("nf4", 1, 4, True, "mma", "select", 0),
+    ("q4_1", 2, 2, True, "mma", "select", 0), ("int4_asym", 4, 2, False, "mma", "select", 0),
+    ("q4_0", 8, 4, True, "mma", "select", 0), ("nf4", 2, 2, True, "fma", "gather", 0),
+    ("nf4_dq", 1, 2, False, "mma", "gather", 0), ("nf4_dq", 4, 1, True, "fma", "select", 0),
+    ("q4_1", 1, 8, False, "fma", "select", 0), ("nf4_dq", 2, 2, True, "fma", "gather", 1),
+    ("int4_sym", 2, 4, True, "mma", "select", 1), ("q4_1", 1, 1, False, "fma", "select", 1)])
+def test_pallas_steps_split_k_and_variants(fmt, bk, split, lora, dot, lookup, prefetch):
   """Several quantization blocks per loop step (bk), K split over programs whose partial tiles are summed
-  (split_k), both dots (tensor cores; CUDA-core multiply-reduce on 5 rows padded to 8) and both NF4 lookups, in
-  interpret mode against the reference; the fused LoRA term is added once, not once per split."""
+  (split_k), both dots (tensor cores; CUDA-core multiply-reduce on 5 rows padded to 8), both NF4 lookups and
+  loads issued a step ahead (prefetch), in interpret mode against the reference; the fused LoRA term is added
+  once, not once per split."""
   from lora_jax.kernels import BlockSizes, qmatmul_lora_pallas
   block = 64 if fmt.startswith("nf4") or fmt == "int4_asym" else 32
   w = random_qtensor(fmt.removesuffix("_dq"), 2048, 128, block, double_quant=fmt == "nf4_dq")
   x = jax.random.normal(jax.random.key(bk * 10 + split), (5, 2048))
-  blocks = BlockSizes(bk=bk, split_k=split, dot=dot, lookup=lookup)
+  blocks = BlockSizes(bk=bk, split_k=split, dot=dot, lookup=lookup, prefetch=prefetch)
   resolved = blocks.for_shape(5, 128, 2048, block)
   assert resolved.split_k == split and resolved.bm == (8 if dot == "fma" else 16)
   with jax.default_matmul_precision("highest"):
@@ -297,27 +304,33 @@ def test_pallas_steps_split_k_and_variants(fmt, bk, split, lora, dot, lookup):
     (2, 14336, 4096, "nf4", 64, (16, 64, 2, 4)),      # longer K: split further within the bound
     (2, 4096, 4096, "q4_0", 32, (16, 64, 4, 2)),      # 128 rows of K per step: 4 blocks of 32
     (64, 4096, 4096, "int4_sym", 64, (64, 64, 2, 1)),  # partial sums of 64 rows would cost too much
+    (1, 4096, 4096, "nf4", 128, (16, 64, 1, 2)),      # NF4 in blocks of 128: DECODE_NF4 would spill; tensor cores
 ])
 def test_default_blocks_resolution(m, k, n, fmt, block, want):
   from lora_jax.kernels import DECODE_NF4, BlockSizes, default_blocks
-  policy = default_blocks(m, fmt)
-  assert policy == (DECODE_NF4 if (m, fmt) == (1, "nf4") else BlockSizes())
+  policy = default_blocks(m, fmt, block)
+  assert policy == (DECODE_NF4 if (m, fmt, block) == (1, "nf4", 64) else BlockSizes())
   bs = policy.for_shape(m, n, k, block)
   assert (bs.bm, bs.bn, bs.bk, bs.split_k) == want
   with pytest.raises(ValueError, match="dot must be 'mma' or 'fma'"):
     BlockSizes(dot="wgmma").for_shape(m, n, k, block)
 
 
-def test_gpu_dispatch_by_rows(monkeypatch):
-  """On a GPU, auto takes the Pallas kernel up to PALLAS_M_MAX rows and XLA's dequantize + dot above (faster
-  there on an H200); an explicit impl="pallas" is obeyed at any size."""
+def test_gpu_dispatch_by_rows_and_format(monkeypatch):
+  """On a GPU, auto takes the Pallas kernel for 1 to pallas_max_m(fmt) rows (64 for NF4, 256 for int4 and GGUF)
+  and XLA's dequantize + dot above (faster there on an H200) or for no rows; an explicit impl="pallas" is obeyed
+  at any size, and an empty input gives an empty product."""
   import lora_jax.kernels as kernels
   monkeypatch.setattr(kernels, "_backend", lambda: "gpu")
-  w = _q("nf4", 256, 128, 64)
-  assert _choose(jnp.ones((1, 256)), w, "auto", False) == "pallas"
-  assert _choose(jnp.ones((2, kernels.PALLAS_M_MAX // 2, 256)), w, "auto", False) == "pallas"
-  assert _choose(jnp.ones((kernels.PALLAS_M_MAX + 1, 256)), w, "auto", False) == "reference"
-  assert _choose(jnp.ones((4096, 256)), w, "pallas", False) == "pallas"
+  for fmt, block, limit in (("nf4", 64, 64), ("int4_sym", 64, 256), ("q4_1", 32, 256)):
+    w = _q(fmt, 256, 128, block)
+    assert kernels.pallas_max_m(fmt) == limit
+    assert _choose(jnp.ones((1, 256)), w, "auto", False) == "pallas"
+    assert _choose(jnp.ones((2, limit // 2, 256)), w, "auto", False) == "pallas"
+    assert _choose(jnp.ones((limit + 1, 256)), w, "auto", False) == "reference"
+    assert _choose(jnp.ones((0, 256)), w, "auto", False) == "reference"
+    assert _choose(jnp.ones((4096, 256)), w, "pallas", False) == "pallas"
+    assert qmatmul(jnp.ones((2, 0, 256)), w, impl="pallas", interpret=True).shape == (2, 0, 128)
 
 
 def test_explicit_split_k_picks_a_step_that_divides():

@@ -44,9 +44,11 @@ def test_pallas_on_gpu_matches_reference(fmt, m, k, n, dtype):
     (1, "nf4_dq", BlockSizes(dot="fma", bn=128, bk=4, num_warps=8, num_stages=4)),
     (3, "int4_sym", BlockSizes(dot="fma", bn=64, bk=2, split_k=4, num_warps=2, num_stages=2)),
     (1, "q4_1", BlockSizes(dot="mma", bk=2, split_k=2)),
+    (1, "nf4_dq", BlockSizes(dot="fma", lookup="gather", bn=128, bk=1, prefetch=1)),
+    (16, "int4_sym", BlockSizes(bk=2, split_k=2, prefetch=1)),
 ], ids=str)
 def test_tilings_and_variants_on_gpu(m, fmt, blocks):
-  """bk, split_k, both dots (tensor cores; CUDA-core multiply-reduce), both NF4 lookups, warps and stages."""
+  """bk, split_k, both dots (tensor cores; CUDA-core multiply-reduce), both NF4 lookups, warps, stages, prefetch."""
   w = _q(fmt, 4096, 4096)
   x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16)
   got = qmatmul_pallas(x, w, blocks=blocks)
@@ -60,9 +62,10 @@ def test_fused_lora_and_gradients_on_gpu():
   a = (jax.random.normal(keys[1], (4096, 16)) * 0.02).astype(jnp.bfloat16)
   b = (jax.random.normal(keys[2], (16, 1024)) * 0.02).astype(jnp.bfloat16)
   loss = lambda impl: lambda x, a, b: jnp.sum(jnp.tanh(qmatmul_lora(x, w, a, b, jnp.float32(2.0), impl=impl)))
-  for rows in (x, x[:1]):  # tensor-core and (one row) multiply-reduce paths
-    _close(qmatmul_lora(rows, w, a, b, 2.0, impl="pallas"), qmatmul_lora(rows, w, a, b, 2.0, impl="reference"),
-           "bf16")
+  nf4 = _q("nf4_dq", 4096, 1024)
+  for weight, rows in ((w, x), (w, x[:1]), (nf4, x[:1])):  # tensor cores; one row of NF4: DECODE_NF4's fma path
+    _close(qmatmul_lora(rows, weight, a, b, 2.0, impl="pallas"),
+           qmatmul_lora(rows, weight, a, b, 2.0, impl="reference"), "bf16")
   got = jax.grad(loss("pallas"), argnums=(0, 1, 2))(x, a, b)
   want = jax.grad(loss("reference"), argnums=(0, 1, 2))(x, a, b)
   for g, h in zip(got, want):

@@ -18,10 +18,10 @@ splits its even and odd columns:
   multiply-reduce on the CUDA cores (``dot="fma"``: bm = M rounded up to a power of two, no 16-row padding of the
   activation or of the partial tiles; x read with strided loads; W stays float32).
 
-Measured on an H200 (benchmarks/results/int4_matmul_gpu*.json, README): correct in every format and variant, and
-2.5-3.8x faster than XLA's dequantize + dot at M = 1, but at 7-17% of the copy bandwidth, far from the 75% a
-bandwidth-bound kernel should reach; above M = 64 XLA's dequantize + cuBLAS is faster, and `kernels.qmatmul`
-dispatches there.
+Measured on an H200 (benchmarks/results/int4_matmul_gpu*.json, README): correct in every format and variant;
+1.7-4.1x faster than XLA's dequantize + dot at M <= 16 over both runs (2.1-4.1x with the tensor-core layout that
+ships), but at 5-20% of the copy bandwidth, far from the 75% a bandwidth-bound kernel should reach; above 64 rows
+(NF4) or 256 (int4) XLA's dequantize + cuBLAS is faster, and `kernels.qmatmul` dispatches there.
 
 Weight bytes read per output tile: K·bn/2 (+ K/B·bn scale bytes): the 4-bit traffic the decode-time speed
 depends on. `interpret=True` runs the same kernel on CPU (tests). On GPU it lowers through Triton, chosen
@@ -59,10 +59,13 @@ class BlockSizes:
   * ``split_k``: programs along K, whose float32 partial tiles are summed afterwards (None: doubled while there are
     fewer than `min_programs` programs, each keeps >= 4 steps, and the partial sums' traffic, written and read
     back, 8·split_k·M_padded·N bytes, stays within 1/8 of the packed codes' K·N/2).
-  * ``dot``: "mma" (tensor cores) or "fma" (multiply-reduce on CUDA cores).
+  * ``dot``: "mma" (tensor cores) or "fma" (multiply-reduce on CUDA cores; for one or a few rows: its float32
+    accumulator holds bm·B/2·bn values; Triton 3.5 spills at 64 per thread, e.g. one row, bn 128, 2 warps).
   * ``lookup``: NF4 code to value by "select" (a select tree on the code bits: 15 selects per weight) or "gather"
     (a load from the 16-entry table, cached in L1).
   * ``num_warps``, ``num_stages``: Triton's warps per program and software-pipelining depth.
+  * ``prefetch``: 1 issues each loop step's loads one step ahead, carried in registers (Triton pipelines loads
+    that feed a dot through shared memory, but not those of the multiply-reduce path; not yet timed on a GPU).
 
   `default_blocks` picks the policy for a call when none is given: the fields' defaults here are the
   tensor-core policy, `DECODE_NF4` the one-row NF4 policy. Both were measured on an H200
@@ -77,6 +80,7 @@ class BlockSizes:
   min_programs: int = 264  # two per SM of an H100 / H200 (132 SMs)
   dot: str = "mma"
   lookup: str = "select"
+  prefetch: int = 0
 
   def for_shape(self, m: int, n: int, k: int | None = None, block_size: int | None = None) -> "BlockSizes":
     """Tile sizes for an (m × k) @ (k × n) call; bk and split_k are resolved when k and block_size are given."""
@@ -111,19 +115,24 @@ class BlockSizes:
     return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-# One row of NF4 (batch-1 decoding): the policy sweep's winner on an H200 (benchmarks/results/int4_matmul_gpu.json):
-# NF4's code-to-value map dominates there, and a multiply-reduce on CUDA cores with the table gathered from L1 ran
-# 1.8x faster than tensor-core dots with the select tree (76 vs 153 us at 4096 x 14336, 77 vs 128 us at 14336 x 4096).
-# Of the two best (153.1 us in total each) this is the one with 4 warps, not 2: with 2, each thread holds twice the
-# (1 x 32 x 128) float32 accumulator, and Triton 3.5 spills it (tests/kernels: no default may spill).
+# One row of NF4 (batch-1 decoding), block size 64: the policy sweep's winner on an H200
+# (benchmarks/results/int4_matmul_gpu.json). NF4's code-to-value map dominates there, and gathering it from the
+# table in L1 is the win: 76 us at 4096 x 14336 against 125 us for the best multiply-reduce with the select tree,
+# 151 us for the best tensor-core policy and 153 us for the sweep's default (multiply-reduce, select); at
+# 14336 x 4096, 77 us against that default's 128. Of the two best (153.1 us in total each) this is the one with
+# 4 warps, not 2: with 2, each thread holds twice the (1 x 32 x 128) float32 accumulator, and Triton 3.5 spills it
+# (tests/kernels: no default may spill). With block 128 the accumulator doubles and spills too: that gets the
+# tensor-core default.
 DECODE_NF4 = BlockSizes(bn=128, bk=1, num_warps=4, num_stages=2, min_programs=1056, dot="fma", lookup="gather")
 
 
-def default_blocks(m: int, fmt: str) -> BlockSizes:
-  """The kernel policy for `m` rows of a `fmt` weight when the caller gives none: `DECODE_NF4` for one row of NF4,
-  else tensor-core dots with `BlockSizes`' defaults (the int4 / GGUF formats' cheap affine map left the one-row
-  sweep without a clear winner: the best of 44 policies was 1.11x the default in total and slower on one shape)."""
-  return DECODE_NF4 if m == 1 and fmt == "nf4" else BlockSizes()
+def default_blocks(m: int, fmt: str, block_size: int = 64) -> BlockSizes:
+  """The kernel policy for `m` rows of a `fmt` weight when the caller gives none: `DECODE_NF4` for one row of NF4
+  in blocks of 64, else tensor-core dots with `BlockSizes`' defaults: the first H200 run's configuration (29-77 us
+  for int4 at M = 1 on the benchmark's shapes). For int4 at one row the second run's sweep found no clear winner:
+  its best (tensor cores, bn 128, bk 4) took 0.90x the then-default multiply-reduce's total time, and longer on
+  one of the two shapes."""
+  return DECODE_NF4 if (m, fmt, block_size) == (1, "nf4", 64) else BlockSizes()
 
 
 def _pow2_divisor(n: int, at_most: int) -> int:
@@ -161,7 +170,7 @@ def _mac(acc, a, b, dot):
 
 
 def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, gather: bool, lora: bool,
-            dot: str):
+            dot: str, prefetch: bool):
   rest = list(refs)
   half = block // 2
   if dot == "mma":  # the even and odd columns of x, split outside
@@ -184,9 +193,10 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
     cols = pl.program_id(1) * bn + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)
     dq_offset = dq_offset_ref[0]
 
-  def body(t, acc):
-    for u in range(bk):  # bk quantization blocks per step: their loads are in flight together
-      g = (first + t) * bk + u
+  blocks_of = lambda t: [(first + t) * bk + u for u in range(bk)]  # bk quantization blocks per loop step
+
+  def step(t, acc):  # each block's loads, then its arithmetic (the order the H200 runs timed)
+    for g in blocks_of(t):
       c = codes_ref[pl.ds(g * half, half), :].astype(jnp.int32)
       sc = scale_ref[pl.ds(g, 1), :].astype(jnp.float32)
       if dq:
@@ -198,8 +208,29 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
       acc = _mac(acc, x_odd(g), w_odd, dot)
     return acc
 
+  def load(g):  # prefetch: block g's loads, as stored, to be carried to the next step
+    return (codes_ref[pl.ds(g * half, half), :], scale_ref[pl.ds(g, 1), :],
+            dq_ref[(g * n + cols) // DQ_GROUP] if dq else None,
+            offset_ref[pl.ds(g, 1), :] if offset_ref is not None else None, x_even(g), x_odd(g))
+
+  def prefetched_step(t, carry):  # step t's arithmetic on loads issued a step earlier; then step t + 1's loads
+    acc, loaded = carry
+    for codes, scale, dq_scale, offset, xe, xo in loaded:
+      c = codes.astype(jnp.int32)
+      sc = scale.astype(jnp.float32)
+      if dq:
+        sc = sc * dq_scale + dq_offset
+      off = offset.astype(jnp.float32) if offset is not None else None
+      acc = _mac(acc, xe, _values(c & 0xF, sc, off, fmt, table_ref), dot)
+      acc = _mac(acc, xo, _values(c >> 4, sc, off, fmt, table_ref), dot)
+    return acc, [load(g) for g in blocks_of(jnp.minimum(t + 1, steps - 1))]  # the last step reloads itself
+
   bm = o_ref.shape[-2]
-  acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, half, bn) if dot == "fma" else (bm, bn), jnp.float32))
+  acc = jnp.zeros((bm, half, bn) if dot == "fma" else (bm, bn), jnp.float32)
+  if prefetch:
+    acc, _ = jax.lax.fori_loop(0, steps, prefetched_step, (acc, [load(g) for g in blocks_of(0)]))
+  else:
+    acc = jax.lax.fori_loop(0, steps, step, acc)
   if dot == "fma":
     acc = jnp.sum(acc, axis=1)
   if lora:  # the LoRA term's second product, s·(xA)·B, on the tile already in registers (once: split 0)
@@ -247,7 +278,9 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
   x2 = x.reshape(-1, k)
   m = x2.shape[0]
   nb = k // w.block_size
-  bs = (blocks or default_blocks(m, w.fmt)).for_shape(m, n, k, w.block_size)
+  if m == 0:
+    return jnp.zeros((*lead, n), jnp.float32)
+  bs = (blocks or default_blocks(m, w.fmt, w.block_size)).for_shape(m, n, k, w.block_size)
   bk, split = bs.bk or 1, bs.split_k or 1
   if n % bs.bn:
     raise ValueError(f"N={n} is not a multiple of the tile width bn={bs.bn}")
@@ -293,7 +326,7 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
     out_shape, out_spec = (split, mp, n), pl.BlockSpec((None, bs.bm, bs.bn), lambda i, j, s: (s, i, j))
   out = pl.pallas_call(
       functools.partial(_kernel, fmt=w.fmt, block=w.block_size, n=n, bk=bk, steps=steps, dq=dq, gather=gather,
-                        lora=lora, dot=bs.dot),
+                        lora=lora, dot=bs.dot, prefetch=bool(bs.prefetch)),
       out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
       grid=(mp // bs.bm, n // bs.bn, split),
       in_specs=in_specs,
