@@ -13,8 +13,8 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
     split_k, prefetch 0|1) for nf4 at M = 1 and M = 16 and int4_sym at M = 1: the default, 31 random policies, two rounds of
     every one-field change of the best, on (K, N) = (4096, 14336); the best three and the default again on
     (14336, 4096); least total time wins. Policies are compiled 16 at a time on a thread pool, then timed.
-  * the main table's Pallas column uses the sweep's winners (M = 1: its class; M <= 16: the M = 16 class; above:
-    the default); the row records the resolved BlockSizes.
+  * the main table's Pallas column uses the sweep's winners (M = 1: its format's M = 1 class; M <= 16: its M = 16
+    class; a class not swept, or M above 16: `default_blocks`); the row records the resolved BlockSizes.
   * check: max |pallas - reference| / max |reference| on every shape and policy (the outputs of the first, compiling,
     call), pass if < 2e-2 (bf16); failures and exceptions are recorded and the run goes on.
   * time: Pallas kernel, reference (dequantize + dot), and ``x @ w_bf16``. One timed call runs the op on C distinct
@@ -462,15 +462,11 @@ def policy_sweep(args, result, shapes, pallas, gib, t_end):
 
 
 def tuned_for(tuned, fmt, m):
-  """The swept policy for a main-table row: M = 1 its own class, 2..16 the M = 16 class (NF4's for int4), else (or
-  without a sweep) `default_blocks`."""
-  if m == 1 and (fmt, 1) in tuned:
-    return tuned[(fmt, 1)]
-  if m <= 16:
-    p = tuned.get((fmt, 16)) or tuned.get(("nf4", 16))
-    if p is not None:
-      return dataclasses.replace(p, lookup="select") if fmt != "nf4" else p
-  return default_blocks(m, fmt)
+  """The swept policy for a main-table row: M = 1 its format's M = 1 class, 2..16 its M = 16 class; otherwise (a
+  class not swept, larger M, no sweep) `default_blocks`. (The second H200 run gave int4 at M = 2..16 NF4's M = 16
+  winner, which was slower there than the default had been in the first run.)"""
+  p = tuned.get((fmt, 1 if m == 1 else 16)) if m <= 16 else None
+  return p if p is not None else default_blocks(m, fmt)
 
 
 def print_gpu_row(r):
