@@ -10,8 +10,8 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
     over the same bytes (`stream_kernels`).
   * --policy-sweep (then, with --sweep-budget-s seconds): a search over the kernel's shape-independent choices
     (`BlockSizes`: dot mma|fma, NF4 lookup select|gather, bn, bk, num_warps, num_stages, min_programs, which sets
-    split_k, prefetch 0|1) for nf4 at M = 1 and M = 16 and int4_sym at M = 1: the default, 31 random policies, two rounds of
-    every one-field change of the best, on (K, N) = (4096, 14336); the best three and the default again on
+    split_k, prefetch 0|1) for nf4 at M = 1 and M = 16 and int4_sym at M = 1: the default, 31 random policies,
+    two rounds of every one-field change of the best, on (K, N) = (4096, 14336); the best three and the default again on
     (14336, 4096); least total time wins. Policies are compiled 16 at a time on a thread pool, then timed.
   * the main table's Pallas column uses the sweep's winners (M = 1: its format's M = 1 class; M <= 16: its M = 16
     class; a class not swept, or M above 16: `default_blocks`); the row records the resolved BlockSizes.
@@ -77,6 +77,11 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 def err_text(e):
   return f"{type(e).__name__}: {e}"[:600]
+
+
+def rel_err(got, ref) -> float:
+  """max |got - ref| / max |ref|: the check every GPU timing's output passes (< TOL)."""
+  return float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
 
 
 def median_s(fn, *args, reps, warmup, record=None):
@@ -195,7 +200,7 @@ def run_gpu(args, result):
             row[name] = {"error": err_text(e)}
         if outs["pallas"] and outs["reference"]:
           got, ref = outs["pallas"][0], outs["reference"][0]
-          rel = float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+          rel = rel_err(got, ref)
           row["check"] = {"rel_err": rel, "pass": bool(rel < TOL)}
         else:
           row["check"] = {"pass": False, "error": row["pallas"].get("error") or row["reference"].get("error")}
@@ -243,7 +248,7 @@ def fused_lora(args, result, shape, fmt, ms, interp, gib, peaks, t_end, tuned, r
         row[name] = {"error": err_text(e)}
     if outs["fused"] and outs["split"]:
       got, ref = outs["fused"][0], outs["split"][0]
-      row["rel_err"] = float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+      row["rel_err"] = rel_err(got, ref)
       row["pass"] = bool(row["rel_err"] < TOL)
     if "time_s" in row["fused"] and "time_s" in row["split"]:
       row["fused_over_split_time"] = row["fused"]["time_s"] / row["split"]["time_s"]
@@ -371,7 +376,7 @@ def time_policies(args, policies, x, qs, ref, pallas):
     else:
       try:
         first = np.asarray(jax.block_until_ready(c(x, qs))[0])
-        entry["rel_err"] = float(np.max(np.abs(first - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+        entry["rel_err"] = rel_err(first, ref)
         entry["pass"] = bool(entry["rel_err"] < TOL)  # a fast policy that computes the wrong thing is no candidate
         entry["time_s"] = median_s(c, x, qs, reps=args.reps, warmup=max(0, args.warmup - 1)) / len(qs)
       except Exception as e:

@@ -10,7 +10,7 @@
   cannot be built.
 * ``impl="small_m"``: a multiply-reduce that XLA fuses with the nibble unpacking (`kernels/qmatmul/small_m.py`),
   reading only the packed bytes; for decoding without the CPU kernel.
-* ``impl="auto"`` (default): on GPU, Pallas for 1 to `pallas_max_m(fmt)` rows when `supports(...)` holds (above
+* ``impl="auto"`` (default): on GPU, Pallas for 1 to `PALLAS_M_MAX[fmt]` rows when `supports(...)` holds (above
   that XLA's dequantize + cuBLAS dot was faster on an H200, and within 1.12-1.34x of a bf16 dot at M = 4096,
   where the kernel took 2.8-7.3x its time); on CPU the C++ kernel for at most
   `CPU_M_MAX` rows when it builds here, else ``small_m`` for at most `SMALL_M_MAX` rows of an int4 / GGUF
@@ -48,17 +48,11 @@ from .fused_lora import lora_linear
 from .qmatmul.small_m import SMALL_M_MAX, qmatmul_small_m
 
 IMPLS = ("auto", "reference", "pallas", "cpu", "small_m")
-PALLAS_M_MAX = {"nf4": 64}  # rows up to which auto takes the Pallas kernel on GPU; other formats: PALLAS_M_MAX_AFFINE
-PALLAS_M_MAX_AFFINE = 256
-# The H200 crossover with XLA's dequantize + dot, for the tensor-core layout that ships (first run,
-# benchmarks/results/int4_matmul_gpu_run1.json): NF4 took 0.48-0.99x XLA's time at M = 64 and 1.15-1.30x at 256;
-# int4 0.85-0.97x at 256 (2.8-3.0x at 4096). int4_asym and the GGUF formats share int4's affine map (q4_1 one more
-# multiply-add) and its threshold; they were not timed.
-
-
-def pallas_max_m(fmt: str) -> int:
-  """Rows up to which `impl="auto"` takes the Pallas kernel on a GPU for a `fmt` weight."""
-  return PALLAS_M_MAX.get(fmt, PALLAS_M_MAX_AFFINE)
+# Rows up to which auto takes the Pallas kernel on a GPU, per format: the H200 crossover with XLA's dequantize +
+# dot for the tensor-core layout that ships (first run, benchmarks/results/int4_matmul_gpu_run1.json): NF4 took
+# 0.48-0.99x XLA's time at M = 64 and 1.15-1.30x at 256; int4 0.85-0.97x at 256 (2.8-3.0x at 4096). int4_asym and
+# the GGUF formats share int4's affine map (q4_1 one more multiply-add) and its threshold; they were not timed.
+PALLAS_M_MAX = {"nf4": 64, "int4_sym": 256, "int4_asym": 256, "q4_0": 256, "q4_1": 256}
 _DEFAULT_IMPL = "auto"
 _LOGGED: set[str] = set()
 
@@ -104,7 +98,7 @@ def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
       raise LoraJaxError(f"the Pallas qmatmul kernel does not support this call: {why}")
     return "pallas"
   rows = int(np.prod(x.shape[:-1]))
-  if on_gpu and ok and 0 < rows <= pallas_max_m(w.fmt):  # no rows: XLA's path handles the empty product
+  if on_gpu and ok and 0 < rows <= PALLAS_M_MAX[w.fmt]:  # no rows: XLA's path handles the empty product
     return "pallas"
   if rows <= CPU_M_MAX and backend == "cpu" and _cpu.supports(x, w)[0]:
     built, why = _cpu.available()
@@ -148,19 +142,12 @@ def qmatmul_lora(x, w: QTensor, a, b, scale, *, impl: str | None = None, interpr
   return _qmatmul_vjp(choice, interpret, x, w) + lora * scale
 
 
-def _scales_after(w: QTensor, x) -> QTensor:
-  """For the CPU kernel, which reads the stored codes: a double-quantized `w`'s int8 scales tied to `x` (`_after`),
-  so their float32 form is computed per call, not hoisted out of a decode loop for every layer at once. (The
-  Pallas kernel forms them itself, from the int8 codes.)"""
-  return _after(w, x, field="scale") if w.double_quantized else w
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _qmatmul_vjp(choice, interpret, x, w):
   if choice == "pallas":
     return qmatmul_pallas(x, w, interpret=interpret)
   if choice == "cpu":  # reads the stored codes; only double-quantized scales are computed, after x
-    return qmatmul_cpu(x, _scales_after(w, x))
+    return qmatmul_cpu(x, _after(w, x, field="scale") if w.double_quantized else w)
   w = _after(w, x)
   if choice == "small_m":
     return qmatmul_small_m(x, w)
@@ -181,7 +168,7 @@ def _bwd(choice, interpret, res, dy):
 
 _qmatmul_vjp.defvjp(_fwd, _bwd)
 
-__all__ = ["BlockSizes", "CPU_M_MAX", "DECODE_NF4", "IMPLS", "PALLAS_M_MAX", "PALLAS_M_MAX_AFFINE", "SMALL_M_MAX",
-           "default_blocks", "lora_linear", "pallas_max_m", "qmatmul", "qmatmul_cpu", "qmatmul_lora",
+__all__ = ["BlockSizes", "CPU_M_MAX", "DECODE_NF4", "IMPLS", "PALLAS_M_MAX", "SMALL_M_MAX", "default_blocks",
+           "lora_linear", "qmatmul", "qmatmul_cpu", "qmatmul_lora",
            "qmatmul_lora_pallas", "qmatmul_pallas", "qmatmul_reference", "qmatmul_small_m", "set_default_impl",
            "supports"]

@@ -1,6 +1,7 @@
 """The Pallas kernel compiled and run on a GPU (`-m gpu`; skipped without one): values against the reference for
-every format, the tilings (bk, split_k) and variants (dot, NF4 lookup, warps, stages), the fused LoRA term, gradients, and a QLoRA training step. On CPU the same
-kernel is checked in interpret mode (test_qmatmul.py) and compiled for sm_90 without running."""
+every format, the tilings (bk, split_k) and variants (dot, NF4 lookup, warps, stages, prefetch), QLoRA's linear
+and its gradients, and a QLoRA training step. On CPU the same kernel is checked in interpret mode
+(test_qmatmul.py) and compiled for sm_90 without running."""
 
 import jax
 import jax.numpy as jnp

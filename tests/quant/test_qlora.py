@@ -142,8 +142,8 @@ def test_decoding_never_holds_the_dequantized_base(fmt):
 def test_qlora_programs_lower_for_gpu(monkeypatch, mode, dtype):
   """What a GPU would run, lowered for CUDA on CPU with the dispatch told it is on a GPU: a QLoRA train step (the
   base as `--quantize` makes it: NF4 double-quantized, or int4) and the prefill and decode programs. Every
-  projection must go through the Pallas kernel as a Triton call (2 x 32 = PALLAS_M_MAX rows here), none through
-  the dequantize-and-dot fallback; with the triton package, each kernel compiles for sm_90 without spilling."""
+  projection must go through the Pallas kernel as a Triton call (2 x 32 rows here: within PALLAS_M_MAX), none
+  through the dequantize-and-dot fallback; with the triton package, each kernel compiles for sm_90 without spilling."""
   import optax
   import lora_jax.kernels as kernels
   from lora_jax.generate import SamplingConfig, decode_chunk, prefill

@@ -195,40 +195,45 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
 
   blocks_of = lambda t: [(first + t) * bk + u for u in range(bk)]  # bk quantization blocks per loop step
 
-  def step(t, acc):  # each block's loads, then its arithmetic (the order the H200 runs timed)
+  def loads(g):
+    """Block g's loads, each deferred (a thunk): its packed codes, scale row, second-level scales, offset row, and
+    the activation's even and odd columns (None: not in this format)."""
+    return (lambda: codes_ref[pl.ds(g * half, half), :], lambda: scale_ref[pl.ds(g, 1), :],
+            (lambda: dq_ref[(g * n + cols) // DQ_GROUP]) if dq else None,
+            (lambda: offset_ref[pl.ds(g, 1), :]) if offset_ref is not None else None,
+            lambda: x_even(g), lambda: x_odd(g))
+
+  def add_block(acc, codes, scale, dq_scale, offset, xe, xo):
+    """acc + one block's product. Each load happens where its value is first needed (for `step`, the order the
+    H200 runs timed: Triton's schedule, and so the registers, follow it)."""
+    c = codes().astype(jnp.int32)
+    sc = scale().astype(jnp.float32)
+    if dq:
+      sc = sc * dq_scale() + dq_offset
+    off = offset().astype(jnp.float32) if offset is not None else None
+    w_even = _values(c & 0xF, sc, off, fmt, table_ref)
+    w_odd = _values(c >> 4, sc, off, fmt, table_ref)
+    acc = _mac(acc, xe(), w_even, dot)
+    return _mac(acc, xo(), w_odd, dot)
+
+  def step(t, acc):
     for g in blocks_of(t):
-      c = codes_ref[pl.ds(g * half, half), :].astype(jnp.int32)
-      sc = scale_ref[pl.ds(g, 1), :].astype(jnp.float32)
-      if dq:
-        sc = sc * dq_ref[(g * n + cols) // DQ_GROUP] + dq_offset
-      off = offset_ref[pl.ds(g, 1), :].astype(jnp.float32) if offset_ref is not None else None
-      w_even = _values(c & 0xF, sc, off, fmt, table_ref)
-      w_odd = _values(c >> 4, sc, off, fmt, table_ref)
-      acc = _mac(acc, x_even(g), w_even, dot)
-      acc = _mac(acc, x_odd(g), w_odd, dot)
+      acc = add_block(acc, *loads(g))
     return acc
 
-  def load(g):  # prefetch: block g's loads, as stored, to be carried to the next step
-    return (codes_ref[pl.ds(g * half, half), :], scale_ref[pl.ds(g, 1), :],
-            dq_ref[(g * n + cols) // DQ_GROUP] if dq else None,
-            offset_ref[pl.ds(g, 1), :] if offset_ref is not None else None, x_even(g), x_odd(g))
+  def issue(t):  # prefetch: step t's loads, issued now
+    return [tuple(f() if f is not None else None for f in loads(g)) for g in blocks_of(t)]
 
-  def prefetched_step(t, carry):  # step t's arithmetic on loads issued a step earlier; then step t + 1's loads
+  def prefetched_step(t, carry):  # step t's arithmetic on loads issued a step earlier, then step t + 1's loads
     acc, loaded = carry
-    for codes, scale, dq_scale, offset, xe, xo in loaded:
-      c = codes.astype(jnp.int32)
-      sc = scale.astype(jnp.float32)
-      if dq:
-        sc = sc * dq_scale + dq_offset
-      off = offset.astype(jnp.float32) if offset is not None else None
-      acc = _mac(acc, xe, _values(c & 0xF, sc, off, fmt, table_ref), dot)
-      acc = _mac(acc, xo, _values(c >> 4, sc, off, fmt, table_ref), dot)
-    return acc, [load(g) for g in blocks_of(jnp.minimum(t + 1, steps - 1))]  # the last step reloads itself
+    for values in loaded:
+      acc = add_block(acc, *((lambda v=v: v) if v is not None else None for v in values))
+    return acc, issue(jnp.minimum(t + 1, steps - 1))  # the last step reloads itself
 
   bm = o_ref.shape[-2]
   acc = jnp.zeros((bm, half, bn) if dot == "fma" else (bm, bn), jnp.float32)
   if prefetch:
-    acc, _ = jax.lax.fori_loop(0, steps, prefetched_step, (acc, [load(g) for g in blocks_of(0)]))
+    acc, _ = jax.lax.fori_loop(0, steps, prefetched_step, (acc, issue(0)))
   else:
     acc = jax.lax.fori_loop(0, steps, step, acc)
   if dot == "fma":

@@ -26,7 +26,7 @@ def _after(w: QTensor, x, field: str = "codes") -> QTensor:
   Costs: under `vmap` over `x` the codes (and so the dequantized kernel) gain the batch axis; under SPMD
   sharding of `x` the scalar x₀ would be broadcast from its device at each call (the library does not shard yet;
   a per-shard dependency via shard_map would avoid that). ``field="scale"`` ties the (int8, double-quantized)
-  scales instead, for the kernels, which read the codes as stored (`kernels._scales_after`)."""
+  scales instead, for the CPU kernel, which reads the codes as stored and forms those scales before the call."""
   if x.size == 0:
     return w
   x0 = x.reshape(-1)[0]
