@@ -5,9 +5,12 @@ Mode by ``jax.default_backend()`` (or ``--mode gpu|cpu``); results go to benchma
 GPU (no network, no model): weights N(0, 0.02) quantized to nf4 (double-quantized, as `--quantize nf4` makes it)
 and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 4096} x (K, N) in {(4096, 4096),
 (4096, 14336), (14336, 4096), (8192, 8192)}.
-  * --floor (first): where the one-row time goes, int4_sym at (4096, 4096) and (4096, 14336): the op, a Pallas
-    kernel on the same grid and loop that only streams the codes, one that only writes its output, and XLA's sum
-    over the same bytes (`stream_kernels`).
+  * --floor (first): where the one-row time goes, at (4096, 4096) and (4096, 14336): the op (int4_sym and nf4),
+    XLA's dequantize + dot, a bf16 dot, a Pallas kernel on the op's grid and loop that only streams the codes, one
+    that only writes its output (`stream_kernels`), and XLA's sum over the same codes; each also profiled once
+    (`device_trace.device_profile`: kernels per op, their device time and span, so launch gaps and extra kernels
+    show apart from the kernel's own time).
+  * --profile: the main table's Pallas op at M <= 16 profiled the same way (row["pallas"]["device"]).
   * --policy-sweep (then, with --sweep-budget-s seconds): a search over the kernel's shape-independent choices
     (`BlockSizes`: dot mma|fma, NF4 lookup select|gather, bn, bk, num_warps, num_stages, min_programs, which sets
     split_k, prefetch 0|1) for nf4 at M = 1 and M = 16 and int4_sym at M = 1: the default, 31 random policies,
@@ -25,7 +28,7 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
   * fused LoRA: `qmatmul_lora_pallas` (the LoRA term inside the Pallas kernel, r = 16) vs the kernel followed by
     the two small LoRA products, on the first shape and format, M <= 16; relative error between the two.
   * the JSON is rewritten after every step; main-table shapes that start after --budget-s seconds are skipped, and
-    the sweep and the fused-LoRA timing stop starting new work after their own budgets, so a run cut short by a
+    the floor, the sweep and the fused-LoRA timing stop starting new work after their own budgets, so a run cut short by a
     time limit still leaves its results.
 CPU: the C++ kernel (`qmatmul_cpu`, for M <= CPU_M_MAX), the reference and, for M <= SMALL_M_MAX, the small_m
 multiply-reduce (the Pallas kernel needs a GPU; interpret mode is not timed) on SmolLM2-135M shapes (K, N) in
@@ -38,7 +41,8 @@ temporaries (a base dequantized all at once would show there); "same ids": greed
 "= kernel", to the kernel variant's) before the first difference.
 
 Usage: python benchmarks/int4_matmul.py [--quick] [--mode gpu|cpu] [--shapes small] [--formats nf4,int4_sym]
-                                       [--floor] [--policy-sweep] [--budget-s S] [--sweep-budget-s S] [--lora-budget-s S]
+                                       [--floor] [--profile] [--policy-sweep] [--budget-s S] [--floor-budget-s S]
+                                       [--sweep-budget-s S] [--lora-budget-s S]
                                        [--reps N] [--out PATH]
        python benchmarks/int4_matmul.py --mode gpu --dry-run   # the GPU code path on CPU: tiny shape, interpret mode
   On a time-limited GPU: scripts/gpu_check.sh (the GPU tests, then the sweep and the main table within budgets).
@@ -62,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from device_trace import device_profile  # noqa: E402
 from generate import PARAGRAPH, machine_info  # noqa: E402  (same machine description and prompt text)
 
 from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, BlockSizes, default_blocks, qmatmul_cpu,  # noqa: E402
@@ -102,15 +107,20 @@ def copies_of(w, n):
   return [w] + [jax.tree.map(lambda a: jnp.array(a, copy=True), w) for _ in range(n - 1)]
 
 
-def time_op(op, x, ws, args, first=None):
+def time_op(op, x, ws, args, first=None, profile=None):
   """Seconds per op(x, w): one jit applies op to each of the distinct weights `ws` (one dispatch, no cache reuse);
-  median wall / len(ws). The first (compiling) call counts as a warm-up; its op(x, ws[0]) goes to first[0]."""
+  median wall / len(ws). The first (compiling) call counts as a warm-up; its op(x, ws[0]) goes to first[0]. With
+  a dict `profile`, one more call runs under the profiler and `device_trace.device_profile`'s per-op figures
+  (kernels launched, device time, span) fill it."""
   f = jax.jit(lambda x, ws: [op(x, w) for w in ws])
   out = jax.block_until_ready(f(x, ws))
   if first is not None:
     first.append(np.asarray(out[0]))
   del out
-  return median_s(f, x, ws, reps=args.reps, warmup=max(0, args.warmup - 1)) / len(ws)
+  t = median_s(f, x, ws, reps=args.reps, warmup=max(0, args.warmup - 1)) / len(ws)
+  if profile is not None:
+    profile.update(device_profile(f, x, ws, per=len(ws)))
+  return t
 
 
 def device_peaks(args, copy_bytes, dot_n, dtype):
@@ -167,7 +177,8 @@ def run_gpu(args, result):
   pallas = lambda blocks: (lambda x, w: qmatmul_pallas(x, w, blocks=blocks, interpret=interp))
   tuned = {}
   if args.floor:
-    floor(args, result, ((256, 128),) if args.dry_run else ((4096, 4096), (4096, 14336)), interp, gib, peaks)
+    floor(args, result, ((256, 128),) if args.dry_run else ((4096, 4096), (4096, 14336)), interp, gib,
+          time.perf_counter() + args.floor_budget_s)
   if args.policy_sweep:  # first, so that the main table times the policies it found
     sweep_shapes = ((256, 128), (512, 256)) if args.dry_run else ((4096, 14336), (14336, 4096))
     tuned = policy_sweep(args, result, sweep_shapes, pallas, gib, time.perf_counter() + args.sweep_budget_s)
@@ -194,8 +205,11 @@ def run_gpu(args, result):
         outs = {}  # the check compares the outputs of the first (compiling) timed call on weight copy 0
         for name, op, ws, nb in (("pallas", pallas(blocks), qs, nbytes),
                                  ("reference", qmatmul_reference, qs, nbytes), ("bf16_dot", bf16_dot, wb, 2 * k * n)):
+          prof = {} if args.profile and name == "pallas" and m <= 16 else None
           try:
-            row[name] = perf(time_op(op, x, ws, args, outs.setdefault(name, [])), m, k, n, nb, peaks)
+            row[name] = perf(time_op(op, x, ws, args, outs.setdefault(name, []), prof), m, k, n, nb, peaks)
+            if prof is not None:
+              row[name]["device"] = prof
           except Exception as e:
             row[name] = {"error": err_text(e)}
         if outs["pallas"] and outs["reference"]:
@@ -292,38 +306,60 @@ def stream_kernels(k, n, bn, bk, split, warps, stages, interp):
   return call(stream), call(empty)
 
 
-def floor(args, result, shapes, interp, gib, peaks):
-  """Where the one-row time goes (int4_sym, M = 1): the whole op (default policy), the "stream" and "empty" Pallas
-  kernels of `stream_kernels` on the default tiling and on a wide one, and XLA's sum over the same codes."""
+def floor(args, result, shapes, interp, gib, t_end):
+  """Where the one-row time goes: per (K, N), at M = 1, the whole op for int4_sym and nf4 (default policies), XLA's
+  dequantize + dot and a bf16 dot, the "stream" and "empty" Pallas kernels of `stream_kernels` on the default
+  tiling and on a wide one (int4_sym codes), and XLA's sum over the same codes. Each is timed (wall / C, as the
+  main table) and profiled once (`device_trace`): kernels per op, device time, device span; GB/s of the bytes the
+  op must read, over each. Ops that would start after `t_end` are recorded as skipped."""
   rows = result["floor"] = []
-  print(f"\nfloor (int4_sym, M = 1): us per call and GB/s of packed codes\n{'K':>5} {'N':>5} {'what':34s} "
-        f"{'us':>8} {'GB/s':>7}")
+  print(f"\nfloor (M = 1): per op, wall us, device us (sum of kernels), device span us, kernels per op, GB/s of "
+        f"its bytes over wall and over device time\n{'K':>5} {'N':>5} {'what':38s} {'wall':>7} {'device':>7} "
+        f"{'span':>7} {'kern':>5} {'GB/s':>6} {'dev GB/s':>8}")
+  bf16_dot = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
   for k, n in shapes:
-    _, qs = gpu_weights(args, k, n, "int4_sym", gib)
+    wb, qs = gpu_weights(args, k, n, "int4_sym", gib)
+    _, qn = gpu_weights(args, k, n, "nf4", gib)
     codes = [q.codes for q in qs]
     x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
     d = default_blocks(1, "int4_sym").for_shape(1, n, k, 64)
-    ops = [("op (default policy)", lambda x, w: qmatmul_pallas(x, w, interpret=interp), x, qs, dataclasses.asdict(d))]
+    op = lambda x, w: qmatmul_pallas(x, w, interpret=interp)
+    ops = [("op, int4_sym (default policy)", op, qs, qs[0].nbytes(), dataclasses.asdict(d)),
+           ("op, nf4 (default policy)", op, qn, qn[0].nbytes(),
+            dataclasses.asdict(default_blocks(1, "nf4").for_shape(1, n, k, 64))),
+           ("reference (XLA dequantize + dot), int4_sym", qmatmul_reference, qs, qs[0].nbytes(), None),
+           ("bf16 dot", bf16_dot, wb, 2 * k * n, None)]
     for tag, (bn, bk, split, warps, stages) in (("default tiling", (d.bn, d.bk, d.split_k, d.num_warps,
                                                                       d.num_stages)),
                                                 ("wide tiling", (min(128, n), min(4, k // 64), 1, 4, 3))):
       stream, empty = stream_kernels(k, n, bn, bk, split, warps, stages, interp)
       tiling = {"bn": bn, "bk": bk, "split_k": split, "num_warps": warps, "num_stages": stages}
-      ops += [(f"stream, {tag}", lambda _, c, f=stream: f(c), x, codes, tiling),
-              (f"empty, {tag}", lambda _, c, f=empty: f(c), x, codes, tiling)]
-    ops.append(("XLA sum of the codes", lambda _, c: jnp.sum(c, axis=0, dtype=jnp.int32), x, codes, None))
-    for what, op, xx, ws, tiling in ops:
-      row = {"K": k, "N": n, "what": what, "tiling": tiling}
+      ops += [(f"stream, {tag}", lambda _, c, f=stream: f(c), codes, codes[0].size, tiling),
+              (f"empty, {tag}", lambda _, c, f=empty: f(c), codes, codes[0].size, tiling)]
+    ops.append(("XLA sum of the codes", lambda _, c: jnp.sum(c, axis=0, dtype=jnp.int32), codes, codes[0].size,
+                None))
+    for what, fn, ws, nbytes, tiling in ops:
+      row = {"K": k, "N": n, "what": what, "tiling": tiling, "bytes": nbytes}
+      rows.append(row)
+      if time.perf_counter() > t_end:
+        row["skipped"] = "budget"
+        continue
       try:
-        t = time_op(op, xx, ws, args)
-        row.update(time_s=t, codes_gb_s=qs[0].codes.size / t / 1e9)
-        print(f"{k:5d} {n:5d} {what:34s} {t * 1e6:8.1f} {row['codes_gb_s']:7.0f}", flush=True)
+        prof = row["device"] = {}
+        t = time_op(fn, x, ws, args, profile=prof)
+        row.update(time_s=t, gb_s=nbytes / t / 1e9)
+        dev = prof.get("device_s")
+        if dev:
+          row["device_gb_s"] = nbytes / dev / 1e9
+        us = lambda key: f"{prof[key] * 1e6:7.1f}" if key in prof else f"{'-':>7}"
+        print(f"{k:5d} {n:5d} {what:38s} {t * 1e6:7.1f} {us('device_s')} {us('span_s')} "
+              f"{prof.get('kernels_per_op', float('nan')):5.1f} {row['gb_s']:6.0f} "
+              f"{row.get('device_gb_s', float('nan')):8.0f}", flush=True)
       except Exception as e:
         row["error"] = err_text(e)
-        print(f"{k:5d} {n:5d} {what:34s} ERROR {row['error'][:80]}", flush=True)
-      rows.append(row)
+        print(f"{k:5d} {n:5d} {what:38s} ERROR {row['error'][:80]}", flush=True)
     save(result, args.out)
-    del qs, codes
+    del wb, qs, qn, codes
 
 
 POLICY_FIELDS = {"dot": ("fma", "mma"), "lookup": ("select", "gather"), "bn": (32, 64, 128), "bk": (1, 2, 4),
@@ -627,13 +663,17 @@ def main():
   ap.add_argument("--formats", type=lambda v: tuple(v.split(",")), default=FORMATS, help="GPU: nf4,int4_sym")
   ap.add_argument("--policy-sweep", action="store_true", help="GPU: search the kernel's BlockSizes policies first "
                   "(nf4 M = 1 and 16, int4_sym M = 1); the main table then uses the winners")
-  ap.add_argument("--floor", action="store_true", help="GPU: first, where the one-row time goes (op, a Pallas "
-                  "kernel that only streams the codes, one that only writes, XLA's sum of the codes)")
+  ap.add_argument("--floor", action="store_true", help="GPU: first, where the one-row time goes (the op, XLA's "
+                  "dequantize + dot, a bf16 dot, a Pallas kernel that only streams the codes, one that only writes, "
+                  "XLA's sum of the codes; each timed and profiled: device time, kernels per op)")
+  ap.add_argument("--profile", action="store_true", help="GPU: also profile the main table's Pallas op at M <= 16 "
+                  "(one traced call per row: kernels per op, device time; benchmarks/device_trace.py)")
   ap.add_argument("--dry-run", action="store_true", help="GPU mode on any backend: tiny shapes, Pallas interpret, 1 rep")
   ap.add_argument("--reps", type=int, help="timed calls per op, median reported (GPU 20, CPU 10; quick 10 / 3)")
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--budget-s", type=float, default=1e9, help="GPU: skip the remaining shapes of the main table "
                   "after this many seconds")
+  ap.add_argument("--floor-budget-s", type=float, default=1e9, help="GPU: seconds for --floor")
   ap.add_argument("--sweep-budget-s", type=float, default=1e9, help="GPU: seconds for the policy sweep")
   ap.add_argument("--lora-budget-s", type=float, default=1e9, help="GPU: seconds for the fused-LoRA timing")
   ap.add_argument("--new-tokens", type=int, help="CPU decode: new tokens (64; 16 with --quick)")
@@ -642,7 +682,7 @@ def main():
   args = ap.parse_args()
   args.mode = args.mode or ("gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "cpu")
   if args.dry_run:
-    args.mode, args.reps, args.warmup, args.policy_sweep, args.floor = "gpu", 1, 0, True, True
+    args.mode, args.reps, args.warmup, args.policy_sweep, args.floor, args.profile = "gpu", 1, 0, True, True, True
     args.out = args.out or "/tmp/int4_matmul_dryrun.json"
   if args.quick and args.mode == "gpu":
     args.shapes = "small"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Everything a lent GPU should run, as one command (a device session has ~15 minutes in all): the GPU tests
 # (tests/kernels/test_qmatmul_gpu.py: the Pallas kernel's values, tilings and variants, fused LoRA, gradients, a QLoRA
-# step), then benchmarks/int4_matmul.py: where the one-row time goes (--floor), the policy sweep, the main table with
-# the sweep's winners, and fused vs split LoRA. Uses the machine's own python3 and packages (no install); writes
+# step), then benchmarks/int4_matmul.py: where the one-row time goes (--floor: wall and device time per op from a
+# profiler trace), the policy sweep, the main table with the sweep's winners (its M <= 16 Pallas rows profiled too:
+# --profile), and fused vs split LoRA. Uses the machine's own python3 and packages (no install); writes
 # gpu_check.log, gpu_tests.xml and int4_matmul_gpu.json under $OUT (default benchmarks/results). Budgets (tests 150 s,
-# sweep 150 s, main table 150 s, fused LoRA 15 s; each stops starting new work when spent) keep the command within
-# about 9 minutes, inside the device's 10-minute limit per command (the H200 run of 2026-11-30 took 5.3 minutes).
+# floor 60 s, sweep 120 s, main table 150 s, fused LoRA 15 s; each stops starting new work when spent) keep the
+# command within about 9 minutes, inside the device's 10-minute limit per command (the H200 run of 2026-11-30, with
+# no floor and a 150 s sweep, took 5.3 minutes).
 # Usage (device tool): bash scripts/gpu_check.sh        [BUDGET_S=150: seconds for the main table]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +20,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,po
 timeout 150 python3 -m pytest -v -m gpu -p no:cacheprovider --junitxml "$out/gpu_tests.xml" \
   tests/kernels/test_qmatmul_gpu.py 2>&1 | tee -a "$log"
 tests_rc=${PIPESTATUS[0]}
-python3 benchmarks/int4_matmul.py --mode gpu --floor --policy-sweep --sweep-budget-s 150 --budget-s "${BUDGET_S:-150}" \
-  --lora-budget-s 15 --out "$out/int4_matmul_gpu.json" 2>&1 | tee -a "$log"
+python3 benchmarks/int4_matmul.py --mode gpu --floor --floor-budget-s 60 --profile --policy-sweep --sweep-budget-s 120 \
+  --budget-s "${BUDGET_S:-150}" --lora-budget-s 15 --out "$out/int4_matmul_gpu.json" 2>&1 | tee -a "$log"
 bench_rc=${PIPESTATUS[0]}
 echo "gpu tests rc=$tests_rc, benchmark rc=$bench_rc" | tee -a "$log"
 exit $(( tests_rc || bench_rc ))

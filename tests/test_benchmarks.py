@@ -1,5 +1,6 @@
 """The GPU benchmark script's code path, run on CPU (`--mode gpu --dry-run`: tiny shape, the Pallas kernel in
-interpret mode), so the one-shot run on a lent GPU does not fail on a bug that CPU could have shown."""
+interpret mode), so the one-shot run on a lent GPU does not fail on a bug that CPU could have shown; and the
+profiler-trace reader it uses (benchmarks/device_trace.py), on a real CPU trace and on a GPU-shaped XSpace."""
 
 import json
 import os
@@ -7,7 +8,40 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import device_trace  # noqa: E402
+
+# A GPU trace as `jax.profiler.trace` writes it: kernels on a stream line, the same kernel again on a line derived
+# from it ("XLA Ops"), which must not count twice; an event's time is its line's timestamp + offset.
+GPU_XSPACE = """
+planes {
+  id: 1 name: "/device:GPU:0"
+  lines { id: 1 name: "Stream #13(compute)" timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 10000 stats { metadata_id: 1 str_value: "custom-call.1" } }
+    events { metadata_id: 2 offset_ps: 12000 duration_ps: 3000 stats { metadata_id: 1 str_value: "fusion.2" } }
+    events { metadata_id: 1 offset_ps: 20000 duration_ps: 10000 stats { metadata_id: 1 str_value: "custom-call.3" } }
+    events { metadata_id: 3 offset_ps: 32000 duration_ps: 3000 stats { metadata_id: 1 str_value: "fusion.4" } }
+  }
+  lines { id: 2 name: "XLA Ops" timestamp_ns: 1000 events { metadata_id: 1 offset_ps: 0 duration_ps: 10000 } }
+  event_metadata { key: 1 value { id: 1 name: "qmatmul_kernel" } }
+  event_metadata { key: 2 value { id: 2 name: "loop_reduce_fusion" } }
+  event_metadata { key: 3 value { id: 3 name: "loop_reduce_fusion_1" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+}
+planes { id: 2 name: "/host:CPU" lines { id: 1 name: "python" events { metadata_id: 1 duration_ps: 5 } }
+  event_metadata { key: 1 value { id: 1 name: "PjitFunction" } } }
+"""
+HOST_XSPACE = """
+planes { id: 2 name: "/host:CPU"
+  lines { id: 1 name: "tf_XLACpu" events { metadata_id: 1 duration_ps: 5 stats { metadata_id: 1 str_value: "f" } } }
+  event_metadata { key: 1 value { id: 1 name: "fusion" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } } }
+"""
 
 
 def test_int4_matmul_gpu_dry_run(tmp_path):
@@ -24,9 +58,46 @@ def test_int4_matmul_gpu_dry_run(tmp_path):
   timed = [t for entry in result["sweep"] for t in entry["timed"]]
   assert timed and all("time_s" in t and t["pass"] for t in timed), result["sweep"]
   assert result["tuned"] and all(entry["winner"] for entry in result["sweep"]), result["sweep"]
-  assert len(result["floor"]) == 6 and all("time_s" in row for row in result["floor"]), result["floor"]
+  floor = result["floor"]
+  assert len(floor) == 9 and all("time_s" in row for row in floor), floor
+  # every floor op and every M <= 16 Pallas row was profiled: on CPU the host plane's XLA thunks
+  profiles = [row["device"] for row in floor] + [row["pallas"]["device"] for row in rows]
+  assert all(p["source"] == "host" and p["kernels_per_op"] > 0 and 0 < p["device_s"] for p in profiles), profiles
   # each row ran its class's sweep winner (which one wins on CPU is timing: any of the policies), else the default
   tuned = {(t["fmt"], t["M"]): t["policy"]["dot"] for t in result["tuned"]}
   for row in rows:
     default = "fma" if (row["M"], row["fmt"]) == (1, "nf4") else "mma"
     assert row["blocks"]["dot"] == tuned.get((row["fmt"], 1 if row["M"] == 1 else 16), default), (row, tuned)
+
+
+def test_device_trace_reads_gpu_kernels_once_each():
+  source, events = device_trace.parse_xspace(jax.profiler.ProfileData.from_text_proto(GPU_XSPACE))
+  assert source == "gpu"
+  assert [e[:2] for e in events] == [("qmatmul_kernel", "custom-call.1"), ("loop_reduce_fusion", "fusion.2"),
+                                     ("qmatmul_kernel", "custom-call.3"), ("loop_reduce_fusion_1", "fusion.4")]
+  s = device_trace.summarize(source, events, per=2)  # two ops: a kernel and a reduction each (its copy numbered)
+  assert s["kernels_per_op"] == 2 and s["kernel_kinds"] == 2
+  assert s["device_s"] == pytest.approx(13e-9) and s["span_s"] == pytest.approx(17.5e-9)  # (35 - 0 ns) / 2
+  top = s["kernels"][0]
+  assert top["name"] == "qmatmul_kernel" and top["per_op"] == 1 and top["mean_s"] == pytest.approx(10e-9)
+  assert top["share"] == pytest.approx(20 / 26)
+
+
+def test_device_profile_of_a_cpu_call():
+  f = jax.jit(lambda a, ws: [jnp.tanh(a @ w) for w in ws])
+  a, ws = jnp.ones((64, 64)), [jnp.full((64, 64), i, jnp.float32) for i in range(3)]
+  jax.block_until_ready(f(a, ws))
+  p = device_trace.device_profile(f, a, ws, per=3)
+  assert p["source"] == "host" and p["kernels_per_op"] >= 1, p
+  assert 0 < p["device_s"] and p["kernels"][0]["mean_s"] > 0, p
+
+
+def test_device_profile_reports_errors_instead_of_raising():
+  def boom(*_):
+    raise ValueError("not traceable")
+  assert device_trace.device_profile(boom)["error"] == "ValueError: not traceable"
+  assert device_trace.summarize("gpu", [], per=1)["error"] == "no device events in the trace"
+  # a GPU run whose trace has no kernels must not report the host's thunk (launch) times as device time
+  data = jax.profiler.ProfileData.from_text_proto(HOST_XSPACE)
+  assert device_trace.parse_xspace(data, host_ok=True)[0] == "host"
+  assert device_trace.parse_xspace(data, host_ok=False) == ("gpu", [])
