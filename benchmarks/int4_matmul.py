@@ -5,17 +5,19 @@ Mode by ``jax.default_backend()`` (or ``--mode gpu|cpu``); results go to benchma
 GPU (no network, no model): weights N(0, 0.02) quantized to nf4 (double-quantized, as `--quantize nf4` makes it)
 and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 4096} x (K, N) in {(4096, 4096),
 (4096, 14336), (14336, 4096), (8192, 8192)}.
-  * --floor (first): where the one-row time goes, at (4096, 4096) and (4096, 14336): the op (int4_sym and nf4),
-    XLA's dequantize + dot, a bf16 dot, a Pallas kernel on the op's grid and loop that only streams the codes, one
-    that only writes its output (`stream_kernels`), and XLA's sum over the same codes; each also profiled once
+  * --floor (first): where the one-row time goes, at (4096, 4096) and (4096, 14336): the op (int4_sym and nf4;
+    default policies and SEED_POLICIES), XLA's dequantize + dot, a bf16 dot, a Pallas kernel on the op's grid and
+    loop that only streams the codes, one that only writes its output (`stream_kernels`), and XLA's sum over the
+    same codes; each also profiled once
     (`device_trace.device_profile`: kernels per op, their device time and span, so launch gaps and extra kernels
     show apart from the kernel's own time).
   * --profile: the main table's Pallas op at M <= 16 profiled the same way (row["pallas"]["device"]).
   * --policy-sweep (then, with --sweep-budget-s seconds): a search over the kernel's shape-independent choices
     (`BlockSizes`: dot mma|fma, NF4 lookup select|gather, bn, bk, num_warps, num_stages, min_programs, which sets
-    split_k, prefetch 0|1) for nf4 at M = 1 and M = 16 and int4_sym at M = 1: the default, 31 random policies,
-    two rounds of every one-field change of the best, on (K, N) = (4096, 14336); the best three and the default again on
-    (14336, 4096); least total time wins. Policies are compiled 16 at a time on a thread pool, then timed.
+    split_k, prefetch 0|1, convert i2f|magic, rescale weight|partial) for nf4 at M = 1 and M = 16 and int4_sym at
+    M = 1: the default, the format's SEED_POLICIES entry, 31 random policies, two rounds of every one-field change
+    of the best, on (K, N) = (4096, 14336); the best three and the default again on (14336, 4096); least total time
+    wins. Policies are compiled 16 at a time on a thread pool, then timed.
   * the main table's Pallas column uses the sweep's winners (M = 1: its format's M = 1 class; M <= 16: its M = 16
     class; a class not swept, or M above 16: `default_blocks`); the row records the resolved BlockSizes.
   * check: max |pallas - reference| / max |reference| on every shape and policy (the outputs of the first, compiling,
@@ -307,7 +309,8 @@ def stream_kernels(k, n, bn, bk, split, warps, stages, interp):
 
 
 def floor(args, result, shapes, interp, gib, t_end):
-  """Where the one-row time goes: per (K, N), at M = 1, the whole op for int4_sym and nf4 (default policies), XLA's
+  """Where the one-row time goes: per (K, N), at M = 1, the whole op for int4_sym and nf4 (default policies and
+  `SEED_POLICIES`, the variants with the fewest instructions per weight), XLA's
   dequantize + dot and a bf16 dot, the "stream" and "empty" Pallas kernels of `stream_kernels` on the default
   tiling and on a wide one (int4_sym codes), and XLA's sum over the same codes. Each is timed (wall / C, as the
   main table) and profiled once (`device_trace`): kernels per op, device time, device span; GB/s of the bytes the
@@ -324,9 +327,14 @@ def floor(args, result, shapes, interp, gib, t_end):
     x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
     d = default_blocks(1, "int4_sym").for_shape(1, n, k, 64)
     op = lambda x, w: qmatmul_pallas(x, w, interpret=interp)
+    seeded = lambda fmt: lambda x, w: qmatmul_pallas(x, w, blocks=SEED_POLICIES[fmt], interpret=interp)
     ops = [("op, int4_sym (default policy)", op, qs, qs[0].nbytes(), dataclasses.asdict(d)),
            ("op, nf4 (default policy)", op, qn, qn[0].nbytes(),
             dataclasses.asdict(default_blocks(1, "nf4").for_shape(1, n, k, 64))),
+           ("op, int4_sym (magic + partial)", seeded("int4_sym"), qs, qs[0].nbytes(),
+            dataclasses.asdict(SEED_POLICIES["int4_sym"].for_shape(1, n, k, 64))),
+           ("op, nf4 (gather + partial)", seeded("nf4"), qn, qn[0].nbytes(),
+            dataclasses.asdict(SEED_POLICIES["nf4"].for_shape(1, n, k, 64))),
            ("reference (XLA dequantize + dot), int4_sym", qmatmul_reference, qs, qs[0].nbytes(), None),
            ("bf16 dot", bf16_dot, wb, 2 * k * n, None)]
     for tag, (bn, bk, split, warps, stages) in (("default tiling", (d.bn, d.bk, d.split_k, d.num_warps,
@@ -364,18 +372,34 @@ def floor(args, result, shapes, interp, gib, t_end):
 
 POLICY_FIELDS = {"dot": ("fma", "mma"), "lookup": ("select", "gather"), "bn": (32, 64, 128), "bk": (1, 2, 4),
                  "num_warps": (2, 4, 8), "num_stages": (2, 3, 4), "min_programs": (132, 264, 528, 1056),
-                 "prefetch": (0, 1)}
+                 "prefetch": (0, 1), "convert": ("i2f", "magic"), "rescale": ("weight", "partial")}
 SWEEP_CLASSES = (("nf4", 1), ("nf4", 16), ("int4_sym", 1))  # (format, M): M = 1 decode, M = 16 a few rows
+# Timed right after each class's default: the variants with the fewest machine instructions per weight in the
+# K loop as compiled for sm_90 (benchmarks/pallas_compile_sm90.py's "variants"; not yet timed on a GPU).
+SEED_POLICIES = {"nf4": BlockSizes(lookup="gather", rescale="partial"),
+                 "int4_sym": BlockSizes(convert="magic", rescale="partial")}
 
 
 def policy_fields(fmt, m):
-  """The values each BlockSizes field may take at (fmt, m): "fma" only for M = 1, "gather" only for NF4."""
+  """The values each BlockSizes field may take at (fmt, m): "fma" only for M = 1, "gather" only for NF4,
+  "magic" only for the formats that convert integers (not NF4)."""
   f = dict(POLICY_FIELDS)
   if m > 1:
     f["dot"] = ("mma",)
   if fmt != "nf4":
     f["lookup"] = ("select",)
+  else:
+    f["convert"] = ("i2f",)
   return f
+
+
+def valid_policy(p, m):
+  """Whether `BlockSizes` accepts the combination (e.g. rescale="partial" needs tensor-core dots)."""
+  try:
+    p.for_shape(m, 128)
+    return True
+  except ValueError:
+    return False
 
 
 def policy_of(blocks):
@@ -423,7 +447,8 @@ def time_policies(args, policies, x, qs, ref, pallas):
 
 def policy_sweep(args, result, shapes, pallas, gib, t_end):
   """A search over shape-independent kernel policies (`POLICY_FIELDS`: dot, NF4 lookup, bn, bk, warps, stages,
-  min_programs, which sets split_k) for each (format, M) of `SWEEP_CLASSES`, on the first shape: the default, then
+  min_programs, which sets split_k, prefetch, convert, rescale; combinations `BlockSizes` refuses are skipped) for
+  each (format, M) of `SWEEP_CLASSES`, on the first shape: the default and the format's `SEED_POLICIES` entry, then
   random policies, then two rounds of every one-field change of the best so far; the best three and the default
   are then timed on the second shape too, and the one with the least total time wins. Every timing's output is
   checked against the reference. Returns {(fmt, M): winning BlockSizes}."""
@@ -455,7 +480,7 @@ def policy_sweep(args, result, shapes, pallas, gib, t_end):
       return tuple(sorted(policy_of(p).items()))
 
     def explore(policies, k, n):
-      todo = [p for p in policies if key(p) not in seen]
+      todo = [p for p in policies if key(p) not in seen and valid_policy(p, m)]
       for i in range(0, len(todo), 16):
         if time.perf_counter() > c_end:
           return
@@ -469,7 +494,8 @@ def policy_sweep(args, result, shapes, pallas, gib, t_end):
     k, n = shapes[0]
     space = [BlockSizes(**dict(zip(fields, combo))) for combo in itertools.product(*fields.values())]
     rng.shuffle(space)
-    explore([default] + space[:2 if args.dry_run else 31], k, n)
+    seeds = [SEED_POLICIES[fmt]] if fmt in SEED_POLICIES else []
+    explore([default] + seeds + space[:2 if args.dry_run else 31], k, n)
     for _ in range(0 if args.dry_run else 2):
       top = best()
       if not top:
@@ -517,13 +543,16 @@ def print_gpu_row(r):
   p = r.get("pallas", {})
   gb = f"{p['weight_gb_s']:7.0f} ({p['frac_copy_bw']:4.0%})" if "time_s" in p else " " * 14
   rat = lambda k: f"{r[k]:6.2f}" if k in r else f"{'-':>6}"
+  dev = p.get("device", {})
+  dev = f" {dev['device_s'] * 1e6:7.1f} {dev['kernels_per_op']:4.1f}" if "device_s" in dev else ""
   print(f"{r['M']:5d} {r['K']:5d} {r['N']:5d} {r['fmt']:8s} {ck:>8s} {us('pallas')} {us('reference')} "
         f"{us('bf16_dot')} {gb} {p.get('tflop_s', float('nan')):7.2f} {rat('pallas_over_reference_time')} "
-        f"{rat('pallas_over_bf16_dot_time')}", flush=True)
+        f"{rat('pallas_over_bf16_dot_time')}{dev}", flush=True)
 
 
 GPU_HEADER = (f"{'M':>5} {'K':>5} {'N':>5} {'fmt':8s} {'rel err':>8} {'pallas us':>9} {'ref us':>9} {'bf16 us':>9} "
-              f"{'pallas GB/s(%copy)':>14} {'TFLOP/s':>7} {'p/ref':>6} {'p/bf16':>6}")
+              f"{'pallas GB/s(%copy)':>14} {'TFLOP/s':>7} {'p/ref':>6} {'p/bf16':>6}  (--profile: pallas device "
+              f"us, kernels per op)")
 
 
 def tree_bytes(params, only_linear=False):

@@ -1,15 +1,20 @@
-"""The Pallas 4-bit kernel compiled for an H100/H200 (sm_90) on this machine, no GPU needed: resources per policy.
+"""The Pallas 4-bit kernel compiled for an H100/H200 (sm_90) on this machine, no GPU needed: resources and machine
+instructions per policy.
 
-Two sets, each jitted `qmatmul_pallas` lowered for CUDA, its Triton IR compiled by the ``triton`` package for sm_90
-and the cubin's report read (`lora_jax.kernels.qmatmul.triton_compile`): shared memory, registers per thread, spill
-bytes.
+Each jitted `qmatmul_pallas` is lowered for CUDA, its Triton IR compiled by the ``triton`` package for sm_90 and the
+cubin read (`lora_jax.kernels.qmatmul.triton_compile`): shared memory, registers per thread, spill bytes, and the K
+loop's machine instructions (SASS) per weight, by opcode ("i/w": thread-instructions per weight), with the issue
+bound that implies on an H200 (132 SMs x 128 thread-instructions per clock x 1.98 GHz; no stalls counted).
   * defaults: `default_blocks(M, fmt)` for the shapes and formats of benchmarks/int4_matmul.py's GPU mode (bf16
     activations; M in {1, 16, 64}; (K, N) in {(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)}; nf4
     double-quantized and int4_sym, group 64);
+  * variants: the default and its `convert` / `rescale` / `lookup` variants at M = 1 and 16, (4096, 14336): how
+    many instructions each weight costs (`BlockSizes` says what the variants do);
   * swept: every policy the GPU policy sweep timed (benchmarks/results/int4_matmul_gpu.json), at its shape, M and
-    format, next to its measured time: which fast policies spill or crowd the register file.
-This says which policies fit the hardware (as this triton version compiles them; XLA's own Triton may differ), not
-how fast they are (that needs the GPU run of int4_matmul.py).
+    format, next to its measured time: which fast policies spill or crowd the register file, and how well the
+    issue bound tracks the measured times ("swept_issue_fit").
+This says which policies fit the hardware and what they cost in instructions (as this triton version compiles them;
+XLA's own Triton may differ), not how fast they are (that needs the GPU run of int4_matmul.py).
 
 Usage: python benchmarks/pallas_compile_sm90.py [--sweep PATH] [--out PATH]   (needs the test extra's triton package)
 Writes benchmarks/results/pallas_compile_sm90.json.
@@ -36,6 +41,11 @@ from lora_jax.quant import quantize  # noqa: E402
 
 MS, FORMATS = (1, 16, 64), ("nf4", "int4_sym")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+H200_SMS, H200_CLOCK_HZ = 132, 1.98e9  # SMs, and the SM clock nvidia-smi reported in the H200 runs (gpu_check.log)
+ISSUE_PER_SM_CLOCK = 4 * 32  # four warp schedulers, one warp instruction each per clock: 128 thread-instructions
+VARIANTS = (("default", {}), ("magic", {"convert": "magic"}), ("partial", {"rescale": "partial"}),
+            ("magic + partial", {"convert": "magic", "rescale": "partial"}),
+            ("gather + partial", {"lookup": "gather", "rescale": "partial"}))
 
 
 def abstract_weight(fmt, k, n, block=64):
@@ -45,20 +55,34 @@ def abstract_weight(fmt, k, n, block=64):
 
 
 def compile_row(row, blocks, m, k, n, fmt):
+  """Compiles `blocks` at (m, k, n, fmt) for sm_90 into `row`: resources, the K loop's instructions per weight
+  (per thread-instruction: loop length x threads / weights per iteration) by opcode, and the issue bound."""
   try:
     (kernel,) = tc.triton_kernels(lambda x, w: qmatmul_pallas(x, w, blocks=blocks),
                                   jax.ShapeDtypeStruct((m, k), jnp.bfloat16), abstract_weight(fmt, k, n))
     row.update(tc.compile_sm90(kernel))
     row["fits"] = row["shared_bytes"] <= tc.SM90_SHARED_BYTES and row["spill_bytes"] == 0
+    bs = blocks.for_shape(m, n, k, 64)
+    per_iteration = bs.bk * 64 * bs.bn / (bs.num_warps * 32)  # weights per thread per loop iteration
+    row["per_weight"] = row["loop_instructions"] / per_iteration
+    row["per_weight_ops"] = {op: round(c / per_iteration, 3) for op, c in row.pop("loop_ops").items()}
+    row["issue_bound_s"] = issue_bound_s(row["per_weight"], k, n)
   except Exception as e:
     row["error"] = err_text(e)
   return row
 
 
+def issue_bound_s(per_weight, k, n):
+  """Seconds an H200 needs just to issue the K loop's instructions for a (k x n) weight: a lower bound on the
+  kernel's time that ignores every stall (memory, dependencies, occupancy), the loop's prologue and epilogue."""
+  return per_weight * k * n / (H200_SMS * ISSUE_PER_SM_CLOCK * H200_CLOCK_HZ)
+
+
 def describe(row):
   if "error" in row:
     return f"ERROR {row['error'][:80]}"
-  return (f"{row['shared_bytes'] / 1024:8.1f} {row['registers']:4d} {row['spill_bytes']:7d}")
+  return (f"{row['shared_bytes'] / 1024:8.1f} {row['registers']:4d} {row['spill_bytes']:7d} "
+          f"{row['per_weight']:6.2f} {row['issue_bound_s'] * 1e6:7.1f}")
 
 
 def main():
@@ -71,7 +95,7 @@ def main():
             "target": "cuda sm_90 (H100 / H200)", "limits": {"shared_bytes": tc.SM90_SHARED_BYTES,
                                                              "registers": tc.SM90_REGISTERS}, "rows": [], "swept": []}
   t0 = time.perf_counter()
-  print(f"defaults\n{'M':>5} {'K':>5} {'N':>5} {'fmt':8s} {'policy':40s} {'smem KiB':>8} {'regs':>4} {'spill B':>7}")
+  print(f"defaults\n{'M':>5} {'K':>5} {'N':>5} {'fmt':8s} {'policy':40s} {'smem KiB':>8} {'regs':>4} {'spill B':>7} {'i/w':>6} {'issue us':>7}")
   for k, n in GPU_SHAPES["all"]:
     for fmt in FORMATS:
       for m in MS:
@@ -80,11 +104,29 @@ def main():
         result["rows"].append(row)
         tag = f"{d.dot} {d.lookup} {d.bm}x{d.bn} bk={d.bk} sk={d.split_k} w={d.num_warps} s={d.num_stages}"
         print(f"{m:5d} {k:5d} {n:5d} {fmt:8s} {tag:40s} {describe(row)}", flush=True)
+  print(f"\nvariants (M = 1 and 16, (K, N) = (4096, 14336)): instructions per weight in the K loop (i/w) and the "
+        f"H200 issue bound\n{'M':>5} {'fmt':8s} {'variant':18s} {'smem KiB':>8} {'regs':>4} {'spill B':>7} {'i/w':>6} "
+        f"{'issue us':>7}  top opcodes per weight")
+  result["variants"] = []
+  for fmt in FORMATS:
+    for m in (1, 16):
+      for name, change in VARIANTS:
+        if (fmt == "nf4" and "convert" in change) or (fmt != "nf4" and "lookup" in change):
+          continue  # NF4 converts no integers; only NF4 has a table to gather from
+        base = default_blocks(m, fmt)
+        if base.dot == "fma" and change.get("rescale") == "partial":
+          base = BlockSizes()  # partial scaling needs tensor-core dots: their default policy
+        blocks = dataclasses.replace(base, **change)
+        row = compile_row({"M": m, "K": 4096, "N": 14336, "fmt": fmt, "variant": name,
+                           "blocks": dataclasses.asdict(blocks)}, blocks, m, 4096, 14336, fmt)
+        result["variants"].append(row)
+        top = " ".join(f"{op}:{c:.2f}" for op, c in list(row.get("per_weight_ops", {}).items())[:6])
+        print(f"{m:5d} {fmt:8s} {name:18s} {describe(row)}  {top}", flush=True)
   if os.path.exists(args.sweep):
     with open(args.sweep) as f:
       sweep = json.load(f).get("sweep", [])
     print(f"\nswept policies ({args.sweep}), fastest first per class\n{'fmt':8s} {'M':>3} {'K':>5} {'N':>5} "
-          f"{'us':>6} {'policy':52s} {'smem KiB':>8} {'regs':>4} {'spill B':>7}")
+          f"{'us':>6} {'policy':52s} {'smem KiB':>8} {'regs':>4} {'spill B':>7} {'i/w':>6} {'issue us':>7}")
     for entry in sweep:
       for t in sorted((t for t in entry["timed"] if "time_s" in t), key=lambda t: (t["K"], t["time_s"])):
         # the sweep's runs recorded the default as dot=None, which then meant "fma" for one row, else "mma"
@@ -99,6 +141,13 @@ def main():
         print(f"{entry['fmt']:8s} {entry['M']:3d} {t['K']:5d} {t['N']:5d} {t['time_s'] * 1e6:6.1f} {tag:52s} "
               f"{describe(row)}", flush=True)
   rows, swept = result["rows"], result["swept"]
+  timed = [r for r in swept if "issue_bound_s" in r]
+  if len(timed) > 2:  # how much of the measured time instruction issue explains, over the policies the GPU timed
+    import numpy as np
+    bound, took = np.array([r["issue_bound_s"] for r in timed]), np.array([r["gpu_time_s"] for r in timed])
+    result["swept_issue_fit"] = {"pearson_r": float(np.corrcoef(bound, took)[0, 1]),
+                                 "measured_over_bound_median": float(np.median(took / bound)),
+                                 "measured_over_bound_min": float(np.min(took / bound))}
   result["summary"] = {
       "defaults": len(rows), "default_errors": sum("error" in r for r in rows),
       "defaults_fit": all(r.get("fits") for r in rows),

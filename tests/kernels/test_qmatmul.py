@@ -261,6 +261,59 @@ def test_pallas_compiles_for_sm90(m, k, n, fmt, block, dt):
     assert r["arch"].startswith("sm_90"), r
     assert 0 < r["shared_bytes"] <= tc.SM90_SHARED_BYTES and r["registers"] <= tc.SM90_REGISTERS, r
     assert r["spill_bytes"] == 0, r
+    assert 0 < r["loop_instructions"] < r["instructions"], r  # the K loop was found in the machine code
+
+
+def _sm90_loop(fmt, m, blocks, k=4096, n=4096):
+  """Registers, spills and the K loop's instructions per weight and thread (`sass_loop`) of one policy."""
+  from lora_jax.kernels.qmatmul import triton_compile as tc
+  (kernel,) = tc.triton_kernels(lambda x, w: qmatmul_pallas(x, w, blocks=blocks),
+                                jax.ShapeDtypeStruct((m, k), jnp.bfloat16), _abstract_q(fmt, k, n, 64))
+  try:
+    r = tc.compile_sm90(kernel)
+  except tc.IRVersionMismatch as e:
+    pytest.skip(str(e))
+  bs = blocks.for_shape(m, n, k, 64)
+  weights_per_thread = bs.bk * 64 * bs.bn / (bs.num_warps * 32)
+  return r, {op: c / weights_per_thread for op, c in r["loop_ops"].items()}, r["loop_instructions"] / weights_per_thread
+
+
+def test_sm90_machine_code_of_the_conversion_and_rescale_variants():
+  """What convert="magic" and rescale="partial" are for, read off the sm_90 machine code: the K loop of int4's
+  tensor-core policy converts with I2F once per weight and scales with FMUL once per weight; with both variants
+  there is no int-to-float conversion and no per-weight multiply left, and fewer instructions per weight. For
+  NF4, the table gather with partial scaling needs fewer than half the select tree's. All fit without spilling."""
+  pytest.importorskip("triton", reason="the triton package (test extra) is not installed")
+  from lora_jax.kernels import BlockSizes
+  base, base_ops, base_per = _sm90_loop("int4_sym", 16, BlockSizes())
+  new, new_ops, new_per = _sm90_loop("int4_sym", 16, BlockSizes(convert="magic", rescale="partial"))
+  assert base_ops.get("I2F", 0) >= 1 and base_ops.get("FMUL", 0) >= 1, base_ops
+  assert not any(op.startswith("I2F") for op in new_ops) and new_ops.get("FMUL", 0) < 0.1, new_ops
+  assert new_per < 0.8 * base_per and new["spill_bytes"] == 0, (base_per, new_per)
+  select, _, select_per = _sm90_loop("nf4", 16, BlockSizes())
+  gather, _, gather_per = _sm90_loop("nf4", 16, BlockSizes(lookup="gather", rescale="partial"))
+  assert gather_per < 0.5 * select_per and gather["spill_bytes"] == 0, (select_per, gather_per)
+
+
+def test_sass_loop_reads_the_longest_backward_branch():
+  from lora_jax.kernels.qmatmul.triton_compile import sass_loop
+  sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   I2F.F32.S32 R2, R3 ;
+        /*0020*/               @P0 FMUL R4, R2, R5 ;
+        /*0030*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0040*/               @P1 BRA `(.L_x_0) ;
+        /*0050*/                   STG.E [R6.64], R8 ;
+        /*0060*/                   EXIT ;
+.L_x_1:
+        /*0070*/                   BRA `(.L_x_1);
+"""
+  r = sass_loop(sass)
+  assert r["instructions"] == 8 and r["loop_instructions"] == 4
+  assert r["loop_ops"] == {"I2F": 1, "FMUL": 1, "HMMA": 1, "BRA": 1}
+  with pytest.raises(RuntimeError, match="no SASS instructions"):
+    sass_loop("nothing here")
 
 
 def test_sm90_compile_skips_only_for_an_untested_version_pair(monkeypatch):
@@ -313,6 +366,45 @@ def test_pallas_steps_split_k_and_variants(fmt, bk, split, lora, dot, lookup, pr
   assert_allclose(got, want, "f32_composite")
   with pytest.raises(ValueError, match="must divide the 32 quantization blocks"):
     qmatmul_pallas(x, _q("nf4", 2048, 128, 64), blocks=BlockSizes(bk=3, split_k=1), interpret=True)
+
+
+@pytest.mark.parametrize("fmt,lookup,convert,rescale,dt", [
+    ("int4_sym", "select", "magic", "weight", jnp.float32), ("int4_sym", "select", "magic", "partial", jnp.float32),
+    ("q4_0", "select", "i2f", "partial", jnp.float32), ("int4_asym", "select", "magic", "partial", jnp.float32),
+    ("q4_1", "select", "magic", "weight", jnp.float32), ("q4_1", "select", "i2f", "partial", jnp.bfloat16),
+    ("nf4", "select", "i2f", "partial", jnp.float32), ("nf4_dq", "gather", "i2f", "partial", jnp.bfloat16),
+    ("int4_sym", "select", "magic", "partial", jnp.bfloat16)])
+def test_pallas_conversion_and_rescale_variants(fmt, lookup, convert, rescale, dt):
+  """Codes to floats without a conversion instruction (convert="magic") and the scale applied to each block's
+  partial product instead of each weight (rescale="partial", with the offset's share o·Σx for int4_asym / q4_1),
+  over two blocks per step and K split in two, against the reference: f32 activations within the composite
+  tolerance, bf16 ones within bf16's (relative to the output's largest value)."""
+  from lora_jax.kernels import BlockSizes
+  block = 64 if fmt.startswith("nf4") or fmt == "int4_asym" else 32
+  w = random_qtensor(fmt.removesuffix("_dq"), 1024, 128, block, double_quant=fmt == "nf4_dq")
+  x = jax.random.normal(jax.random.key(11), (3, 1024))
+  blocks = BlockSizes(bk=2, split_k=2, lookup=lookup, convert=convert, rescale=rescale)
+  with jax.default_matmul_precision("highest"):
+    want = qmatmul_reference(x, w)
+    got = qmatmul_pallas(x.astype(dt), w, blocks=blocks, interpret=True)
+  if dt == jnp.float32:
+    assert_allclose(got, want, "f32_composite")
+  else:
+    scale = float(jnp.max(jnp.abs(want)))
+    assert_allclose(got / scale, want / scale, "bf16")
+
+
+def test_magic_conversion_is_exact_and_policies_are_checked():
+  from lora_jax.kernels import BlockSizes
+  from lora_jax.kernels.qmatmul.pallas_gpu import _as_float
+  q = jnp.concatenate([jnp.arange(4096, dtype=jnp.int32), jnp.array([2 ** 23 - 1, 2 ** 22 + 1], jnp.int32)])
+  for minus in (0.0, 8.0):
+    np.testing.assert_array_equal(np.asarray(_as_float(q, minus, "magic")), np.asarray(q, np.float64) - minus)
+    np.testing.assert_array_equal(np.asarray(_as_float(q, minus, "magic")), np.asarray(_as_float(q, minus, "i2f")))
+  with pytest.raises(ValueError, match="rescale='partial' needs dot='mma'"):
+    BlockSizes(dot="fma", rescale="partial").for_shape(1, 128, 1024, 64)
+  with pytest.raises(ValueError, match="convert must be 'i2f' or 'magic'"):
+    BlockSizes(convert="cvt").for_shape(1, 128, 1024, 64)
 
 
 @pytest.mark.parametrize("m,k,n,fmt,block,want", [

@@ -1,6 +1,6 @@
 """The Pallas kernel compiled and run on a GPU (`-m gpu`; skipped without one): values against the reference for
-every format, the tilings (bk, split_k) and variants (dot, NF4 lookup, warps, stages, prefetch), QLoRA's linear
-and its gradients, and a QLoRA training step. On CPU the same kernel is checked in interpret mode
+every format, the tilings (bk, split_k) and variants (dot, NF4 lookup, warps, stages, prefetch, convert, rescale),
+QLoRA's linear and its gradients, and a QLoRA training step. On CPU the same kernel is checked in interpret mode
 (test_qmatmul.py) and compiled for sm_90 without running."""
 
 import jax
@@ -47,9 +47,16 @@ def test_pallas_on_gpu_matches_reference(fmt, m, k, n, dtype):
     (1, "q4_1", BlockSizes(dot="mma", bk=2, split_k=2)),
     (1, "nf4_dq", BlockSizes(dot="fma", lookup="gather", bn=128, bk=1, prefetch=1)),
     (16, "int4_sym", BlockSizes(bk=2, split_k=2, prefetch=1)),
+    (1, "int4_sym", BlockSizes(convert="magic", rescale="partial")),
+    (16, "q4_0", BlockSizes(convert="magic")),
+    (4, "int4_asym", BlockSizes(convert="magic", rescale="partial", bk=2, split_k=2)),
+    (1, "q4_1", BlockSizes(rescale="partial")),
+    (1, "nf4_dq", BlockSizes(lookup="gather", rescale="partial")),
+    (16, "nf4", BlockSizes(rescale="partial", num_warps=8)),
 ], ids=str)
 def test_tilings_and_variants_on_gpu(m, fmt, blocks):
-  """bk, split_k, both dots (tensor cores; CUDA-core multiply-reduce), both NF4 lookups, warps, stages, prefetch."""
+  """bk, split_k, both dots (tensor cores; CUDA-core multiply-reduce), both NF4 lookups, warps, stages, prefetch,
+  both code conversions and both places to apply the scale."""
   w = _q(fmt, 4096, 4096)
   x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16)
   got = qmatmul_pallas(x, w, blocks=blocks)

@@ -11,14 +11,17 @@ splits its even and odd columns:
 * double-quantized NF4 scales are formed per block from their int8 codes and second-level scales (a gather of one
   float per 256 blocks), so the call reads 1 byte per scale, not a float32 copy made by a separate XLA op;
 * NF4 codes become values by a 4-level select tree over the code bits or by a gather from the 16-entry table
-  (`BlockSizes.lookup`); the int4 / GGUF formats are an affine map;
+  (`BlockSizes.lookup`); the int4 / GGUF formats are an affine map, their codes turned into floats by a
+  conversion instruction or by bit operations (`BlockSizes.convert`); the scale multiplies each weight or, with
+  tensor-core dots, each block's partial product (`BlockSizes.rescale`);
 * the products run on tensor cores (``dot="mma"``: bm >= 16, M padded to it; the activation's even and odd
   columns split outside, the layout of the first H200 run, where int4 at M = 16 ran 1.2-1.5x faster than the
   second run's strided loads in the kernel, though under different tile policies) or, for a few rows, as a
   multiply-reduce on the CUDA cores (``dot="fma"``: bm = M rounded up to a power of two, no 16-row padding of the
   activation or of the partial tiles; x read with strided loads; W stays float32).
 
-Measured on an H200 (benchmarks/results/int4_matmul_gpu*.json, README): correct in every format and variant;
+Measured on an H200 (benchmarks/results/int4_matmul_gpu*.json, README): correct in every format and in every
+variant run there (prefetch, convert and rescale came later);
 1.7-4.1x faster than XLA's dequantize + dot at M <= 16 over both runs (2.1-4.1x with the tensor-core layout that
 ships), but at 5-20% of the copy bandwidth, far from the 75% a bandwidth-bound kernel should reach; above 64 rows
 (NF4) or 256 (int4) XLA's dequantize + cuBLAS is faster, and `kernels.qmatmul` dispatches there.
@@ -66,6 +69,17 @@ class BlockSizes:
   * ``num_warps``, ``num_stages``: Triton's warps per program and software-pipelining depth.
   * ``prefetch``: 1 issues each loop step's loads one step ahead, carried in registers (Triton pipelines loads
     that feed a dot through shared memory, but not those of the multiply-reduce path; not yet timed on a GPU).
+  * ``convert``: int4 / GGUF codes to floats by "i2f" (an int-to-float conversion instruction: on sm_90 a
+    quarter-rate or slower pipe, one per weight) or "magic" (OR the code into the mantissa of 2^23 and subtract:
+    two full-rate instructions, the same values exactly). NF4 codes index a table and convert nothing.
+  * ``rescale``: "weight" scales every dequantized weight before the dot; "partial" (tensor-core dots only) dots
+    the block's unscaled values (integers, or NF4 table values, exact or rounded once to the activation's dtype)
+    and scales the (bm × bn) partial product, once per block and column instead of once per weight; offsets
+    (int4_asym, q4_1) then add ``offset · Σ x`` over the block.
+
+  `convert="magic"` and `rescale="partial"` came from counting the machine code's instructions per weight
+  (`triton_compile.sass_loop`, benchmarks/pallas_compile_sm90.py); they are in the policy sweep's space and not yet
+  timed on a GPU, so the defaults keep the measured "i2f" and "weight".
 
   `default_blocks` picks the policy for a call when none is given: the fields' defaults here are the
   tensor-core policy, `DECODE_NF4` the one-row NF4 policy. Both were measured on an H200
@@ -81,12 +95,20 @@ class BlockSizes:
   dot: str = "mma"
   lookup: str = "select"
   prefetch: int = 0
+  convert: str = "i2f"
+  rescale: str = "weight"
 
   def for_shape(self, m: int, n: int, k: int | None = None, block_size: int | None = None) -> "BlockSizes":
     """Tile sizes for an (m × k) @ (k × n) call; bk and split_k are resolved when k and block_size are given."""
     if self.dot not in ("mma", "fma") or self.lookup not in ("select", "gather"):
       raise ValueError(f"BlockSizes: dot must be 'mma' or 'fma' (got {self.dot!r}) and lookup 'select' or "
                        f"'gather' (got {self.lookup!r})")
+    if self.convert not in ("i2f", "magic") or self.rescale not in ("weight", "partial"):
+      raise ValueError(f"BlockSizes: convert must be 'i2f' or 'magic' (got {self.convert!r}) and rescale "
+                       f"'weight' or 'partial' (got {self.rescale!r})")
+    if self.rescale == "partial" and self.dot != "mma":
+      raise ValueError("BlockSizes: rescale='partial' needs dot='mma' (the multiply-reduce keeps one product per "
+                       "weight until after the loop, so there is no per-block partial product to scale)")
     if self.dot == "fma":
       bm = min(16, _pow2_at_least(m))
     else:
@@ -147,12 +169,29 @@ def _pow2_at_least(m: int) -> int:
   return 1 << max(0, (m - 1).bit_length())
 
 
-def _values(q, scale, offset, fmt, table_ref):
+_MANTISSA_2_23 = 0x4B000000  # float32 bits of 2^23: its ulp is 1, so OR-ing in an integer q < 2^23 gives 2^23 + q
+
+
+def _as_float(q, minus: float, convert: str):
+  """float32(q) - minus for integer codes 0 <= q < 2^23 (int32), exactly: by a conversion instruction ("i2f") or
+  by setting q into the mantissa of 2^23 and subtracting 2^23 + minus ("magic": both operands are integers in
+  [2^23, 2^24), so the difference is exact)."""
+  if convert == "magic":
+    return jax.lax.bitcast_convert_type(q | _MANTISSA_2_23, jnp.float32) - (2.0 ** 23 + minus)
+  v = q.astype(jnp.float32)
+  return v - minus if minus else v
+
+
+def _values(q, scale, offset, fmt, table_ref, convert):
+  """Codes to weights; with scale None, the unscaled values (NF4 table values, q - 8, or q: `rescale="partial"`)."""
   if fmt == "nf4":
-    return (table_ref[q] if table_ref is not None else nf4_values(q)) * scale
+    v = table_ref[q] if table_ref is not None else nf4_values(q)
+    return v if scale is None else v * scale
   if fmt in ("int4_sym", "q4_0"):
-    return (q.astype(jnp.float32) - 8.0) * scale
-  return q.astype(jnp.float32) * scale + offset
+    v = _as_float(q, 8.0, convert)
+    return v if scale is None else v * scale
+  v = _as_float(q, 0.0, convert)
+  return v if scale is None else v * scale + offset
 
 
 def _products(a, b):
@@ -170,7 +209,7 @@ def _mac(acc, a, b, dot):
 
 
 def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, gather: bool, lora: bool,
-            dot: str, prefetch: bool):
+            dot: str, prefetch: bool, convert: str, rescale: str):
   rest = list(refs)
   half = block // 2
   if dot == "mma":  # the even and odd columns of x, split outside
@@ -211,8 +250,19 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
     if dq:
       sc = sc * dq_scale() + dq_offset
     off = offset().astype(jnp.float32) if offset is not None else None
-    w_even = _values(c & 0xF, sc, off, fmt, table_ref)
-    w_odd = _values(c >> 4, sc, off, fmt, table_ref)
+    if rescale == "partial":  # the block's product on unscaled values, then one scale per output (module doc)
+      x_e, x_o = xe(), xo()
+      part = _mac(jnp.zeros(acc.shape, jnp.float32), x_e, _values(c & 0xF, None, None, fmt, table_ref, convert),
+                  dot)
+      part = _mac(part, x_o, _values(c >> 4, None, None, fmt, table_ref, convert), dot)
+      acc = acc + part * sc
+      if off is not None:  # sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k
+        x_sum = (jnp.sum(x_e.astype(jnp.float32), axis=1, keepdims=True)
+                 + jnp.sum(x_o.astype(jnp.float32), axis=1, keepdims=True))
+        acc = acc + x_sum * off
+      return acc
+    w_even = _values(c & 0xF, sc, off, fmt, table_ref, convert)
+    w_odd = _values(c >> 4, sc, off, fmt, table_ref, convert)
     acc = _mac(acc, xe(), w_even, dot)
     return _mac(acc, xo(), w_odd, dot)
 
@@ -331,7 +381,8 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
     out_shape, out_spec = (split, mp, n), pl.BlockSpec((None, bs.bm, bs.bn), lambda i, j, s: (s, i, j))
   out = pl.pallas_call(
       functools.partial(_kernel, fmt=w.fmt, block=w.block_size, n=n, bk=bk, steps=steps, dq=dq, gather=gather,
-                        lora=lora, dot=bs.dot, prefetch=bool(bs.prefetch)),
+                        lora=lora, dot=bs.dot, prefetch=bool(bs.prefetch), convert=bs.convert,
+                        rescale=bs.rescale),
       out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
       grid=(mp // bs.bm, n // bs.bn, split),
       in_specs=in_specs,

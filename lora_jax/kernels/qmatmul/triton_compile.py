@@ -4,11 +4,13 @@ JAX lowers a jitted call for CUDA on any machine (``.lower(lowering_platforms=("
 runs JAX's Pallas-to-Triton lowering rules and embeds the kernel's Triton IR in the program. On a GPU, XLA then
 compiles that IR with its own copy of Triton. Here the IR is captured as text and compiled by the ``triton``
 package (pinned in the ``test`` extra) for sm_90 down to a cubin with the ``ptxas`` it ships, whose ``-v`` report
-gives the kernel's registers, spills and, from Triton, its shared memory. So an unsupported op, a tile that does not
-fit, or register spilling shows up on CPU, in CI, before a GPU is ever lent.
+gives the kernel's registers, spills and, from Triton, its shared memory; the ``nvdisasm`` it ships turns the cubin
+into machine code (SASS), whose main loop's instructions say how much work each weight costs. So an unsupported
+op, a tile that does not fit, or register spilling shows up on CPU, in CI, before a GPU is ever lent.
 
-What this does not show: the kernel's numbers on a GPU (interpret mode checks the semantics on CPU) and its speed;
-nor whether XLA's Triton (a different version from the package's) makes the same choices.
+What this does not show: the kernel's numbers on a GPU (interpret mode checks the semantics on CPU) and its speed
+(instruction counts bound it from below, nothing more); nor whether XLA's Triton (a different version from the
+package's) makes the same choices.
 Uses a private JAX hook (the Pallas Triton lowering function) to read the IR.
 """
 
@@ -61,18 +63,53 @@ class IRVersionMismatch(RuntimeError):
 IR_COMPATIBLE = {("0.10.2", "3.5.1")}  # (jax, triton) versions seen reading each other's Triton IR (CI's pair)
 
 
-def _ptxas() -> str:
+def _cuda_tool(name: str) -> str:
+  """The triton package's bundled CUDA binary `name` (ptxas, nvdisasm), else one on the PATH."""
   import triton
-  bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-  found = str(bundled) if bundled.exists() else shutil.which("ptxas")
+  bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+  found = str(bundled) if bundled.exists() else shutil.which(name)
   if not found:
-    raise RuntimeError("no ptxas: neither the triton package's nor one on the PATH")
+    raise RuntimeError(f"no {name}: neither the triton package's nor one on the PATH")
   return found
+
+
+_SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+_SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
+_SASS_BRANCH_TARGET = re.compile(r"BRA\s+`?\((\.L_x_\d+)\)")
+
+
+def sass_loop(sass: str) -> dict:
+  """The machine code's main loop, from ``nvdisasm`` text: the longest span that a branch jumps back over (the
+  kernel's loop over K; software pipelining does not unroll it). Returns its length in instructions and its
+  opcodes counted by base name (``I2F.F32.S32`` counts as ``I2F``), plus the kernel's whole length."""
+  ops, labels, loops = [], {}, []
+  for line in sass.splitlines():
+    label = _SASS_LABEL.match(line)
+    if label:
+      labels[label.group(1)] = len(ops)
+      continue
+    ins = _SASS_INSTRUCTION.match(line)
+    if not ins:
+      continue
+    if ins.group(1) == "BRA":
+      target = _SASS_BRANCH_TARGET.search(line)
+      if target and labels.get(target.group(1), len(ops)) < len(ops):  # a backward branch closes a loop
+        loops.append((labels[target.group(1)], len(ops)))
+    ops.append(ins.group(1))
+  if not ops:
+    raise RuntimeError("no SASS instructions in nvdisasm's output")
+  start, end = max(loops, key=lambda span: span[1] - span[0]) if loops else (0, -1)
+  counts: dict[str, int] = {}
+  for op in ops[start:end + 1]:
+    counts[op] = counts.get(op, 0) + 1
+  return {"instructions": len(ops), "loop_instructions": end + 1 - start,
+          "loop_ops": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
 
 
 def compile_sm90(kernel: dict) -> dict:
   """Compiles one `triton_kernels` entry for sm_90 with the ``triton`` package; returns shared memory (bytes),
-  registers per thread, spill bytes (stores + loads) and PTX size. Raises on a compile failure;
+  registers per thread, spill bytes (stores + loads), PTX size, and the cubin's main loop (`sass_loop`: its
+  instructions by opcode, from ``nvdisasm``). Raises on a compile failure;
   `IRVersionMismatch` when the package cannot even parse the IR of an untested (jax, triton) pair."""
   import triton
   from triton.backends.compiler import GPUTarget
@@ -92,8 +129,12 @@ def compile_sm90(kernel: dict) -> dict:
     ptx = Path(tmp) / "kernel.ptx"
     ptx.write_text(compiled.asm["ptx"])
     arch = re.search(r"^\.target (\S+)", compiled.asm["ptx"], re.M).group(1)
-    report = subprocess.run([_ptxas(), f"-arch={arch}", "-v", str(ptx), "-o", os.devnull], capture_output=True,
-                            text=True, check=True)
+    report = subprocess.run([_cuda_tool("ptxas"), f"-arch={arch}", "-v", str(ptx), "-o", os.devnull],
+                            capture_output=True, text=True, check=True)
+    cubin = Path(tmp) / "kernel.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    sass = subprocess.run([_cuda_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
   out = report.stdout + report.stderr
   regs = re.search(r"Used (\d+) registers", out)
   spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
@@ -101,7 +142,7 @@ def compile_sm90(kernel: dict) -> dict:
     raise RuntimeError(f"unexpected ptxas report:\n{out}")
   return {"arch": arch, "shared_bytes": int(compiled.metadata.shared), "registers": int(regs.group(1)),
           "spill_bytes": int(spills.group(1)) + int(spills.group(2)), "ptx_lines": compiled.asm["ptx"].count("\n"),
-          "num_warps": kernel["num_warps"], "num_stages": kernel["num_stages"]}
+          "num_warps": kernel["num_warps"], "num_stages": kernel["num_stages"], **sass_loop(sass)}
 
 
 @contextlib.contextmanager
@@ -119,4 +160,4 @@ def _env(**values):
 
 
 __all__ = ["IRVersionMismatch", "IR_COMPATIBLE", "SM90_REGISTERS", "SM90_SHARED_BYTES", "compile_sm90",
-           "triton_kernels"]
+           "sass_loop", "triton_kernels"]
