@@ -410,12 +410,13 @@ def test_magic_conversion_is_exact_and_policies_are_checked():
 @pytest.mark.parametrize("m,k,n,fmt,block,want", [
     (1, 4096, 4096, "nf4", 64, (1, 128, 1, 16)),      # DECODE_NF4: one row (multiply-reduce), 32 tiles split 16 ways
     (1, 576, 1536, "nf4", 64, (1, 128, 1, 1)),        # 9 blocks: odd, no even split or step
-    (1, 4096, 4096, "int4_sym", 64, (16, 64, 2, 2)),  # tensor cores, 16 rows: split K in two (+12.5% bytes, the bound)
-    (2, 4096, 4096, "nf4", 64, (16, 64, 2, 2)),       # NF4 beyond one row: tensor cores too
-    (2, 14336, 4096, "nf4", 64, (16, 64, 2, 4)),      # longer K: split further within the bound
-    (2, 4096, 4096, "q4_0", 32, (16, 64, 4, 2)),      # 128 rows of K per step: 4 blocks of 32
+    (1, 4096, 4096, "int4_sym", 64, (16, 64, 2, 8)),  # tensor cores pad to 16 rows but store 1: 64 tiles x 8 splits
+    (2, 4096, 4096, "nf4", 64, (16, 64, 2, 8)),       # NF4 beyond one row: tensor cores too (2 rows stored)
+    (16, 4096, 4096, "nf4", 64, (16, 64, 2, 2)),      # 16 rows stored: split K in two (+12.5% bytes, the bound)
+    (16, 14336, 4096, "nf4", 64, (16, 64, 2, 4)),     # longer K: split further within the bound
+    (2, 4096, 4096, "q4_0", 32, (16, 64, 4, 8)),      # 128 rows of K per step: 4 blocks of 32
     (64, 4096, 4096, "int4_sym", 64, (64, 64, 2, 1)),  # partial sums of 64 rows would cost too much
-    (1, 4096, 4096, "nf4", 128, (16, 64, 1, 2)),      # NF4 in blocks of 128: DECODE_NF4 would spill; tensor cores
+    (1, 4096, 4096, "nf4", 128, (16, 64, 1, 8)),      # NF4 in blocks of 128: DECODE_NF4 would spill; tensor cores
 ])
 def test_default_blocks_resolution(m, k, n, fmt, block, want):
   from lora_jax.kernels import DECODE_NF4, BlockSizes, default_blocks

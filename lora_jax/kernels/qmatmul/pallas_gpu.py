@@ -61,7 +61,7 @@ class BlockSizes:
     to reach its bandwidth).
   * ``split_k``: programs along K, whose float32 partial tiles are summed afterwards (None: doubled while there are
     fewer than `min_programs` programs, each keeps >= 4 steps, and the partial sums' traffic, written and read
-    back, 8·split_k·M_padded·N bytes, stays within 1/8 of the packed codes' K·N/2).
+    back, 8·split_k·R·N bytes, stays within 1/8 of the packed codes' K·N/2; R = the rows stored, `stored_rows`).
   * ``dot``: "mma" (tensor cores) or "fma" (multiply-reduce on CUDA cores; for one or a few rows: its float32
     accumulator holds bm·B/2·bn values; Triton 3.5 spills at 64 per thread, e.g. one row, bn 128, 2 warps).
   * ``lookup``: NF4 code to value by "select" (a select tree on the code bits: 15 selects per weight) or "gather"
@@ -125,11 +125,12 @@ class BlockSizes:
     steps = nb // bk if nb % bk == 0 else 0
     split = self.split_k
     if split is None:
-      mp = -(-m // self.bm) * self.bm
-      programs = mp // self.bm * (n // self.bn)
+      row_tiles = -(-m // self.bm)
+      programs = row_tiles * (n // self.bn)
+      rows = row_tiles * stored_rows(m, self.bm)
       split = 1
       while (programs * split < self.min_programs and steps % (2 * split) == 0 and steps // (2 * split) >= 4
-             and 8 * (2 * split) * mp <= k // 2 // 8):  # partial sums' bytes <= 1/8 of the packed codes'
+             and 8 * (2 * split) * rows <= k // 2 // 8):  # partial sums' bytes <= 1/8 of the packed codes'
         split *= 2
     return dataclasses.replace(self, bk=bk, split_k=split)
 
@@ -153,8 +154,16 @@ def default_blocks(m: int, fmt: str, block_size: int = 64) -> BlockSizes:
   in blocks of 64, else tensor-core dots with `BlockSizes`' defaults: the first H200 run's configuration (29-77 us
   for int4 at M = 1 on the benchmark's shapes). For int4 at one row the second run's sweep found no clear winner:
   its best (tensor cores, bn 128, bk 4) took 0.90x the then-default multiply-reduce's total time, and longer on
-  one of the two shapes."""
+  one of the two shapes. Since those runs, a tile padded to 16 rows stores only its real rows (`stored_rows`), so
+  the partial-sum bound lets a few rows split K further than the runs did (8 ways instead of 2 at 4096 x 4096 for
+  one row: 512 programs on 132 SMs instead of 128); not yet timed."""
   return DECODE_NF4 if (m, fmt, block_size) == (1, "nf4", 64) else BlockSizes()
+
+
+def stored_rows(m: int, bm: int) -> int:
+  """Output rows each program stores for m rows in tiles of bm: bm, or, when one tile holds all m rows (tensor-core
+  dots pad up to 16 of them), m rounded up to a power of two: the padding rows are never written to memory."""
+  return min(bm, _pow2_at_least(m))
 
 
 def _pow2_divisor(n: int, at_most: int) -> int:
@@ -280,7 +289,7 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
       acc = add_block(acc, *((lambda v=v: v) if v is not None else None for v in values))
     return acc, issue(jnp.minimum(t + 1, steps - 1))  # the last step reloads itself
 
-  bm = o_ref.shape[-2]
+  bm = x_ref.shape[0] if dot == "fma" else xe_ref.shape[0]
   acc = jnp.zeros((bm, half, bn) if dot == "fma" else (bm, bn), jnp.float32)
   if prefetch:
     acc, _ = jax.lax.fori_loop(0, steps, prefetched_step, (acc, issue(0)))
@@ -292,6 +301,9 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
     lora_tile = (jnp.sum(_products(low_ref[...], b_ref[...]), axis=1) if dot == "fma"
                  else jnp.dot(low_ref[...], b_ref[...], preferred_element_type=jnp.float32))
     acc += jnp.where(pl.program_id(2) == 0, lora_tile, jnp.zeros_like(lora_tile))
+  rows = o_ref.shape[-2]
+  if rows < bm:  # the tile's real rows only (`stored_rows`)
+    acc = jnp.split(acc, bm // rows, axis=0)[0]
   o_ref[...] = acc.reshape(o_ref.shape)
 
 
@@ -375,10 +387,12 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
     in_specs += [pl.BlockSpec((bs.bm, rp), lambda i, j, s: (i, 0)),
                  pl.BlockSpec((rp, bs.bn), lambda i, j, s: (0, j))]
     args += [low2, jnp.pad(b.astype(jnp.float32), ((0, rp - r), (0, 0)))]
+  rows = stored_rows(m, bs.bm)
+  mo = mp // bs.bm * rows  # rows of the output: m, padded to a power of two within one tile, or to tiles of bm
   if split == 1:
-    out_shape, out_spec = (mp, n), pl.BlockSpec((bs.bm, bs.bn), lambda i, j, s: (i, j))
+    out_shape, out_spec = (mo, n), pl.BlockSpec((rows, bs.bn), lambda i, j, s: (i, j))
   else:  # one float32 partial tile per split, summed below
-    out_shape, out_spec = (split, mp, n), pl.BlockSpec((None, bs.bm, bs.bn), lambda i, j, s: (s, i, j))
+    out_shape, out_spec = (split, mo, n), pl.BlockSpec((None, rows, bs.bn), lambda i, j, s: (s, i, j))
   out = pl.pallas_call(
       functools.partial(_kernel, fmt=w.fmt, block=w.block_size, n=n, bk=bk, steps=steps, dq=dq, gather=gather,
                         lora=lora, dot=bs.dot, prefetch=bool(bs.prefetch), convert=bs.convert,
@@ -392,4 +406,4 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
   )(*args)
   if split > 1:
     out = jnp.sum(out, axis=0)
-  return (out[:m] if mp != m else out).reshape(*lead, n)
+  return (out[:m] if mo != m else out).reshape(*lead, n)
