@@ -48,27 +48,38 @@ def trace_events(fn, *args):
 def parse_xspace(data, host_ok: bool = True) -> tuple[str, list[tuple[str, str, float, float]]]:
   """The device-side events of a `jax.profiler.ProfileData`: GPU kernels if a GPU plane has any, else (if
   `host_ok`: a CPU run, where the host is the device) host XLA thunks. Each event is (name, hlo_op, start_ns,
-  duration_ns), sorted by start, duplicates removed."""
-  gpu = [p for p in data.planes if p.name.startswith("/device:GPU")]
+  duration_ns), sorted by start, duplicates removed, and only the outermost of nested events (XLA:CPU's `while`
+  thunk spans its body's thunks, which carry `hlo_op` too: counting both would count the time twice)."""
   events = set()
-  for plane in gpu:
-    lines = [ln for ln in plane.lines if not ln.name.startswith(_DERIVED_LINES)]
-    streams = [ln for ln in lines if ln.name.startswith("Stream")] or lines
-    for ln in streams:
-      for e in ln.events:
-        stats = dict(e.stats)
-        events.add((e.name, str(stats.get("hlo_op", "")), float(e.start_ns), float(e.duration_ns)))
+  for plane in data.planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    streams = [ln for ln in plane.lines if ln.name.startswith("Stream")]
+    for ln in streams or [ln for ln in plane.lines if not ln.name.startswith(_DERIVED_LINES)]:
+      events.update(_outermost(ln, lambda stats: True))
   if events or not host_ok:  # a GPU run without kernel events (no CUPTI?): none, not the host's launch times
     return "gpu", sorted(events, key=lambda e: e[2])
   for plane in data.planes:
-    if not plane.name.startswith("/host:CPU"):
-      continue
-    for ln in plane.lines:
-      for e in ln.events:
-        stats = dict(e.stats)
-        if "hlo_op" in stats and not e.name.startswith("end:"):
-          events.add((e.name, str(stats["hlo_op"]), float(e.start_ns), float(e.duration_ns)))
+    if plane.name.startswith("/host:CPU"):
+      for ln in plane.lines:
+        events.update(_outermost(ln, lambda stats: "hlo_op" in stats))
   return "host", sorted(events, key=lambda e: e[2])
+
+
+def _outermost(line, keep):
+  """A line's events that `keep` accepts (by their stats), less those inside an earlier kept one's span."""
+  out, end = [], float("-inf")
+  candidates = []
+  for e in line.events:
+    stats = dict(e.stats)
+    if keep(stats) and not e.name.startswith("end:"):
+      candidates.append((e.name, str(stats.get("hlo_op", "")), float(e.start_ns), float(e.duration_ns)))
+  for ev in sorted(candidates, key=lambda ev: (ev[2], -ev[3])):
+    if ev[2] + ev[3] <= end:
+      continue  # nested in the last outer event
+    out.append(ev)
+    end = max(end, ev[2] + ev[3])
+  return out
 
 
 def summarize(source: str, events, per: int, top: int = 6) -> dict:

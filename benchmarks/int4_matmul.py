@@ -6,7 +6,7 @@ GPU (no network, no model): weights N(0, 0.02) quantized to nf4 (double-quantize
 and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 4096} x (K, N) in {(4096, 4096),
 (4096, 14336), (14336, 4096), (8192, 8192)}.
   * --floor (first): where the one-row time goes, at (4096, 4096) and (4096, 14336): the op (int4_sym and nf4;
-    default policies, int4's with split_k 2 as the H200 runs had it, SEED_POLICIES), XLA's dequantize + dot, a
+    default policies, int4's with split_k 2, the runs' split at 4096 x 4096, SEED_POLICIES), XLA's dequantize + dot, a
     bf16 dot, a Pallas kernel on the op's grid and loop that only streams the codes, one that only writes its
     output (`stream_kernels`), and XLA's sum over the same codes; each also profiled once
     (`device_trace.device_profile`: kernels per op, their device time and span, so launch gaps and extra kernels
@@ -310,12 +310,12 @@ def stream_kernels(k, n, bn, bk, split, warps, stages, interp):
 
 def floor(args, result, shapes, interp, gib, t_end):
   """Where the one-row time goes: per (K, N), at M = 1, the whole op for int4_sym and nf4 (default policies,
-  int4's default with K split 2 ways as in the H200 runs, before a padded tile stored only its real rows, and
-  `SEED_POLICIES`, the variants with the fewest instructions per weight), XLA's
-  dequantize + dot and a bf16 dot, the "stream" and "empty" Pallas kernels of `stream_kernels` on the default
-  tiling and on a wide one (int4_sym codes), and XLA's sum over the same codes. Each is timed (wall / C, as the
-  main table) and profiled once (`device_trace`): kernels per op, device time, device span; GB/s of the bytes the
-  op must read, over each. Ops that would start after `t_end` are recorded as skipped."""
+  int4's default with K split 2 ways, the H200 runs' split at 4096 x 4096 before a padded tile stored fewer rows,
+  and `SEED_POLICIES`, the variants with the fewest instructions per weight), XLA's dequantize + dot and a bf16
+  dot, the "stream" and "empty" Pallas kernels of `stream_kernels` on the default tiling and on a wide one
+  (int4_sym codes), and XLA's sum over the same codes. Each is timed (wall / C, as the main table) and profiled
+  once (`device_trace`): kernels per op, device time, device span; GB/s of the bytes the op must read, over each.
+  Ops that would start after `t_end` are recorded as skipped."""
   rows = result["floor"] = []
   print(f"\nfloor (M = 1): per op, wall us, device us (sum of kernels), device span us, kernels per op, GB/s of "
         f"its bytes over wall and over device time\n{'K':>5} {'N':>5} {'what':38s} {'wall':>7} {'device':>7} "
@@ -332,7 +332,7 @@ def floor(args, result, shapes, interp, gib, t_end):
     ops = [("op, int4_sym (default policy)", op, qs, qs[0].nbytes(), dataclasses.asdict(d)),
            ("op, nf4 (default policy)", op, qn, qn[0].nbytes(),
             dataclasses.asdict(default_blocks(1, "nf4").for_shape(1, n, k, 64))),
-           ("op, int4_sym (split_k 2, as the H200 runs)",
+           ("op, int4_sym (split_k 2, the runs' split)",
             lambda x, w: qmatmul_pallas(x, w, blocks=BlockSizes(split_k=2), interpret=interp), qs, qs[0].nbytes(),
             dataclasses.asdict(BlockSizes(split_k=2).for_shape(1, n, k, 64))),
            ("op, int4_sym (magic + partial)", seeded("int4_sym"), qs, qs[0].nbytes(),

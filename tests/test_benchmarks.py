@@ -36,10 +36,31 @@ planes {
 planes { id: 2 name: "/host:CPU" lines { id: 1 name: "python" events { metadata_id: 1 duration_ps: 5 } }
   event_metadata { key: 1 value { id: 1 name: "PjitFunction" } } }
 """
+# Older traces without stream lines: the kernels' own line counts, a line derived from it ("XLA Ops": the same
+# time under the HLO op's name) does not.
+GPU_XSPACE_NO_STREAMS = """
+planes {
+  id: 1 name: "/device:GPU:0"
+  lines { id: 1 name: "Compute" timestamp_ns: 0
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 10000 stats { metadata_id: 1 str_value: "custom-call.1" } } }
+  lines { id: 2 name: "XLA Ops" timestamp_ns: 0
+    events { metadata_id: 2 offset_ps: 0 duration_ps: 10000 stats { metadata_id: 1 str_value: "custom-call.1" } } }
+  event_metadata { key: 1 value { id: 1 name: "qmatmul_kernel" } }
+  event_metadata { key: 2 value { id: 2 name: "custom-call.1" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+}
+"""
+# XLA:CPU: a while loop's thunk spans its body's thunks; both carry hlo_op, only the outer one counts.
 HOST_XSPACE = """
 planes { id: 2 name: "/host:CPU"
-  lines { id: 1 name: "tf_XLACpu" events { metadata_id: 1 duration_ps: 5 stats { metadata_id: 1 str_value: "f" } } }
-  event_metadata { key: 1 value { id: 1 name: "fusion" } }
+  lines { id: 1 name: "tf_XLACpu"
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 9000 stats { metadata_id: 1 str_value: "while.1" } }
+    events { metadata_id: 2 offset_ps: 1000 duration_ps: 3000 stats { metadata_id: 1 str_value: "fusion" } }
+    events { metadata_id: 2 offset_ps: 5000 duration_ps: 3000 stats { metadata_id: 1 str_value: "fusion" } }
+    events { metadata_id: 3 offset_ps: 9000 duration_ps: 1000 } }
+  event_metadata { key: 1 value { id: 1 name: "while.1" } }
+  event_metadata { key: 2 value { id: 2 name: "fusion" } }
+  event_metadata { key: 3 value { id: 3 name: "SlinkyThreadPool::Await" } }
   stat_metadata { key: 1 value { id: 1 name: "hlo_op" } } }
 """
 
@@ -99,5 +120,11 @@ def test_device_profile_reports_errors_instead_of_raising():
   assert device_trace.summarize("gpu", [], per=1)["error"] == "no device events in the trace"
   # a GPU run whose trace has no kernels must not report the host's thunk (launch) times as device time
   data = jax.profiler.ProfileData.from_text_proto(HOST_XSPACE)
-  assert device_trace.parse_xspace(data, host_ok=True)[0] == "host"
   assert device_trace.parse_xspace(data, host_ok=False) == ("gpu", [])
+  source, events = device_trace.parse_xspace(data, host_ok=True)  # the while loop only, not its body again
+  assert source == "host" and [(e[0], e[3]) for e in events] == [("while.1", 9.0)]
+
+
+def test_device_trace_skips_derived_lines_without_streams():
+  _, events = device_trace.parse_xspace(jax.profiler.ProfileData.from_text_proto(GPU_XSPACE_NO_STREAMS))
+  assert [e[:2] for e in events] == [("qmatmul_kernel", "custom-call.1")]

@@ -278,6 +278,15 @@ def _sm90_loop(fmt, m, blocks, k=4096, n=4096):
   return r, {op: c / weights_per_thread for op, c in r["loop_ops"].items()}, r["loop_instructions"] / weights_per_thread
 
 
+@pytest.mark.parametrize("m", [2, 4, 8])
+def test_sm90_compiles_a_padded_tile_storing_fewer_rows(m):
+  """Tensor-core tiles of 16 rows that store 2, 4 or 8 (`stored_rows`: the split of the accumulator lowers)."""
+  pytest.importorskip("triton", reason="the triton package (test extra) is not installed")
+  from lora_jax.kernels import BlockSizes
+  r, _, per_weight = _sm90_loop("int4_asym", m, BlockSizes(rescale="partial", split_k=2))
+  assert r["spill_bytes"] == 0 and r["registers"] <= 255 and per_weight > 0, r
+
+
 def test_sm90_machine_code_of_the_conversion_and_rescale_variants():
   """What convert="magic" and rescale="partial" are for, read off the sm_90 machine code: the K loop of int4's
   tensor-core policy converts with I2F once per weight and scales with FMUL once per weight; with both variants
@@ -301,19 +310,26 @@ def test_sass_loop_reads_the_longest_backward_branch():
         /*0000*/                   MOV R1, c[0x0][0x28] ;
 .L_x_0:
         /*0010*/                   I2F.F32.S32 R2, R3 ;
-        /*0020*/               @P0 FMUL R4, R2, R5 ;
+        /*0020*/              @!P0 FMUL R4, R2, R5 ;
+.L_x_2:
         /*0030*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
-        /*0040*/               @P1 BRA `(.L_x_0) ;
-        /*0050*/                   STG.E [R6.64], R8 ;
-        /*0060*/                   EXIT ;
+        /*0040*/              @UP0 BRA.U `(.L_x_2) ;
+        /*0050*/               @P1 BRA `(.L_x_0) ;
+        /*0060*/                   STG.E [R6.64], R8 ;
+        /*0070*/               @P2 BRA `(.L_x_3) ;
+        /*0080*/                   EXIT ;
+.L_x_3:
+        /*0090*/                   EXIT ;
 .L_x_1:
-        /*0070*/                   BRA `(.L_x_1);
+        /*00a0*/                   BRA `(.L_x_1);
 """
-  r = sass_loop(sass)
-  assert r["instructions"] == 8 and r["loop_instructions"] == 4
-  assert r["loop_ops"] == {"I2F": 1, "FMUL": 1, "HMMA": 1, "BRA": 1}
+  r = sass_loop(sass)  # three backward branches (a self-loop, an inner two, the outer five); a forward one
+  assert r["instructions"] == 11 and r["loop_instructions"] == 5
+  assert r["loop_ops"] == {"BRA": 2, "I2F": 1, "FMUL": 1, "HMMA": 1}
   with pytest.raises(RuntimeError, match="no SASS instructions"):
     sass_loop("nothing here")
+  with pytest.raises(RuntimeError, match="no loop"):
+    sass_loop(sass.replace("@P1 BRA `(.L_x_0)", "NOP").replace("@UP0 BRA.U `(.L_x_2)", "NOP"))
 
 
 def test_sm90_compile_skips_only_for_an_untested_version_pair(monkeypatch):
@@ -392,6 +408,32 @@ def test_pallas_conversion_and_rescale_variants(fmt, lookup, convert, rescale, d
   else:
     scale = float(jnp.max(jnp.abs(want)))
     assert_allclose(got / scale, want / scale, "bf16")
+
+
+@pytest.mark.parametrize("fmt,m,dt,prefetch", [("q4_1", 17, jnp.float16, 1), ("nf4_dq", 2, jnp.float16, 0),
+                                               ("int4_asym", 33, jnp.float32, 1), ("int4_sym", 8, jnp.float32, 0)])
+def test_partial_rescale_with_fused_lora_prefetch_and_stored_rows(fmt, m, dt, prefetch):
+  """rescale="partial" with the fused LoRA term, loads a step ahead, f16 activations, and row counts that store a
+  power of two below the padded tile (2, 8, 17 -> 32 of 64) or whole tiles (33 -> 64)."""
+  from lora_jax.kernels import BlockSizes
+  from lora_jax.kernels.qmatmul.pallas_gpu import stored_rows
+  block = 64 if fmt.startswith("nf4") or fmt == "int4_asym" else 32
+  w = random_qtensor(fmt.removesuffix("_dq"), 1024, 128, block, double_quant=fmt == "nf4_dq")
+  x = jax.random.normal(jax.random.key(m), (m, 1024))
+  low = jax.random.normal(jax.random.key(7), (m, 8))
+  b = jax.random.normal(jax.random.key(8), (8, 128)) * 0.1
+  blocks = BlockSizes(bk=2, split_k=2, convert="magic", rescale="partial", prefetch=prefetch)
+  bm = blocks.for_shape(m, 128, 1024, block).bm
+  assert stored_rows(m, bm) == {2: 2, 8: 8, 17: 32, 33: 64}[m]
+  with jax.default_matmul_precision("highest"):
+    want = qmatmul_reference(x, w) + low @ b
+    got = qmatmul_lora_pallas(x.astype(dt), w, low, b, blocks=blocks, interpret=True)
+  assert got.shape == (m, 128)
+  if dt == jnp.float32:
+    assert_allclose(got, want, "f32_composite")
+  else:
+    scale = float(jnp.max(jnp.abs(want)))
+    assert_allclose(got / scale, want / scale, "f16")
 
 
 def test_magic_conversion_is_exact_and_policies_are_checked():

@@ -71,7 +71,8 @@ class BlockSizes:
     that feed a dot through shared memory, but not those of the multiply-reduce path; not yet timed on a GPU).
   * ``convert``: int4 / GGUF codes to floats by "i2f" (an int-to-float conversion instruction: on sm_90 a
     quarter-rate or slower pipe, one per weight) or "magic" (OR the code into the mantissa of 2^23 and subtract:
-    two full-rate instructions, the same values exactly). NF4 codes index a table and convert nothing.
+    an integer OR and a float subtraction, on pipes 4-8x faster than I2F's; the same values exactly). NF4 codes
+    index a table and convert nothing.
   * ``rescale``: "weight" scales every dequantized weight before the dot; "partial" (tensor-core dots only) dots
     the block's unscaled values (integers, or NF4 table values, exact or rounded once to the activation's dtype)
     and scales the (bm × bn) partial product, once per block and column instead of once per weight; offsets
@@ -154,9 +155,9 @@ def default_blocks(m: int, fmt: str, block_size: int = 64) -> BlockSizes:
   in blocks of 64, else tensor-core dots with `BlockSizes`' defaults: the first H200 run's configuration (29-77 us
   for int4 at M = 1 on the benchmark's shapes). For int4 at one row the second run's sweep found no clear winner:
   its best (tensor cores, bn 128, bk 4) took 0.90x the then-default multiply-reduce's total time, and longer on
-  one of the two shapes. Since those runs, a tile padded to 16 rows stores only its real rows (`stored_rows`), so
-  the partial-sum bound lets a few rows split K further than the runs did (8 ways instead of 2 at 4096 x 4096 for
-  one row: 512 programs on 132 SMs instead of 128); not yet timed."""
+  one of the two shapes. Since those runs, a tile padded to 16 rows stores only m rounded up to a power of two
+  (`stored_rows`), so the partial-sum bound lets a few rows split K further than the runs did (8 ways instead of 2
+  at 4096 x 4096 for one row: 512 programs on 132 SMs instead of 128); not yet timed."""
   return DECODE_NF4 if (m, fmt, block_size) == (1, "nf4", 64) else BlockSizes()
 
 
@@ -302,7 +303,7 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
                  else jnp.dot(low_ref[...], b_ref[...], preferred_element_type=jnp.float32))
     acc += jnp.where(pl.program_id(2) == 0, lora_tile, jnp.zeros_like(lora_tile))
   rows = o_ref.shape[-2]
-  if rows < bm:  # the tile's real rows only (`stored_rows`)
+  if rows < bm:  # the first `stored_rows` rows only: the rest is padding
     acc = jnp.split(acc, bm // rows, axis=0)[0]
   o_ref[...] = acc.reshape(o_ref.shape)
 

@@ -75,13 +75,14 @@ def _cuda_tool(name: str) -> str:
 
 _SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
 _SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
-_SASS_BRANCH_TARGET = re.compile(r"BRA\s+`?\((\.L_x_\d+)\)")
+_SASS_BRANCH_TARGET = re.compile(r"\b(?:BRA|JMP)(?:\.\w+)*\s+`?\((\.L_x_\d+)\)")
 
 
 def sass_loop(sass: str) -> dict:
   """The machine code's main loop, from ``nvdisasm`` text: the longest span that a branch jumps back over (the
   kernel's loop over K; software pipelining does not unroll it). Returns its length in instructions and its
-  opcodes counted by base name (``I2F.F32.S32`` counts as ``I2F``), plus the kernel's whole length."""
+  opcodes counted by base name (``I2F.F32.S32`` counts as ``I2F``), plus the kernel's whole length. Raises if
+  there is no such loop."""
   ops, labels, loops = [], {}, []
   for line in sass.splitlines():
     label = _SASS_LABEL.match(line)
@@ -91,14 +92,16 @@ def sass_loop(sass: str) -> dict:
     ins = _SASS_INSTRUCTION.match(line)
     if not ins:
       continue
-    if ins.group(1) == "BRA":
+    if ins.group(1) in ("BRA", "JMP"):
       target = _SASS_BRANCH_TARGET.search(line)
       if target and labels.get(target.group(1), len(ops)) < len(ops):  # a backward branch closes a loop
         loops.append((labels[target.group(1)], len(ops)))
     ops.append(ins.group(1))
   if not ops:
     raise RuntimeError("no SASS instructions in nvdisasm's output")
-  start, end = max(loops, key=lambda span: span[1] - span[0]) if loops else (0, -1)
+  if not loops:  # a zero-length loop would read as a zero cost: say so instead
+    raise RuntimeError(f"no loop (backward branch to a label) in {len(ops)} SASS instructions")
+  start, end = max(loops, key=lambda span: span[1] - span[0])
   counts: dict[str, int] = {}
   for op in ops[start:end + 1]:
     counts[op] = counts.get(op, 0) + 1
