@@ -6,9 +6,10 @@ GPU (no network, no model): weights N(0, 0.02) quantized to nf4 (double-quantize
 and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 4096} x (K, N) in {(4096, 4096),
 (4096, 14336), (14336, 4096), (8192, 8192)}.
   * --floor (first): where the one-row time goes, at (4096, 4096) and (4096, 14336): the op (int4_sym and nf4;
-    default policies, int4's with split_k 2, the runs' split at 4096 x 4096, SEED_POLICIES), XLA's dequantize + dot, a
-    bf16 dot, a Pallas kernel on the op's grid and loop that only streams the codes, one that only writes its
-    output (`stream_kernels`), and XLA's sum over the same codes; each also profiled once
+    default policies, int4's with an activation per weight copy, int4's with split_k 2, the runs' split at
+    4096 x 4096, SEED_POLICIES), XLA's dequantize + dot, a bf16 dot, a Pallas kernel on the op's grid and loop
+    that only streams the codes, one that only writes its output (`stream_kernels`), and XLA's sum over the same
+    codes; each also profiled once
     (`device_trace.device_profile`: kernels per op, their device time and span, so launch gaps and extra kernels
     show apart from the kernel's own time).
   * --profile: the main table's Pallas op at M <= 16 profiled the same way (row["pallas"]["device"]).
@@ -24,7 +25,9 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
     call), pass if < 2e-2 (bf16); failures and exceptions are recorded and the run goes on.
   * time: Pallas kernel, reference (dequantize + dot), and ``x @ w_bf16``. One timed call runs the op on C distinct
     copies of the weight inside one jit (C x weights >= 1 GiB of bf16, so nothing is served from L2 and the Python
-    dispatch is amortised); time per op = wall / C, median of --reps calls after warm-up.
+    dispatch is amortised); time per op = wall / C, median of --reps calls after warm-up. All copies share one x,
+    so work the op does on x alone (the tensor-core path pads it and splits its columns) runs once per timed call,
+    not per op: the floor's "an x per copy" row shows what it adds.
   * weight GB/s = QTensor.nbytes() (bf16: 2KN) / time, vs the measured copy bandwidth (jitted ``a + 1`` on a 1 GiB
     f32 array, read + write bytes / time); TFLOP/s = 2MKN / time vs a measured 8192^3 bf16 dot.
   * fused LoRA: `qmatmul_lora_pallas` (the LoRA term inside the Pallas kernel, r = 16) vs the kernel followed by
@@ -111,10 +114,14 @@ def copies_of(w, n):
 
 def time_op(op, x, ws, args, first=None, profile=None):
   """Seconds per op(x, w): one jit applies op to each of the distinct weights `ws` (one dispatch, no cache reuse);
-  median wall / len(ws). The first (compiling) call counts as a warm-up; its op(x, ws[0]) goes to first[0]. With
-  a dict `profile`, one more call runs under the profiler and `device_trace.device_profile`'s per-op figures
-  (kernels launched, device time, span) fill it."""
-  f = jax.jit(lambda x, ws: [op(x, w) for w in ws])
+  median wall / len(ws). x is one activation for all (XLA then prepares it once: the op's own work on x, e.g.
+  padding, is shared) or a list, one per weight (as each layer of a model has its own). The first (compiling)
+  call counts as a warm-up; its op(x, ws[0]) goes to first[0]. With a dict `profile`, one more call runs under the
+  profiler and `device_trace.device_profile`'s per-op figures (kernels launched, device time, span) fill it."""
+  if isinstance(x, list):
+    f = jax.jit(lambda xs, ws: [op(xi, w) for xi, w in zip(xs, ws, strict=True)])
+  else:
+    f = jax.jit(lambda x, ws: [op(x, w) for w in ws])
   out = jax.block_until_ready(f(x, ws))
   if first is not None:
     first.append(np.asarray(out[0]))
@@ -310,9 +317,10 @@ def stream_kernels(k, n, bn, bk, split, warps, stages, interp):
 
 def floor(args, result, shapes, interp, gib, t_end):
   """Where the one-row time goes: per (K, N), at M = 1, the whole op for int4_sym and nf4 (default policies,
-  int4's default with K split 2 ways, the H200 runs' split at 4096 x 4096 before a padded tile stored fewer rows,
-  and `SEED_POLICIES`, the variants with the fewest instructions per weight), XLA's dequantize + dot and a bf16
-  dot, the "stream" and "empty" Pallas kernels of `stream_kernels` on the default tiling and on a wide one
+  int4's default with a distinct activation per weight copy, so that the op's padding and column split of x run
+  per call as in a model, int4's default with K split 2 ways, the H200 runs' split at 4096 x 4096 before a padded
+  tile stored fewer rows, and `SEED_POLICIES`, the variants with the fewest instructions per weight), XLA's
+  dequantize + dot and a bf16 dot, the "stream" and "empty" Pallas kernels of `stream_kernels` on the default tiling and on a wide one
   (int4_sym codes), and XLA's sum over the same codes. Each is timed (wall / C, as the main table) and profiled
   once (`device_trace`): kernels per op, device time, device span; GB/s of the bytes the op must read, over each.
   Ops that would start after `t_end` are recorded as skipped."""
@@ -332,6 +340,7 @@ def floor(args, result, shapes, interp, gib, t_end):
     ops = [("op, int4_sym (default policy)", op, qs, qs[0].nbytes(), dataclasses.asdict(d)),
            ("op, nf4 (default policy)", op, qn, qn[0].nbytes(),
             dataclasses.asdict(default_blocks(1, "nf4").for_shape(1, n, k, 64))),
+           ("op, int4_sym (default), an x per copy", op, qs, qs[0].nbytes(), dataclasses.asdict(d)),
            ("op, int4_sym (split_k 2, the runs' split)",
             lambda x, w: qmatmul_pallas(x, w, blocks=BlockSizes(split_k=2), interpret=interp), qs, qs[0].nbytes(),
             dataclasses.asdict(BlockSizes(split_k=2).for_shape(1, n, k, 64))),
@@ -350,6 +359,7 @@ def floor(args, result, shapes, interp, gib, t_end):
               (f"empty, {tag}", lambda _, c, f=empty: f(c), codes, codes[0].size, tiling)]
     ops.append(("XLA sum of the codes", lambda _, c: jnp.sum(c, axis=0, dtype=jnp.int32), codes, codes[0].size,
                 None))
+    xs = [jax.random.normal(jax.random.key(2 + i), (1, k), jnp.bfloat16) for i in range(len(qs))]
     for what, fn, ws, nbytes, tiling in ops:
       row = {"K": k, "N": n, "what": what, "tiling": tiling, "bytes": nbytes}
       rows.append(row)
@@ -358,7 +368,7 @@ def floor(args, result, shapes, interp, gib, t_end):
         continue
       try:
         prof = row["device"] = {}
-        t = time_op(fn, x, ws, args, profile=prof)
+        t = time_op(fn, xs if what.endswith("an x per copy") else x, ws, args, profile=prof)
         row.update(time_s=t, gb_s=nbytes / t / 1e9)
         dev = prof.get("device_s")
         if dev:
