@@ -35,9 +35,9 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from int4_matmul import GPU_SHAPES, err_text, save  # noqa: E402
 
-from lora_jax.kernels import BlockSizes, default_blocks, qmatmul_pallas  # noqa: E402
+from lora_jax.kernels import BlockSizes, default_blocks  # noqa: E402
 from lora_jax.kernels.qmatmul import triton_compile as tc  # noqa: E402
-from lora_jax.quant import quantize  # noqa: E402
+from lora_jax.testing import random_qtensor  # noqa: E402
 
 MS, FORMATS = (1, 16, 64), ("nf4", "int4_sym")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -49,23 +49,18 @@ VARIANTS = (("default", {}), ("magic", {"convert": "magic"}), ("partial", {"resc
 
 
 def abstract_weight(fmt, k, n, block=64):
-  """The QTensor's shapes and dtypes (`quantize` under `jax.eval_shape`): lowering needs no values."""
-  return jax.eval_shape(lambda w: quantize(w, fmt, block_size=block, double_quant=fmt == "nf4"),
-                        jax.ShapeDtypeStruct((k, n), jnp.float32))
+  """The QTensor's shapes and dtypes (lowering needs no values); NF4 double-quantized, as `--quantize nf4` makes it."""
+  return jax.eval_shape(lambda: random_qtensor(fmt, k, n, block, double_quant=fmt == "nf4"))
 
 
 def compile_row(row, blocks, m, k, n, fmt):
-  """Compiles `blocks` at (m, k, n, fmt) for sm_90 into `row`: resources, the K loop's instructions per weight
-  (per thread-instruction: loop length x threads / weights per iteration) by opcode, and the issue bound."""
+  """Compiles `blocks` at (m, k, n, fmt) for sm_90 into `row` (`triton_compile.qmatmul_sm90`): resources, the K
+  loop's instructions per weight by opcode, and the issue bound."""
   try:
-    (kernel,) = tc.triton_kernels(lambda x, w: qmatmul_pallas(x, w, blocks=blocks),
-                                  jax.ShapeDtypeStruct((m, k), jnp.bfloat16), abstract_weight(fmt, k, n))
-    row.update(tc.compile_sm90(kernel))
+    row.update(tc.qmatmul_sm90(m, abstract_weight(fmt, k, n), blocks))
     row["fits"] = row["shared_bytes"] <= tc.SM90_SHARED_BYTES and row["spill_bytes"] == 0
-    bs = blocks.for_shape(m, n, k, 64)
-    per_iteration = bs.bk * 64 * bs.bn / (bs.num_warps * 32)  # weights per thread per loop iteration
-    row["per_weight"] = row["loop_instructions"] / per_iteration
-    row["per_weight_ops"] = {op: round(c / per_iteration, 3) for op, c in row.pop("loop_ops").items()}
+    del row["loop_ops"]  # kept per weight
+    row["per_weight_ops"] = {op: round(c, 3) for op, c in row["per_weight_ops"].items()}
     row["issue_bound_s"] = issue_bound_s(row["per_weight"], k, n)
   except Exception as e:
     row["error"] = err_text(e)

@@ -254,28 +254,28 @@ def test_pallas_compiles_for_sm90(m, k, n, fmt, block, dt):
                    (lambda x, w, low, b: qmatmul_lora_pallas(x, w, low, b),
                     (x, w, jax.ShapeDtypeStruct((m, rank), jnp.float32), jax.ShapeDtypeStruct((rank, n), dt)))):
     (kernel,) = tc.triton_kernels(fn, *args)
-    try:
-      r = tc.compile_sm90(kernel)
-    except tc.IRVersionMismatch as e:
-      pytest.skip(str(e))
+    r = _or_skip_version_skew(tc.compile_sm90, kernel)
     assert r["arch"].startswith("sm_90"), r
     assert 0 < r["shared_bytes"] <= tc.SM90_SHARED_BYTES and r["registers"] <= tc.SM90_REGISTERS, r
     assert r["spill_bytes"] == 0, r
     assert 0 < r["loop_instructions"] < r["instructions"], r  # the K loop was found in the machine code
 
 
-def _sm90_loop(fmt, m, blocks, k=4096, n=4096):
-  """Registers, spills and the K loop's instructions per weight and thread (`sass_loop`) of one policy."""
+def _or_skip_version_skew(compile_fn, *args):
+  """compile_fn(*args), skipping the test when the triton package cannot read this jax's IR: only for a (jax,
+  triton) pair outside `IR_COMPATIBLE` (for CI's pair that is a failure:
+  test_sm90_compile_skips_only_for_an_untested_version_pair)."""
   from lora_jax.kernels.qmatmul import triton_compile as tc
-  (kernel,) = tc.triton_kernels(lambda x, w: qmatmul_pallas(x, w, blocks=blocks),
-                                jax.ShapeDtypeStruct((m, k), jnp.bfloat16), _abstract_q(fmt, k, n, 64))
   try:
-    r = tc.compile_sm90(kernel)
+    return compile_fn(*args)
   except tc.IRVersionMismatch as e:
     pytest.skip(str(e))
-  bs = blocks.for_shape(m, n, k, 64)
-  weights_per_thread = bs.bk * 64 * bs.bn / (bs.num_warps * 32)
-  return r, {op: c / weights_per_thread for op, c in r["loop_ops"].items()}, r["loop_instructions"] / weights_per_thread
+
+
+def _sm90_loop(fmt, m, blocks, k=4096, n=4096):
+  """`qmatmul_sm90` of one policy (resources, K-loop instructions per weight) at (m, k, n) in blocks of 64."""
+  from lora_jax.kernels.qmatmul import triton_compile as tc
+  return _or_skip_version_skew(tc.qmatmul_sm90, m, _abstract_q(fmt, k, n, 64), blocks)
 
 
 @pytest.mark.parametrize("m", [2, 4, 8])
@@ -283,8 +283,8 @@ def test_sm90_compiles_a_padded_tile_storing_fewer_rows(m):
   """Tensor-core tiles of 16 rows that store 2, 4 or 8 (`stored_rows`: the split of the accumulator lowers)."""
   pytest.importorskip("triton", reason="the triton package (test extra) is not installed")
   from lora_jax.kernels import BlockSizes
-  r, _, per_weight = _sm90_loop("int4_asym", m, BlockSizes(rescale="partial", split_k=2))
-  assert r["spill_bytes"] == 0 and r["registers"] <= 255 and per_weight > 0, r
+  r = _sm90_loop("int4_asym", m, BlockSizes(rescale="partial", split_k=2))
+  assert r["spill_bytes"] == 0 and r["registers"] <= 255 and r["per_weight"] > 0, r
 
 
 def test_sm90_machine_code_of_the_conversion_and_rescale_variants():
@@ -294,14 +294,15 @@ def test_sm90_machine_code_of_the_conversion_and_rescale_variants():
   NF4, the table gather with partial scaling needs fewer than half the select tree's. All fit without spilling."""
   pytest.importorskip("triton", reason="the triton package (test extra) is not installed")
   from lora_jax.kernels import BlockSizes
-  base, base_ops, base_per = _sm90_loop("int4_sym", 16, BlockSizes())
-  new, new_ops, new_per = _sm90_loop("int4_sym", 16, BlockSizes(convert="magic", rescale="partial"))
+  base = _sm90_loop("int4_sym", 16, BlockSizes())
+  new = _sm90_loop("int4_sym", 16, BlockSizes(convert="magic", rescale="partial"))
+  base_ops, new_ops = base["per_weight_ops"], new["per_weight_ops"]
   assert base_ops.get("I2F", 0) >= 1 and base_ops.get("FMUL", 0) >= 1, base_ops
   assert not any(op.startswith("I2F") for op in new_ops) and new_ops.get("FMUL", 0) < 0.1, new_ops
-  assert new_per < 0.8 * base_per and new["spill_bytes"] == 0, (base_per, new_per)
-  select, _, select_per = _sm90_loop("nf4", 16, BlockSizes())
-  gather, _, gather_per = _sm90_loop("nf4", 16, BlockSizes(lookup="gather", rescale="partial"))
-  assert gather_per < 0.5 * select_per and gather["spill_bytes"] == 0, (select_per, gather_per)
+  assert new["per_weight"] < 0.8 * base["per_weight"] and new["spill_bytes"] == 0, (base, new)
+  select = _sm90_loop("nf4", 16, BlockSizes())
+  gather = _sm90_loop("nf4", 16, BlockSizes(lookup="gather", rescale="partial"))
+  assert gather["per_weight"] < 0.5 * select["per_weight"] and gather["spill_bytes"] == 0, (select, gather)
 
 
 def test_sass_loop_reads_the_longest_backward_branch():

@@ -196,12 +196,11 @@ def _values(q, scale, offset, fmt, table_ref, convert):
   """Codes to weights; with scale None, the unscaled values (NF4 table values, q - 8, or q: `rescale="partial"`)."""
   if fmt == "nf4":
     v = table_ref[q] if table_ref is not None else nf4_values(q)
-    return v if scale is None else v * scale
-  if fmt in ("int4_sym", "q4_0"):
-    v = _as_float(q, 8.0, convert)
-    return v if scale is None else v * scale
-  v = _as_float(q, 0.0, convert)
-  return v if scale is None else v * scale + offset
+  else:
+    v = _as_float(q, 8.0 if fmt in ("int4_sym", "q4_0") else 0.0, convert)
+  if scale is None:
+    return v
+  return v * scale if offset is None else v * scale + offset
 
 
 def _products(a, b):
@@ -260,21 +259,20 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
     if dq:
       sc = sc * dq_scale() + dq_offset
     off = offset().astype(jnp.float32) if offset is not None else None
-    if rescale == "partial":  # the block's product on unscaled values, then one scale per output (module doc)
-      x_e, x_o = xe(), xo()
-      part = _mac(jnp.zeros(acc.shape, jnp.float32), x_e, _values(c & 0xF, None, None, fmt, table_ref, convert),
-                  dot)
-      part = _mac(part, x_o, _values(c >> 4, None, None, fmt, table_ref, convert), dot)
-      acc = acc + part * sc
-      if off is not None:  # sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k
-        x_sum = (jnp.sum(x_e.astype(jnp.float32), axis=1, keepdims=True)
-                 + jnp.sum(x_o.astype(jnp.float32), axis=1, keepdims=True))
-        acc = acc + x_sum * off
-      return acc
-    w_even = _values(c & 0xF, sc, off, fmt, table_ref, convert)
-    w_odd = _values(c >> 4, sc, off, fmt, table_ref, convert)
-    acc = _mac(acc, xe(), w_even, dot)
-    return _mac(acc, xo(), w_odd, dot)
+    per_weight = rescale == "weight"  # else: the block's product on unscaled values, scaled once (module doc)
+    value = lambda q: _values(q, sc if per_weight else None, off if per_weight else None, fmt, table_ref, convert)
+    if per_weight:
+      w_even, w_odd = value(c & 0xF), value(c >> 4)
+      acc = _mac(acc, xe(), w_even, dot)
+      return _mac(acc, xo(), w_odd, dot)
+    x_e, x_o = xe(), xo()
+    part = _mac(_mac(jnp.zeros(acc.shape, jnp.float32), x_e, value(c & 0xF), dot), x_o, value(c >> 4), dot)
+    acc = acc + part * sc
+    if off is not None:  # sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k
+      x_sum = (jnp.sum(x_e.astype(jnp.float32), axis=1, keepdims=True)
+               + jnp.sum(x_o.astype(jnp.float32), axis=1, keepdims=True))
+      acc = acc + x_sum * off
+    return acc
 
   def step(t, acc):
     for g in blocks_of(t):

@@ -148,6 +148,24 @@ def compile_sm90(kernel: dict) -> dict:
           "num_warps": kernel["num_warps"], "num_stages": kernel["num_stages"], **sass_loop(sass)}
 
 
+def qmatmul_sm90(m: int, w, blocks, dtype=None) -> dict:
+  """`compile_sm90` of `qmatmul_pallas` for (m × K) activations (bf16 unless `dtype`) and the QTensor `w` (its
+  shapes suffice: ``jax.eval_shape``) under the policy `blocks`, plus its K loop per weight: "per_weight" (thread-
+  instructions per weight) and "per_weight_ops" (by opcode), where one loop step covers bk quantization blocks
+  × bn columns on num_warps × 32 threads."""
+  import jax.numpy as jnp
+  from .pallas_gpu import qmatmul_pallas
+  k, n = w.shape
+  (kernel,) = triton_kernels(lambda x, w: qmatmul_pallas(x, w, blocks=blocks),
+                             jax.ShapeDtypeStruct((m, k), dtype or jnp.bfloat16), w)
+  report = compile_sm90(kernel)
+  bs = blocks.for_shape(m, n, k, w.block_size)
+  per_step = bs.bk * w.block_size * bs.bn / (bs.num_warps * 32)  # weights per thread per loop step
+  report["per_weight"] = report["loop_instructions"] / per_step
+  report["per_weight_ops"] = {op: c / per_step for op, c in report["loop_ops"].items()}
+  return report
+
+
 @contextlib.contextmanager
 def _env(**values):
   old = {k: os.environ.get(k) for k in values}
@@ -163,4 +181,4 @@ def _env(**values):
 
 
 __all__ = ["IRVersionMismatch", "IR_COMPATIBLE", "SM90_REGISTERS", "SM90_SHARED_BYTES", "compile_sm90",
-           "sass_loop", "triton_kernels"]
+           "qmatmul_sm90", "sass_loop", "triton_kernels"]
