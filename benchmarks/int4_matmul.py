@@ -8,8 +8,9 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
   * --floor (first): where the one-row time goes, at (4096, 4096) and (4096, 14336): the op (int4_sym and nf4;
     default policies, int4's with an activation per weight copy, int4's with split_k 2, the runs' split at
     4096 x 4096, SEED_POLICIES), XLA's dequantize + dot, a bf16 dot, a Pallas kernel on the op's grid and loop
-    that only streams the codes, one that only writes its output (`stream_kernels`), and XLA's sum over the same
-    codes; each also profiled once
+    that only streams the codes (as stored, and again with each program's column slab contiguous: does the
+    weights' layout cost bandwidth?), one that only writes its output (`stream_kernels`), and XLA's sum over the
+    same codes; each also profiled once
     (`device_trace.device_profile`: kernels per op, their device time and span, so launch gaps and extra kernels
     show apart from the kernel's own time).
   * --profile: the main table's Pallas op at M <= 16 profiled the same way (row["pallas"]["device"]).
@@ -283,11 +284,19 @@ def fused_lora(args, result, shape, fmt, ms, interp, gib, peaks, t_end, tuned, r
   del qs
 
 
-def stream_kernels(k, n, bn, bk, split, warps, stages, interp):
+def stream_kernels(k, n, bn, bk, split, warps, stages, interp, slabs=False):
   """Two Pallas kernels on the qmatmul kernel's grid (N / bn tiles x split_k) and loop (bk blocks of 32 packed rows
-  per step, `pl.ds` loads): "stream" only reads the packed codes (sums them, so the loads cannot be dropped);
+  per step, `pl.ds` loads): "stream" only reads the packed codes (adds them up, so the loads cannot be dropped:
+  one integer add per byte into a (32 x bn) accumulator, reduced after the loop, so its arithmetic stays far below
+  the bytes' time);
   "empty" only writes its output tile. With XLA's own sum over the same bytes, they separate what the Pallas
-  kernel's time goes to: launch and grid, the load loop as written, or the dequantization and dots."""
+  kernel's time goes to: launch and grid, the load loop as written, or the dequantization and dots. Both return
+  (split_k, 1, N) float32 partial column sums (zeros for "empty").
+
+  The codes are (K/2, N) as a QTensor holds them, so each step reads bn-byte pieces of rows N bytes apart; with
+  `slabs`, they come as `code_slabs(codes, bn)`, (N/bn, K/2, bn), where each program's column slab is one
+  contiguous run of memory: if "stream" is faster on slabs, the weights' memory layout (not the kernel's
+  arithmetic) is what costs bandwidth, and a pre-tiled layout is the remedy."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as pltriton
   half, nb = 32, k // 64
@@ -296,23 +305,33 @@ def stream_kernels(k, n, bn, bk, split, warps, stages, interp):
   def stream(codes_ref, o_ref):
     first = pl.program_id(1) * steps
 
-    def body(t, acc):
+    def body(t, acc):  # elementwise integer adds: no reduction across threads inside the loop
       for u in range(bk):
         g = (first + t) * bk + u
-        acc += jnp.sum(codes_ref[pl.ds(g * half, half), :].astype(jnp.float32), axis=0, keepdims=True)
+        acc += codes_ref[pl.ds(g * half, half), :].astype(jnp.int32)
       return acc
-    o_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros((1, bn), jnp.float32)).reshape(o_ref.shape)
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((half, bn), jnp.int32))
+    o_ref[...] = jnp.sum(acc, axis=0, keepdims=True).astype(jnp.float32).reshape(o_ref.shape)
 
   def empty(codes_ref, o_ref):
     o_ref[...] = jnp.zeros(o_ref.shape, jnp.float32)
 
+  codes_spec = (pl.BlockSpec((None, k // 2, bn), lambda j, s: (j, 0, 0)) if slabs
+                else pl.BlockSpec((k // 2, bn), lambda j, s: (0, j)))
+
   def call(body):
     return lambda codes: pl.pallas_call(
         body, out_shape=jax.ShapeDtypeStruct((split, 1, n), jnp.float32), grid=(n // bn, split),
-        in_specs=[pl.BlockSpec((k // 2, bn), lambda j, s: (0, j))],
+        in_specs=[codes_spec],
         out_specs=pl.BlockSpec((None, 1, bn), lambda j, s: (s, 0, j)),
         compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=stages), interpret=interp)(codes)
   return call(stream), call(empty)
+
+
+def code_slabs(codes, bn):
+  """(K/2, N) codes as (N/bn, K/2, bn): column slab j (columns j*bn ... j*bn + bn - 1) contiguous in memory."""
+  kh, n = codes.shape
+  return codes.reshape(kh, n // bn, bn).transpose(1, 0, 2)
 
 
 def floor(args, result, shapes, interp, gib, t_end):
@@ -321,12 +340,13 @@ def floor(args, result, shapes, interp, gib, t_end):
   per call as in a model, int4's default with K split 2 ways, the H200 runs' split at 4096 x 4096 before a padded
   tile stored fewer rows, and `SEED_POLICIES`, the variants with the fewest instructions per weight), XLA's
   dequantize + dot and a bf16 dot, the "stream" and "empty" Pallas kernels of `stream_kernels` on the default tiling and on a wide one
-  (int4_sym codes), and XLA's sum over the same codes. Each is timed (wall / C, as the main table) and profiled
+  (int4_sym codes), "stream" again on the default tiling with each program's codes contiguous (`code_slabs`), and
+  XLA's sum over the same codes. Each is timed (wall / C, as the main table) and profiled
   once (`device_trace`): kernels per op, device time, device span; GB/s of the bytes the op must read, over each.
   Ops that would start after `t_end` are recorded as skipped."""
   rows = result["floor"] = []
   print(f"\nfloor (M = 1): per op, wall us, device us (sum of kernels), device span us, kernels per op, GB/s of "
-        f"its bytes over wall and over device time\n{'K':>5} {'N':>5} {'what':38s} {'wall':>7} {'device':>7} "
+        f"its bytes over wall and over device time\n{'K':>5} {'N':>5} {'what':42s} {'wall':>7} {'device':>7} "
         f"{'span':>7} {'kern':>5} {'GB/s':>6} {'dev GB/s':>8}")
   bf16_dot = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
   for k, n in shapes:
@@ -357,6 +377,11 @@ def floor(args, result, shapes, interp, gib, t_end):
       tiling = {"bn": bn, "bk": bk, "split_k": split, "num_warps": warps, "num_stages": stages}
       ops += [(f"stream, {tag}", lambda _, c, f=stream: f(c), codes, codes[0].size, tiling),
               (f"empty, {tag}", lambda _, c, f=empty: f(c), codes, codes[0].size, tiling)]
+      if tag == "default tiling":
+        slab_stream, _ = stream_kernels(k, n, bn, bk, split, warps, stages, interp, slabs=True)
+        slabs = [jax.block_until_ready(code_slabs(c, bn)) for c in codes]  # laid out once, outside the timing
+        ops.append((f"stream, {tag}, contiguous slabs", lambda _, c, f=slab_stream: f(c), slabs, codes[0].size,
+                    {**tiling, "layout": "slabs"}))
     ops.append(("XLA sum of the codes", lambda _, c: jnp.sum(c, axis=0, dtype=jnp.int32), codes, codes[0].size,
                 None))
     xs = [jax.random.normal(jax.random.key(2 + i), (1, k), jnp.bfloat16) for i in range(len(qs))]
@@ -374,14 +399,14 @@ def floor(args, result, shapes, interp, gib, t_end):
         if dev:
           row["device_gb_s"] = nbytes / dev / 1e9
         us = lambda key: f"{prof[key] * 1e6:7.1f}" if key in prof else f"{'-':>7}"
-        print(f"{k:5d} {n:5d} {what:38s} {t * 1e6:7.1f} {us('device_s')} {us('span_s')} "
+        print(f"{k:5d} {n:5d} {what:42s} {t * 1e6:7.1f} {us('device_s')} {us('span_s')} "
               f"{prof.get('kernels_per_op', float('nan')):5.1f} {row['gb_s']:6.0f} "
               f"{row.get('device_gb_s', float('nan')):8.0f}", flush=True)
       except Exception as e:
         row["error"] = err_text(e)
-        print(f"{k:5d} {n:5d} {what:38s} ERROR {row['error'][:80]}", flush=True)
+        print(f"{k:5d} {n:5d} {what:42s} ERROR {row['error'][:80]}", flush=True)
     save(result, args.out)
-    del wb, qs, qn, codes
+    del wb, qs, qn, codes, slabs
 
 
 POLICY_FIELDS = {"dot": ("fma", "mma"), "lookup": ("select", "gather"), "bn": (32, 64, 128), "bk": (1, 2, 4),
@@ -707,8 +732,8 @@ def main():
   ap.add_argument("--policy-sweep", action="store_true", help="GPU: search the kernel's BlockSizes policies first "
                   "(nf4 M = 1 and 16, int4_sym M = 1); the main table then uses the winners")
   ap.add_argument("--floor", action="store_true", help="GPU: first, where the one-row time goes (the op, XLA's "
-                  "dequantize + dot, a bf16 dot, a Pallas kernel that only streams the codes, one that only writes, "
-                  "XLA's sum of the codes; each timed and profiled: device time, kernels per op)")
+                  "dequantize + dot, a bf16 dot, a Pallas kernel that only streams the codes (as stored, and laid out in "
+                  "contiguous column slabs), one that only writes, XLA's sum of the codes; each timed and profiled: device time, kernels per op)")
   ap.add_argument("--profile", action="store_true", help="GPU: also profile the main table's Pallas op at M <= 16 "
                   "(one traced call per row: kernels per op, device time; benchmarks/device_trace.py)")
   ap.add_argument("--dry-run", action="store_true", help="GPU mode on any backend: tiny shapes, Pallas interpret, 1 rep")

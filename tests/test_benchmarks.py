@@ -80,7 +80,7 @@ def test_int4_matmul_gpu_dry_run(tmp_path):
   assert timed and all("time_s" in t and t["pass"] for t in timed), result["sweep"]
   assert result["tuned"] and all(entry["winner"] for entry in result["sweep"]), result["sweep"]
   floor = result["floor"]
-  assert len(floor) == 13 and all("time_s" in row for row in floor), floor
+  assert len(floor) == 14 and all("time_s" in row for row in floor), floor
   # every floor op and every M <= 16 Pallas row was profiled: on CPU the host plane's XLA thunks
   profiles = [row["device"] for row in floor] + [row["pallas"]["device"] for row in rows]
   assert all(p["source"] == "host" and p["kernels_per_op"] > 0 and 0 < p["device_s"] for p in profiles), profiles
@@ -128,3 +128,22 @@ def test_device_profile_reports_errors_instead_of_raising():
 def test_device_trace_skips_derived_lines_without_streams():
   _, events = device_trace.parse_xspace(jax.profiler.ProfileData.from_text_proto(GPU_XSPACE_NO_STREAMS))
   assert [e[:2] for e in events] == [("qmatmul_kernel", "custom-call.1")]
+
+
+@pytest.mark.parametrize("slabs", [False, True])
+def test_stream_kernels_read_every_code(slabs):
+  """The floor's diagnostic kernels (interpret mode): "stream" sums every code of its column slab over its share of
+  K, on the codes as stored or as `code_slabs` lays them out; "empty" writes zeros. A kernel that skipped or
+  misread codes would make the floor's comparison meaningless."""
+  import int4_matmul
+  k, n, bn, bk, split = 512, 96, 32, 2, 2
+  codes = jax.random.randint(jax.random.key(0), (k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8)
+  stream, empty = int4_matmul.stream_kernels(k, n, bn, bk, split, 4, 2, interp=True, slabs=slabs)
+  arg = int4_matmul.code_slabs(codes, bn) if slabs else codes
+  got = stream(arg)
+  assert got.shape == (split, 1, n)
+  halves = codes.astype(jnp.float32).reshape(split, k // 2 // split, n).sum(axis=1)  # each split's share of K
+  assert jnp.array_equal(got[:, 0], halves)
+  assert not jnp.any(empty(arg))
+  if slabs:
+    assert jnp.array_equal(int4_matmul.code_slabs(codes, bn)[1, :, 5], codes[:, bn + 5])
