@@ -16,8 +16,8 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
   * --profile: the main table's Pallas op at M <= 16 profiled the same way (row["pallas"]["device"]).
   * --policy-sweep (then, with --sweep-budget-s seconds): a search over the kernel's shape-independent choices
     (`BlockSizes`: dot mma|fma, NF4 lookup select|gather, bn, bk, num_warps, num_stages, min_programs, which sets
-    split_k, prefetch 0|1, convert i2f|magic, rescale weight|partial) for nf4 at M = 1 and M = 16 and int4_sym at
-    M = 1: the default, the format's SEED_POLICIES entry, 31 random policies, two rounds of every one-field change
+    split_k, prefetch 0|1, convert i2f|magic|magic16, rescale weight|partial) for nf4 at M = 1 and M = 16 and
+    int4_sym at M = 1: the default, the format's SEED_POLICIES entries, 31 random policies, two rounds of every one-field change
     of the best, on (K, N) = (4096, 14336); the best three and the default again on (14336, 4096); least total time
     wins. Policies are compiled 16 at a time on a thread pool, then timed.
   * the main table's Pallas column uses the sweep's winners (M = 1: its format's M = 1 class; M <= 16: its M = 16
@@ -338,11 +338,11 @@ def floor(args, result, shapes, interp, gib, t_end):
   """Where the one-row time goes: per (K, N), at M = 1, the whole op for int4_sym and nf4 (default policies,
   int4's default with a distinct activation per weight copy, so that the op's padding and column split of x run
   per call as in a model, int4's default with K split 2 ways, the H200 runs' split at 4096 x 4096 before a padded
-  tile stored fewer rows, and `SEED_POLICIES`, the variants with the fewest instructions per weight), XLA's
-  dequantize + dot and a bf16 dot, the "stream" and "empty" Pallas kernels of `stream_kernels` on the default tiling and on a wide one
-  (int4_sym codes), "stream" again on the default tiling with each program's codes contiguous (`code_slabs`), and
-  XLA's sum over the same codes. Each is timed (wall / C, as the main table) and profiled
-  once (`device_trace`): kernels per op, device time, device span; GB/s of the bytes the op must read, over each.
+  tile stored fewer rows, and `SEED_POLICIES`, the variants with the fewest instructions per weight or none on
+  the conversion pipe), XLA's dequantize + dot and a bf16 dot, the "stream" and "empty" Pallas kernels of
+  `stream_kernels` on the default tiling and on a wide one (int4_sym codes), "stream" again on the default tiling
+  with each program's codes contiguous (`code_slabs`), and XLA's sum over the same codes. Each is timed (wall / C,
+  as the main table) and profiled once (`device_trace`): kernels per op, device time, device span; GB/s of the bytes the op must read, over each.
   Ops that would start after `t_end` are recorded as skipped."""
   rows = result["floor"] = []
   print(f"\nfloor (M = 1): per op, wall us, device us (sum of kernels), device span us, kernels per op, GB/s of "
@@ -356,7 +356,7 @@ def floor(args, result, shapes, interp, gib, t_end):
     x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
     d = default_blocks(1, "int4_sym").for_shape(1, n, k, 64)
     op = lambda x, w: qmatmul_pallas(x, w, interpret=interp)
-    seeded = lambda fmt: lambda x, w: qmatmul_pallas(x, w, blocks=SEED_POLICIES[fmt], interpret=interp)
+    seed_op = lambda p: lambda x, w: qmatmul_pallas(x, w, blocks=p, interpret=interp)
     ops = [("op, int4_sym (default policy)", op, qs, qs[0].nbytes(), dataclasses.asdict(d)),
            ("op, nf4 (default policy)", op, qn, qn[0].nbytes(),
             dataclasses.asdict(default_blocks(1, "nf4").for_shape(1, n, k, 64))),
@@ -364,10 +364,8 @@ def floor(args, result, shapes, interp, gib, t_end):
            ("op, int4_sym (split_k 2, the runs' split)",
             lambda x, w: qmatmul_pallas(x, w, blocks=BlockSizes(split_k=2), interpret=interp), qs, qs[0].nbytes(),
             dataclasses.asdict(BlockSizes(split_k=2).for_shape(1, n, k, 64))),
-           ("op, int4_sym (magic + partial)", seeded("int4_sym"), qs, qs[0].nbytes(),
-            dataclasses.asdict(SEED_POLICIES["int4_sym"].for_shape(1, n, k, 64))),
-           ("op, nf4 (gather + partial)", seeded("nf4"), qn, qn[0].nbytes(),
-            dataclasses.asdict(SEED_POLICIES["nf4"].for_shape(1, n, k, 64))),
+           *[(f"op, {fmt} ({seed_name(p)})", seed_op(p), q, q[0].nbytes(), dataclasses.asdict(p.for_shape(1, n, k, 64)))
+             for fmt, q in (("int4_sym", qs), ("nf4", qn)) for p in SEED_POLICIES[fmt]],
            ("reference (XLA dequantize + dot), int4_sym", qmatmul_reference, qs, qs[0].nbytes(), None),
            ("bf16 dot", bf16_dot, wb, 2 * k * n, None)]
     for tag, (bn, bk, split, warps, stages) in (("default tiling", (d.bn, d.bk, d.split_k, d.num_warps,
@@ -411,17 +409,25 @@ def floor(args, result, shapes, interp, gib, t_end):
 
 POLICY_FIELDS = {"dot": ("fma", "mma"), "lookup": ("select", "gather"), "bn": (32, 64, 128), "bk": (1, 2, 4),
                  "num_warps": (2, 4, 8), "num_stages": (2, 3, 4), "min_programs": (132, 264, 528, 1056),
-                 "prefetch": (0, 1), "convert": ("i2f", "magic"), "rescale": ("weight", "partial")}
+                 "prefetch": (0, 1), "convert": ("i2f", "magic", "magic16"), "rescale": ("weight", "partial")}
 SWEEP_CLASSES = (("nf4", 1), ("nf4", 16), ("int4_sym", 1))  # (format, M): M = 1 decode, M = 16 a few rows
 # Timed right after each class's default: the variants with the fewest machine instructions per weight in the
-# K loop as compiled for sm_90 (benchmarks/pallas_compile_sm90.py's "variants"; not yet timed on a GPU).
-SEED_POLICIES = {"nf4": BlockSizes(lookup="gather", rescale="partial"),
-                 "int4_sym": BlockSizes(convert="magic", rescale="partial")}
+# K loop as compiled for sm_90 (benchmarks/pallas_compile_sm90.py's "variants"; not yet timed on a GPU), and for
+# int4 the one with no conversion instruction at all (magic16 + partial).
+SEED_POLICIES = {"nf4": (BlockSizes(lookup="gather", rescale="partial"),),
+                 "int4_sym": (BlockSizes(convert="magic", rescale="partial"),
+                              BlockSizes(convert="magic16", rescale="partial"))}
+
+
+def seed_name(p):
+  """A SEED_POLICIES entry's variant in words: what it changes from BlockSizes' defaults ("gather + partial")."""
+  base = BlockSizes()
+  return " + ".join(str(getattr(p, f)) for f in ("lookup", "convert", "rescale") if getattr(p, f) != getattr(base, f))
 
 
 def policy_fields(fmt, m):
   """The values each BlockSizes field may take at (fmt, m): "fma" only for M = 1, "gather" only for NF4,
-  "magic" only for the formats that convert integers (not NF4)."""
+  "magic" / "magic16" only for the formats that convert integers (not NF4)."""
   f = dict(POLICY_FIELDS)
   if m > 1:
     f["dot"] = ("mma",)
@@ -487,7 +493,7 @@ def time_policies(args, policies, x, qs, ref, pallas):
 def policy_sweep(args, result, shapes, pallas, gib, t_end):
   """A search over shape-independent kernel policies (`POLICY_FIELDS`: dot, NF4 lookup, bn, bk, warps, stages,
   min_programs, which sets split_k, prefetch, convert, rescale; combinations `BlockSizes` refuses are skipped) for
-  each (format, M) of `SWEEP_CLASSES`, on the first shape: the default and the format's `SEED_POLICIES` entry, then
+  each (format, M) of `SWEEP_CLASSES`, on the first shape: the default and the format's `SEED_POLICIES` entries, then
   random policies, then two rounds of every one-field change of the best so far; the best three and the default
   are then timed on the second shape too, and the one with the least total time wins. Every timing's output is
   checked against the reference. Returns {(fmt, M): winning BlockSizes}."""
@@ -533,7 +539,7 @@ def policy_sweep(args, result, shapes, pallas, gib, t_end):
     k, n = shapes[0]
     space = [BlockSizes(**dict(zip(fields, combo))) for combo in itertools.product(*fields.values())]
     rng.shuffle(space)
-    seeds = [SEED_POLICIES[fmt]] if fmt in SEED_POLICIES else []
+    seeds = list(SEED_POLICIES.get(fmt, ()))
     explore([default] + seeds + space[:2 if args.dry_run else 31], k, n)
     for _ in range(0 if args.dry_run else 2):
       top = best()

@@ -12,7 +12,7 @@ bound that implies on an H200 (132 SMs x 128 thread-instructions per clock x 1.9
     many instructions each weight costs (`BlockSizes` says what the variants do);
   * swept: every policy the GPU policy sweep timed (benchmarks/results/int4_matmul_gpu.json), at its shape, M and
     format, next to its measured time: which fast policies spill or crowd the register file, and how well the
-    issue bound tracks the measured times ("swept_issue_fit").
+    issue bound tracks the measured times, over all and per (format, M, dot) class ("swept_issue_fit").
 This says which policies fit the hardware and what they cost in instructions (as this triton version compiles them;
 XLA's own Triton may differ), not how fast they are (that needs the GPU run of int4_matmul.py).
 
@@ -45,6 +45,7 @@ H200_SMS, H200_CLOCK_HZ = 132, 1.98e9  # SMs, and the SM clock nvidia-smi report
 ISSUE_PER_SM_CLOCK = 4 * 32  # four warp schedulers, one warp instruction each per clock: 128 thread-instructions
 VARIANTS = (("default", {}), ("magic", {"convert": "magic"}), ("partial", {"rescale": "partial"}),
             ("magic + partial", {"convert": "magic", "rescale": "partial"}),
+            ("magic16 + partial", {"convert": "magic16", "rescale": "partial"}),
             ("gather + partial", {"lookup": "gather", "rescale": "partial"}))
 
 
@@ -71,6 +72,25 @@ def issue_bound_s(per_weight, k, n):
   """Seconds an H200 needs just to issue the K loop's instructions for a (k x n) weight: a lower bound on the
   kernel's time that ignores every stall (memory, dependencies, occupancy), the loop's prologue and epilogue."""
   return per_weight * k * n / (H200_SMS * ISSUE_PER_SM_CLOCK * H200_CLOCK_HZ)
+
+
+def issue_fit(timed):
+  """How well the issue bound tracks the measured times of `timed` (swept rows with both): over all of them, and per
+  class of (format, M, dot) with at least 4 rows: Pearson r, and measured / bound (median, min). Within a class the
+  kernel's structure is one, so a high r there says its instructions are what its time scales with."""
+  import numpy as np
+
+  def fit(rows):
+    bound = np.array([r["issue_bound_s"] for r in rows])
+    took = np.array([r["gpu_time_s"] for r in rows])
+    return {"n": len(rows), "pearson_r": round(float(np.corrcoef(bound, took)[0, 1]), 3),
+            "measured_over_bound_median": round(float(np.median(took / bound)), 2),
+            "measured_over_bound_min": round(float(np.min(took / bound)), 2)}
+
+  classes = {}
+  for r in timed:
+    classes.setdefault(f"{r['fmt']} M={r['M']} {r['policy']['dot']}", []).append(r)
+  return {**fit(timed), "by_class": {c: fit(rows) for c, rows in sorted(classes.items()) if len(rows) >= 4}}
 
 
 def describe(row):
@@ -138,11 +158,8 @@ def main():
   rows, swept = result["rows"], result["swept"]
   timed = [r for r in swept if "issue_bound_s" in r]
   if len(timed) > 2:  # how much of the measured time instruction issue explains, over the policies the GPU timed
-    import numpy as np
-    bound, took = np.array([r["issue_bound_s"] for r in timed]), np.array([r["gpu_time_s"] for r in timed])
-    result["swept_issue_fit"] = {"pearson_r": float(np.corrcoef(bound, took)[0, 1]),
-                                 "measured_over_bound_median": float(np.median(took / bound)),
-                                 "measured_over_bound_min": float(np.min(took / bound))}
+    result["swept_issue_fit"] = issue_fit(timed)
+    print(f"\nmeasured time against the issue bound, over the swept policies: {result['swept_issue_fit']}")
   result["summary"] = {
       "defaults": len(rows), "default_errors": sum("error" in r for r in rows),
       "defaults_fit": all(r.get("fits") for r in rows),

@@ -290,7 +290,8 @@ def test_sm90_compiles_a_padded_tile_storing_fewer_rows(m):
 def test_sm90_machine_code_of_the_conversion_and_rescale_variants():
   """What convert="magic" and rescale="partial" are for, read off the sm_90 machine code: the K loop of int4's
   tensor-core policy converts with I2F once per weight and scales with FMUL once per weight; with both variants
-  there is no int-to-float conversion and no per-weight multiply left, and fewer instructions per weight. For
+  there is no int-to-float conversion and no per-weight multiply left, and fewer instructions per weight; with
+  "magic16" not even the float32-to-bf16 packing (F2FP) the dot's operand needs after "magic". For
   NF4, the table gather with partial scaling needs fewer than half the select tree's. All fit without spilling."""
   pytest.importorskip("triton", reason="the triton package (test extra) is not installed")
   from lora_jax.kernels import BlockSizes
@@ -300,6 +301,10 @@ def test_sm90_machine_code_of_the_conversion_and_rescale_variants():
   assert base_ops.get("I2F", 0) >= 1 and base_ops.get("FMUL", 0) >= 1, base_ops
   assert not any(op.startswith("I2F") for op in new_ops) and new_ops.get("FMUL", 0) < 0.1, new_ops
   assert new["per_weight"] < 0.8 * base["per_weight"] and new["spill_bytes"] == 0, (base, new)
+  packed = _sm90_loop("int4_sym", 16, BlockSizes(convert="magic16", rescale="partial"))["per_weight_ops"]
+  conversions = ("I2F", "I2FP", "F2F", "F2FP")  # magic16: no conversion of any kind; bf16 pairs made by HADD2
+  assert not any(packed.get(op, 0) for op in conversions) and packed.get("HADD2", 0) > 0, packed
+  assert new_ops.get("F2FP", 0) > 0, new_ops  # what magic16 saves over magic: packing float32 into bf16 for the dot
   select = _sm90_loop("nf4", 16, BlockSizes())
   gather = _sm90_loop("nf4", 16, BlockSizes(lookup="gather", rescale="partial"))
   assert gather["per_weight"] < 0.5 * select["per_weight"] and gather["spill_bytes"] == 0, (select, gather)
@@ -390,12 +395,15 @@ def test_pallas_steps_split_k_and_variants(fmt, bk, split, lora, dot, lookup, pr
     ("q4_0", "select", "i2f", "partial", jnp.float32), ("int4_asym", "select", "magic", "partial", jnp.float32),
     ("q4_1", "select", "magic", "weight", jnp.float32), ("q4_1", "select", "i2f", "partial", jnp.bfloat16),
     ("nf4", "select", "i2f", "partial", jnp.float32), ("nf4_dq", "gather", "i2f", "partial", jnp.bfloat16),
-    ("int4_sym", "select", "magic", "partial", jnp.bfloat16)])
+    ("int4_sym", "select", "magic", "partial", jnp.bfloat16),
+    ("int4_sym", "select", "magic16", "partial", jnp.bfloat16),
+    ("int4_asym", "select", "magic16", "partial", jnp.float32), ("q4_0", "select", "magic16", "weight", jnp.float32),
+    ("q4_1", "select", "magic16", "partial", jnp.bfloat16)])
 def test_pallas_conversion_and_rescale_variants(fmt, lookup, convert, rescale, dt):
-  """Codes to floats without a conversion instruction (convert="magic") and the scale applied to each block's
-  partial product instead of each weight (rescale="partial", with the offset's share o·Σx for int4_asym / q4_1),
-  over two blocks per step and K split in two, against the reference: f32 activations within the composite
-  tolerance, bf16 ones within bf16's (relative to the output's largest value)."""
+  """Codes to floats without a conversion instruction (convert="magic", or "magic16" in bfloat16) and the scale
+  applied to each block's partial product instead of each weight (rescale="partial", with the offset's share o·Σx
+  for int4_asym / q4_1), over two blocks per step and K split in two, against the reference: f32 activations
+  within the composite tolerance, bf16 ones within bf16's (relative to the output's largest value)."""
   from lora_jax.kernels import BlockSizes
   block = 64 if fmt.startswith("nf4") or fmt == "int4_asym" else 32
   w = random_qtensor(fmt.removesuffix("_dq"), 1024, 128, block, double_quant=fmt == "nf4_dq")
@@ -446,7 +454,12 @@ def test_magic_conversion_is_exact_and_policies_are_checked():
     np.testing.assert_array_equal(np.asarray(_as_float(q, minus, "magic")), np.asarray(_as_float(q, minus, "i2f")))
   with pytest.raises(ValueError, match="rescale='partial' needs dot='mma'"):
     BlockSizes(dot="fma", rescale="partial").for_shape(1, 128, 1024, 64)
-  with pytest.raises(ValueError, match="convert must be 'i2f' or 'magic'"):
+  small = jnp.arange(128, dtype=jnp.int32)  # magic16: codes below 128 (4-bit codes are below 16)
+  for minus in (0.0, 8.0, 128.0):
+    got = _as_float(small, minus, "magic16")
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float64), np.asarray(small, np.float64) - minus)
+  with pytest.raises(ValueError, match="convert must be 'i2f', 'magic' or 'magic16'"):
     BlockSizes(convert="cvt").for_shape(1, 128, 1024, 64)
 
 

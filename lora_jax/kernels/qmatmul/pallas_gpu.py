@@ -71,14 +71,17 @@ class BlockSizes:
     that feed a dot through shared memory, but not those of the multiply-reduce path; not yet timed on a GPU).
   * ``convert``: int4 / GGUF codes to floats by "i2f" (an int-to-float conversion instruction: on sm_90 a
     quarter-rate or slower pipe, one per weight) or "magic" (OR the code into the mantissa of 2^23 and subtract:
-    an integer OR and a float subtraction, on pipes 4-8x faster than I2F's; the same values exactly). NF4 codes
-    index a table and convert nothing.
+    an integer OR and a float subtraction, on pipes 4-8x faster than I2F's; the same values exactly) or "magic16"
+    (the same in bfloat16: OR into the bits of 128.0, whose ulp is 1, and subtract in bfloat16, two weights per
+    HADD2; the values, integers below 16 in magnitude, are exact in bfloat16, so a bf16 dot takes them with no
+    float32-to-bf16 conversion (F2FP, another conversion-pipe instruction); scaled per weight they are promoted
+    to float32 first, the same values again). NF4 codes index a table and convert nothing.
   * ``rescale``: "weight" scales every dequantized weight before the dot; "partial" (tensor-core dots only) dots
     the block's unscaled values (integers, or NF4 table values, exact or rounded once to the activation's dtype)
     and scales the (bm × bn) partial product, once per block and column instead of once per weight; offsets
     (int4_asym, q4_1) then add ``offset · Σ x`` over the block.
 
-  `convert="magic"` and `rescale="partial"` came from counting the machine code's instructions per weight
+  `convert="magic"` / `"magic16"` and `rescale="partial"` came from counting the machine code's instructions per weight
   (`triton_compile.sass_loop`, benchmarks/pallas_compile_sm90.py); they are in the policy sweep's space and not yet
   timed on a GPU, so the defaults keep the measured "i2f" and "weight".
 
@@ -104,8 +107,8 @@ class BlockSizes:
     if self.dot not in ("mma", "fma") or self.lookup not in ("select", "gather"):
       raise ValueError(f"BlockSizes: dot must be 'mma' or 'fma' (got {self.dot!r}) and lookup 'select' or "
                        f"'gather' (got {self.lookup!r})")
-    if self.convert not in ("i2f", "magic") or self.rescale not in ("weight", "partial"):
-      raise ValueError(f"BlockSizes: convert must be 'i2f' or 'magic' (got {self.convert!r}) and rescale "
+    if self.convert not in ("i2f", "magic", "magic16") or self.rescale not in ("weight", "partial"):
+      raise ValueError(f"BlockSizes: convert must be 'i2f', 'magic' or 'magic16' (got {self.convert!r}) and rescale "
                        f"'weight' or 'partial' (got {self.rescale!r})")
     if self.rescale == "partial" and self.dot != "mma":
       raise ValueError("BlockSizes: rescale='partial' needs dot='mma' (the multiply-reduce keeps one product per "
@@ -180,14 +183,20 @@ def _pow2_at_least(m: int) -> int:
 
 
 _MANTISSA_2_23 = 0x4B000000  # float32 bits of 2^23: its ulp is 1, so OR-ing in an integer q < 2^23 gives 2^23 + q
+_BF16_128 = 0x4300  # bfloat16 bits of 128.0 (7 mantissa bits: ulp 1), so OR-ing in q < 128 gives 128 + q
 
 
 def _as_float(q, minus: float, convert: str):
-  """float32(q) - minus for integer codes 0 <= q < 2^23 (int32), exactly: by a conversion instruction ("i2f") or
-  by setting q into the mantissa of 2^23 and subtracting 2^23 + minus ("magic": both operands are integers in
-  [2^23, 2^24), so the difference is exact)."""
+  """q - minus for integer codes q (int32), exactly: float32 by a conversion instruction ("i2f", any q) or by
+  setting q into the mantissa of 2^23 and subtracting 2^23 + minus ("magic", q < 2^23: both operands are integers
+  in [2^23, 2^24), so the difference is exact); bfloat16 by the same in 16 bits ("magic16", q < 128 and
+  minus <= 128: 128 + q and 128 + minus are integers below 256, exact in bfloat16's 8 significant bits, and so
+  is their difference)."""
   if convert == "magic":
     return jax.lax.bitcast_convert_type(q | _MANTISSA_2_23, jnp.float32) - (2.0 ** 23 + minus)
+  if convert == "magic16":
+    v = jax.lax.bitcast_convert_type((q | _BF16_128).astype(jnp.uint16), jnp.bfloat16)
+    return v - jnp.asarray(128.0 + minus, jnp.bfloat16)
   v = q.astype(jnp.float32)
   return v - minus if minus else v
 
@@ -200,6 +209,7 @@ def _values(q, scale, offset, fmt, table_ref, convert):
     v = _as_float(q, 8.0 if fmt in ("int4_sym", "q4_0") else 0.0, convert)
   if scale is None:
     return v
+  v = v.astype(jnp.float32)  # magic16's bfloat16 values: exact in float32, where the scale is applied
   return v * scale if offset is None else v * scale + offset
 
 
