@@ -15,11 +15,11 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
     show apart from the kernel's own time).
   * --profile: the main table's Pallas op at M <= 16 profiled the same way (row["pallas"]["device"]).
   * --policy-sweep (then, with --sweep-budget-s seconds): a search over the kernel's shape-independent choices
-    (`BlockSizes`: dot mma|fma, NF4 lookup select|gather, bn, bk, num_warps, num_stages, min_programs, which sets
-    split_k, prefetch 0|1, convert i2f|magic|magic16, rescale weight|partial) for nf4 at M = 1 and M = 16 and
-    int4_sym at M = 1: the default, the format's SEED_POLICIES entries, 31 random policies, two rounds of every one-field change
-    of the best, on (K, N) = (4096, 14336); the best three and the default again on (14336, 4096); least total time
-    wins. Policies are compiled 16 at a time on a thread pool, then timed.
+    (`BlockSizes`: dot mma|fma, NF4 lookup select|gather|prmt, bn, bk, num_warps, num_stages, min_programs,
+    which sets split_k, prefetch 0|1, convert i2f|magic|magic16, rescale weight|partial) for nf4 at M = 1 and
+    M = 16 and int4_sym at M = 1: the default, the format's SEED_POLICIES entries, 31 random policies, two rounds
+    of every one-field change of the best, on (K, N) = (4096, 14336); the best three and the default again on
+    (14336, 4096); least total time wins. Policies are compiled 16 at a time on a thread pool, then timed.
   * the main table's Pallas column uses the sweep's winners (M = 1: its format's M = 1 class; M <= 16: its M = 16
     class; a class not swept, or M above 16: `default_blocks`); the row records the resolved BlockSizes.
   * check: max |pallas - reference| / max |reference| on every shape and policy (the outputs of the first, compiling,
@@ -342,7 +342,8 @@ def floor(args, result, shapes, interp, gib, t_end):
   the conversion pipe), XLA's dequantize + dot and a bf16 dot, the "stream" and "empty" Pallas kernels of
   `stream_kernels` on the default tiling and on a wide one (int4_sym codes), "stream" again on the default tiling
   with each program's codes contiguous (`code_slabs`), and XLA's sum over the same codes. Each is timed (wall / C,
-  as the main table) and profiled once (`device_trace`): kernels per op, device time, device span; GB/s of the bytes the op must read, over each.
+  as the main table) and profiled once (`device_trace`): kernels per op, device time, device span; GB/s of the
+  bytes the op must read, over each.
   Ops that would start after `t_end` are recorded as skipped."""
   rows = result["floor"] = []
   print(f"\nfloor (M = 1): per op, wall us, device us (sum of kernels), device span us, kernels per op, GB/s of "
@@ -407,14 +408,16 @@ def floor(args, result, shapes, interp, gib, t_end):
     del wb, qs, qn, codes, slabs
 
 
-POLICY_FIELDS = {"dot": ("fma", "mma"), "lookup": ("select", "gather"), "bn": (32, 64, 128), "bk": (1, 2, 4),
+POLICY_FIELDS = {"dot": ("fma", "mma"), "lookup": ("select", "gather", "prmt"), "bn": (32, 64, 128), "bk": (1, 2, 4),
                  "num_warps": (2, 4, 8), "num_stages": (2, 3, 4), "min_programs": (132, 264, 528, 1056),
                  "prefetch": (0, 1), "convert": ("i2f", "magic", "magic16"), "rescale": ("weight", "partial")}
 SWEEP_CLASSES = (("nf4", 1), ("nf4", 16), ("int4_sym", 1))  # (format, M): M = 1 decode, M = 16 a few rows
 # Timed right after each class's default: the variants with the fewest machine instructions per weight in the
 # K loop as compiled for sm_90 (benchmarks/pallas_compile_sm90.py's "variants"; not yet timed on a GPU), and for
-# int4 the one with no conversion instruction at all (magic16 + partial).
-SEED_POLICIES = {"nf4": (BlockSizes(lookup="gather", rescale="partial"),),
+# int4 the one with no conversion instruction at all (magic16 + partial), for NF4 the one with no load per weight
+# (prmt + partial).
+SEED_POLICIES = {"nf4": (BlockSizes(lookup="gather", rescale="partial"),
+                         BlockSizes(lookup="prmt", rescale="partial")),
                  "int4_sym": (BlockSizes(convert="magic", rescale="partial"),
                               BlockSizes(convert="magic16", rescale="partial"))}
 

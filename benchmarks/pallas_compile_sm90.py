@@ -46,7 +46,8 @@ ISSUE_PER_SM_CLOCK = 4 * 32  # four warp schedulers, one warp instruction each p
 VARIANTS = (("default", {}), ("magic", {"convert": "magic"}), ("partial", {"rescale": "partial"}),
             ("magic + partial", {"convert": "magic", "rescale": "partial"}),
             ("magic16 + partial", {"convert": "magic16", "rescale": "partial"}),
-            ("gather + partial", {"lookup": "gather", "rescale": "partial"}))
+            ("gather + partial", {"lookup": "gather", "rescale": "partial"}),
+            ("prmt + partial", {"lookup": "prmt", "rescale": "partial"}))
 
 
 def abstract_weight(fmt, k, n, block=64):

@@ -308,6 +308,12 @@ def test_sm90_machine_code_of_the_conversion_and_rescale_variants():
   select = _sm90_loop("nf4", 16, BlockSizes())
   gather = _sm90_loop("nf4", 16, BlockSizes(lookup="gather", rescale="partial"))
   assert gather["per_weight"] < 0.5 * select["per_weight"] and gather["spill_bytes"] == 0, (select, gather)
+  # byte permutes: as few instructions as the gather, without its load per weight (only the scales' loads remain)
+  prmt = _sm90_loop("nf4", 16, BlockSizes(lookup="prmt", rescale="partial"))
+  loads = lambda r: sum(c for op, c in r["per_weight_ops"].items() if op in ("LDG", "LDGSTS", "LDS", "LD"))
+  assert prmt["per_weight"] < 0.5 * select["per_weight"] and prmt["spill_bytes"] == 0, (select, prmt)
+  assert prmt["per_weight_ops"].get("PRMT", 0) > 1 and not prmt["per_weight_ops"].get("FSEL"), prmt
+  assert loads(prmt) < 0.5 < 1 < loads(gather), (prmt, gather)
 
 
 def test_sass_loop_reads_the_longest_backward_branch():
@@ -398,9 +404,11 @@ def test_pallas_steps_split_k_and_variants(fmt, bk, split, lora, dot, lookup, pr
     ("int4_sym", "select", "magic", "partial", jnp.bfloat16),
     ("int4_sym", "select", "magic16", "partial", jnp.bfloat16),
     ("int4_asym", "select", "magic16", "partial", jnp.float32), ("q4_0", "select", "magic16", "weight", jnp.float32),
-    ("q4_1", "select", "magic16", "partial", jnp.bfloat16)])
+    ("q4_1", "select", "magic16", "partial", jnp.bfloat16), ("nf4", "prmt", "i2f", "partial", jnp.bfloat16),
+    ("nf4_dq", "prmt", "i2f", "weight", jnp.float16)])
 def test_pallas_conversion_and_rescale_variants(fmt, lookup, convert, rescale, dt):
-  """Codes to floats without a conversion instruction (convert="magic", or "magic16" in bfloat16) and the scale
+  """NF4 values by byte permutes (lookup="prmt", 16-bit), codes to floats without a conversion instruction
+  (convert="magic", or "magic16" in bfloat16) and the scale
   applied to each block's partial product instead of each weight (rescale="partial", with the offset's share o·Σx
   for int4_asym / q4_1), over two blocks per step and K split in two, against the reference: f32 activations
   within the composite tolerance, bf16 ones within bf16's (relative to the output's largest value)."""
@@ -459,6 +467,9 @@ def test_magic_conversion_is_exact_and_policies_are_checked():
     got = _as_float(small, minus, "magic16")
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float64), np.asarray(small, np.float64) - minus)
+  with pytest.raises(ValueError, match="lookup='prmt' gives NF4 values as 16-bit floats"):
+    qmatmul_pallas(jnp.ones((1, 1024)), random_qtensor("nf4", 1024, 128, 64),
+                   blocks=BlockSizes(lookup="prmt"), interpret=True)
   with pytest.raises(ValueError, match="convert must be 'i2f', 'magic' or 'magic16'"):
     BlockSizes(convert="cvt").for_shape(1, 128, 1024, 64)
 

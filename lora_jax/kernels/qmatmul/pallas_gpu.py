@@ -10,10 +10,11 @@ splits its even and odd columns:
 
 * double-quantized NF4 scales are formed per block from their int8 codes and second-level scales (a gather of one
   float per 256 blocks), so the call reads 1 byte per scale, not a float32 copy made by a separate XLA op;
-* NF4 codes become values by a 4-level select tree over the code bits or by a gather from the 16-entry table
-  (`BlockSizes.lookup`); the int4 / GGUF formats are an affine map, their codes turned into floats by a
-  conversion instruction or by bit operations (`BlockSizes.convert`); the scale multiplies each weight or, with
-  tensor-core dots, each block's partial product (`BlockSizes.rescale`);
+* NF4 codes become values by a 4-level select tree over the code bits, by a gather from the 16-entry table, or
+  by byte permutes over the table in registers (inline PTX, `nf4_prmt`) (`BlockSizes.lookup`); the int4 / GGUF
+  formats are an affine map, their codes turned into floats by a conversion instruction or by bit operations
+  (`BlockSizes.convert`); the scale multiplies each weight or, with tensor-core dots, each block's partial
+  product (`BlockSizes.rescale`);
 * the products run on tensor cores (``dot="mma"``: bm >= 16, M padded to it; the activation's even and odd
   columns split outside, the layout of the first H200 run, where int4 at M = 16 ran 1.2-1.5x faster than the
   second run's strided loads in the kernel, though under different tile policies) or, for a few rows, as a
@@ -45,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from ...quant._qtensor import DQ_GROUP, NF4_TABLE, QTensor, nf4_values
+from . import nf4_prmt
 
 _OFFSET_FORMATS = ("int4_asym", "q4_1")
 
@@ -64,8 +66,10 @@ class BlockSizes:
     back, 8·split_k·R·N bytes, stays within 1/8 of the packed codes' K·N/2; R = the rows stored, `stored_rows`).
   * ``dot``: "mma" (tensor cores) or "fma" (multiply-reduce on CUDA cores; for one or a few rows: its float32
     accumulator holds bm·B/2·bn values; Triton 3.5 spills at 64 per thread, e.g. one row, bn 128, 2 warps).
-  * ``lookup``: NF4 code to value by "select" (a select tree on the code bits: 15 selects per weight) or "gather"
-    (a load from the 16-entry table, cached in L1).
+  * ``lookup``: NF4 code to value by "select" (a select tree on the code bits: 15 selects per weight), "gather"
+    (a load from the 16-entry table, cached in L1) or "prmt" (byte permutes over the table held in registers,
+    `nf4_prmt`: no loads, ~3.4 integer instructions per weight; values in the activation's 16-bit dtype, so it
+    needs bfloat16 or float16 activations).
   * ``num_warps``, ``num_stages``: Triton's warps per program and software-pipelining depth.
   * ``prefetch``: 1 issues each loop step's loads one step ahead, carried in registers (Triton pipelines loads
     that feed a dot through shared memory, but not those of the multiply-reduce path; not yet timed on a GPU).
@@ -81,9 +85,9 @@ class BlockSizes:
     and scales the (bm × bn) partial product, once per block and column instead of once per weight; offsets
     (int4_asym, q4_1) then add ``offset · Σ x`` over the block.
 
-  `convert="magic"` / `"magic16"` and `rescale="partial"` came from counting the machine code's instructions per weight
-  (`triton_compile.sass_loop`, benchmarks/pallas_compile_sm90.py); they are in the policy sweep's space and not yet
-  timed on a GPU, so the defaults keep the measured "i2f" and "weight".
+  `convert="magic"` / `"magic16"`, `lookup="prmt"` and `rescale="partial"` came from counting the machine code's
+  instructions per weight (`triton_compile.sass_loop`, benchmarks/pallas_compile_sm90.py); they are in the policy
+  sweep's space and not yet timed on a GPU, so the defaults keep the measured lookups, "i2f" and "weight".
 
   `default_blocks` picks the policy for a call when none is given: the fields' defaults here are the
   tensor-core policy, `DECODE_NF4` the one-row NF4 policy. Both were measured on an H200
@@ -104,9 +108,9 @@ class BlockSizes:
 
   def for_shape(self, m: int, n: int, k: int | None = None, block_size: int | None = None) -> "BlockSizes":
     """Tile sizes for an (m × k) @ (k × n) call; bk and split_k are resolved when k and block_size are given."""
-    if self.dot not in ("mma", "fma") or self.lookup not in ("select", "gather"):
-      raise ValueError(f"BlockSizes: dot must be 'mma' or 'fma' (got {self.dot!r}) and lookup 'select' or "
-                       f"'gather' (got {self.lookup!r})")
+    if self.dot not in ("mma", "fma") or self.lookup not in ("select", "gather", "prmt"):
+      raise ValueError(f"BlockSizes: dot must be 'mma' or 'fma' (got {self.dot!r}) and lookup 'select', "
+                       f"'gather' or 'prmt' (got {self.lookup!r})")
     if self.convert not in ("i2f", "magic", "magic16") or self.rescale not in ("weight", "partial"):
       raise ValueError(f"BlockSizes: convert must be 'i2f', 'magic' or 'magic16' (got {self.convert!r}) and rescale "
                        f"'weight' or 'partial' (got {self.rescale!r})")
@@ -202,8 +206,11 @@ def _as_float(q, minus: float, convert: str):
 
 
 def _values(q, scale, offset, fmt, table_ref, convert):
-  """Codes to weights; with scale None, the unscaled values (NF4 table values, q - 8, or q: `rescale="partial"`)."""
-  if fmt == "nf4":
+  """Codes to weights; with scale None, the unscaled values (NF4 table values, q - 8, or q: `rescale="partial"`).
+  Floating-point q are NF4 values already looked up (`lookup="prmt"`): only scaled."""
+  if jnp.issubdtype(q.dtype, jnp.floating):
+    v = q
+  elif fmt == "nf4":
     v = table_ref[q] if table_ref is not None else nf4_values(q)
   else:
     v = _as_float(q, 8.0 if fmt in ("int4_sym", "q4_0") else 0.0, convert)
@@ -211,6 +218,20 @@ def _values(q, scale, offset, fmt, table_ref, convert):
     return v
   v = v.astype(jnp.float32)  # magic16's bfloat16 values: exact in float32, where the scale is applied
   return v * scale if offset is None else v * scale + offset
+
+
+def _nf4_prmt(codes, dtype, words, interpret: bool):
+  """The NF4 values (even rows: low nibbles; odd rows: high nibbles) of uint8 code bytes as `dtype` (bfloat16 or
+  float16), by the byte-permute program of `nf4_prmt` in inline PTX, four code bytes per instance, with `words`
+  (scalars: the table's `nf4_prmt.REGISTER_WORDS`, loaded once by the kernel); in interpret mode (no PTX) by the
+  select tree, rounded to `dtype`: the same values (`nf4_prmt.table16`)."""
+  if interpret:
+    c = codes.astype(jnp.int32)
+    return nf4_values(c & 0xF).astype(dtype), nf4_values(c >> 4).astype(dtype)
+  args = [codes] + [jnp.full(codes.shape, word, jnp.uint32) for word in words]
+  out = [jax.ShapeDtypeStruct(codes.shape, dtype)]
+  return tuple(pltriton.elementwise_inline_asm(nf4_prmt.ptx(dtype, half), args=args, constraints=nf4_prmt.CONSTRAINTS,
+                                               pack=4, result_shape_dtypes=out)[0] for half in ("even", "odd"))
 
 
 def _products(a, b):
@@ -228,7 +249,7 @@ def _mac(acc, a, b, dot):
 
 
 def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, gather: bool, lora: bool,
-            dot: str, prefetch: bool, convert: str, rescale: str):
+            dot: str, prefetch: bool, convert: str, rescale: str, prmt=None, interpret: bool = False):
   rest = list(refs)
   half = block // 2
   if dot == "mma":  # the even and odd columns of x, split outside
@@ -243,6 +264,7 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
   offset_ref = rest.pop(0) if fmt in _OFFSET_FORMATS else None
   dq_ref, dq_offset_ref = (rest.pop(0), rest.pop(0)) if dq else (None, None)
   table_ref = rest.pop(0) if gather else None
+  words_ref = rest.pop(0) if prmt is not None else None
   low_ref, b_ref = (rest.pop(0), rest.pop(0)) if lora else (None, None)
   (o_ref,) = rest
   bn = codes_ref.shape[-1]
@@ -251,6 +273,8 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
     cols = pl.program_id(1) * bn + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)
     dq_offset = dq_offset_ref[0]
 
+  if words_ref is not None:  # the lookup's table words, in registers for the whole loop
+    words = [words_ref[i] for i in range(len(nf4_prmt.REGISTER_WORDS))]
   blocks_of = lambda t: [(first + t) * bk + u for u in range(bk)]  # bk quantization blocks per loop step
 
   def loads(g):
@@ -264,7 +288,12 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
   def add_block(acc, codes, scale, dq_scale, offset, xe, xo):
     """acc + one block's product. Each load happens where its value is first needed (for `step`, the order the
     H200 runs timed: Triton's schedule, and so the registers, follow it)."""
-    c = codes().astype(jnp.int32)
+    if prmt is not None:  # both nibbles' NF4 values at once, as 16-bit floats (nf4_prmt)
+      even, odd = _nf4_prmt(codes(), prmt, words, interpret)
+      low, high = (lambda: even), (lambda: odd)
+    else:
+      c = codes().astype(jnp.int32)
+      low, high = (lambda: c & 0xF), (lambda: c >> 4)
     sc = scale().astype(jnp.float32)
     if dq:
       sc = sc * dq_scale() + dq_offset
@@ -272,11 +301,11 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
     per_weight = rescale == "weight"  # else: the block's product on unscaled values, scaled once (module doc)
     value = lambda q: _values(q, sc if per_weight else None, off if per_weight else None, fmt, table_ref, convert)
     if per_weight:
-      w_even, w_odd = value(c & 0xF), value(c >> 4)
+      w_even, w_odd = value(low()), value(high())
       acc = _mac(acc, xe(), w_even, dot)
       return _mac(acc, xo(), w_odd, dot)
     x_e, x_o = xe(), xo()
-    part = _mac(_mac(jnp.zeros(acc.shape, jnp.float32), x_e, value(c & 0xF), dot), x_o, value(c >> 4), dot)
+    part = _mac(_mac(jnp.zeros(acc.shape, jnp.float32), x_e, value(low()), dot), x_o, value(high()), dot)
     acc = acc + part * sc
     if off is not None:  # sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k
       x_sum = (jnp.sum(x_e.astype(jnp.float32), axis=1, keepdims=True)
@@ -388,6 +417,15 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
     table = jnp.asarray(NF4_TABLE, jnp.float32)
     in_specs.append(whole(table))
     args.append(table)
+  prmt = None
+  if w.fmt == "nf4" and bs.lookup == "prmt":  # 16-bit table values, in the dot's dtype
+    if x.dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"lookup='prmt' gives NF4 values as 16-bit floats: it needs bfloat16 or float16 "
+                       f"activations, got {x.dtype}")
+    prmt = jnp.dtype(x.dtype)
+    words = jnp.asarray([nf4_prmt.table_words(prmt)[k] for k in nf4_prmt.REGISTER_WORDS], jnp.uint32)
+    in_specs.append(whole(words))
+    args.append(words)
   lora = low is not None
   if lora:
     r = b.shape[0]
@@ -405,7 +443,7 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
   out = pl.pallas_call(
       functools.partial(_kernel, fmt=w.fmt, block=w.block_size, n=n, bk=bk, steps=steps, dq=dq, gather=gather,
                         lora=lora, dot=bs.dot, prefetch=bool(bs.prefetch), convert=bs.convert,
-                        rescale=bs.rescale),
+                        rescale=bs.rescale, prmt=prmt, interpret=interpret),
       out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
       grid=(mp // bs.bm, n // bs.bn, split),
       in_specs=in_specs,

@@ -1,0 +1,163 @@
+"""NF4 codes to 16-bit floats by byte permutes: the lookup of ``BlockSizes(lookup="prmt")`` on NVIDIA GPUs.
+
+A packed code byte holds two NF4 codes (low nibble: an even row of K, high nibble: the next odd row). The 16
+table values, rounded to bfloat16 (or float16), are 32 bytes: their low bytes in four 32-bit words and their high
+bytes in four more. PTX's byte permute ``prmt.b32 d, a, b, c`` builds each byte of d from one of the 8 bytes of
+{b, a}, chosen by a 3-bit field of c: so a code's low 3 bits index one half of the table (codes 0-7 or 8-15) and
+its fourth bit picks the half. The permute reads its four selectors from the low 16 bits of c, which for a word
+of four code bytes are exactly the four codes of its first two bytes: no selector needs building. For 8 codes
+(4 bytes) the program below takes 27 integer instructions (3.4 per weight), against 15 selects per weight for
+NF4's select tree and a load per weight for its table gather.
+
+The program is written once (`PROGRAM`) as straight-line three-address code over 32-bit words, and is both
+emitted as PTX (`ptx`, for ``pallas.triton.elementwise_inline_asm``) and executed by a numpy model of the same
+instructions (`run`), which the tests check against the table over all 256 code bytes. The GPU tests check the
+kernel itself. The interpret-mode kernel (CPU) looks the codes up in `table16` directly: the same values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...quant._qtensor import NF4_TABLE
+
+# Straight-line code over 32-bit words: (op, destination, sources). Sources are names or integer immediates.
+# Inputs: "codes" (four code bytes); "t_lo0".."t_lo3", "t_hi0".."t_hi3" (the table's low / high bytes, four
+# entries per word: word j holds entries 4j..4j+3). Outputs: "even0", "even1" (the low nibbles' values: bytes
+# 0, 1 then 2, 3, two 16-bit values per word, the first in the low half) and "odd0", "odd1" (the high nibbles').
+_HALF = (
+    # selectors s: four codes (nibbles), from the low 16 bits of `src`
+    ("and", "sel", ("{s}", 0x7777)),                      # each code's low 3 bits: the byte within a half table
+    ("and", "b3", ("{s}", 0x8888)),                       # each code's fourth bit
+    ("shr", "b3s", ("b3", 1)),
+    ("xor", "b3s", ("b3s", 0x4444)),
+    ("or", "msel", ("b3", "b3s")),                         # per code: 8 (fourth bit set) or 4 (not)
+    ("prmt", "mask", (0x80, 0, "msel")),                  # 8: replicate the sign of 0x80 -> 0xFF; 4: byte 4 = 0x00
+    ("prmt", "lo_a", ("t_lo0", "t_lo1", "sel")),          # low bytes of entries 0-7 ...
+    ("prmt", "lo_b", ("t_lo2", "t_lo3", "sel")),          # ... and of entries 8-15
+    ("prmt", "hi_a", ("t_hi0", "t_hi1", "sel")),
+    ("prmt", "hi_b", ("t_hi2", "t_hi3", "sel")),
+    ("bitsel", "lo", ("mask", "lo_b", "lo_a")),          # mask ? b : a, bit by bit
+    ("bitsel", "hi", ("mask", "hi_b", "hi_a")),
+    # lo / hi hold the four values' low / high bytes in code order: (byte 0 even, byte 0 odd, byte 1 even, odd)
+    ("prmt", "{even}", ("lo", "hi", 0x6240)),             # even codes of bytes 0 and 1 as two 16-bit values
+    ("prmt", "{odd}", ("lo", "hi", 0x7351)),              # odd codes
+)
+
+
+def _program():
+  out = [("mov", "codes_hi", ("codes",)), ("shr", "codes_hi", ("codes_hi", 16))]
+  for src, even, odd in (("codes", "even0", "odd0"), ("codes_hi", "even1", "odd1")):
+    for op, dst, srcs in _HALF:
+      fill = lambda v: v.format(s=src, even=even, odd=odd) if isinstance(v, str) else v
+      out.append((op, fill(dst), tuple(fill(v) for v in srcs)))
+  return tuple(out)
+
+
+PROGRAM = _program()
+INPUTS = ("codes",) + tuple(f"t_{part}{j}" for part in ("lo", "hi") for j in range(4))
+OUTPUTS = ("even0", "even1", "odd0", "odd1")
+
+
+def table16(dtype) -> np.ndarray:
+  """The NF4 table rounded to `dtype` (bfloat16 or float16), as numpy values of that dtype."""
+  import jax.numpy as jnp  # its bfloat16 is numpy's (ml_dtypes): round to nearest even, as XLA converts
+  return np.asarray(NF4_TABLE, np.float32).astype(jnp.dtype(dtype))
+
+
+def table_words(dtype) -> dict[str, int]:
+  """The table's 16-bit patterns as the program's eight input words: t_lo<j> / t_hi<j> hold the low / high bytes
+  of entries 4j..4j+3, entry 4j in the lowest byte."""
+  bits = table16(dtype).view(np.uint16).astype(np.uint32)
+  words = {}
+  for j in range(4):
+    entries = bits[4 * j: 4 * j + 4]
+    words[f"t_lo{j}"] = int(sum(int(e & 0xFF) << (8 * i) for i, e in enumerate(entries)))
+    words[f"t_hi{j}"] = int(sum(int(e >> 8) << (8 * i) for i, e in enumerate(entries)))
+  return words
+
+
+def _prmt(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+  """PTX ``prmt.b32`` (default mode): byte i of the result is byte (c >> 4i) & 7 of the 8 bytes {b, a} (a's bytes
+  0-3, b's 4-7), or, if bit (4i + 3) of c is set, that byte's sign bit replicated over all 8 bits."""
+  pool = (a.astype(np.uint64) | (b.astype(np.uint64) << 32))
+  out = np.zeros(np.broadcast(a, b, c).shape, np.uint32)
+  for i in range(4):
+    nib = (c >> (4 * i)) & 0xF
+    byte = ((pool >> ((nib & 7) * 8).astype(np.uint64)) & 0xFF).astype(np.uint32)
+    byte = np.where(nib & 8, np.where(byte & 0x80, 0xFF, 0x00), byte).astype(np.uint32)
+    out |= byte << (8 * i)
+  return out
+
+
+_OPS = {
+    "mov": lambda a: a,
+    "and": lambda a, b: a & b,
+    "or": lambda a, b: a | b,
+    "xor": lambda a, b: a ^ b,
+    "shr": lambda a, b: a >> b,
+    "bitsel": lambda m, b, a: (b & m) | (a & ~m),
+    "prmt": _prmt,
+}
+
+
+def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Executes PROGRAM on uint32 arrays (the numpy model of the PTX that `ptx` emits); returns the outputs."""
+  regs = {k: np.asarray(v, np.uint32) for k, v in inputs.items()}
+  word = lambda v: regs[v] if isinstance(v, str) else np.uint32(v)
+  for op, dst, srcs in PROGRAM:
+    regs[dst] = np.asarray(_OPS[op](*(word(v) for v in srcs)), np.uint32)
+  return {k: regs[k] for k in OUTPUTS}
+
+
+def lookup(codes: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+  """The model applied the way the kernel applies the PTX: code bytes in fours (one word, byte i = element i),
+  values out as 16-bit halves (element i in half i of the output words). Returns the (even, odd) values of each
+  code byte as `dtype` (uint8 codes, size a multiple of 4)."""
+  flat = np.asarray(codes, np.uint8).reshape(-1, 4)
+  word = flat.astype(np.uint32) @ (np.uint32(1) << (8 * np.arange(4, dtype=np.uint32)))
+  out = run({"codes": word, **{k: np.full_like(word, v) for k, v in table_words(dtype).items()}})
+  halves = lambda w0, w1: np.stack([w0 & 0xFFFF, w0 >> 16, w1 & 0xFFFF, w1 >> 16], -1).astype(np.uint16)
+  even = halves(out["even0"], out["even1"]).view(table16(dtype).dtype).reshape(np.shape(codes))
+  odd = halves(out["odd0"], out["odd1"]).view(table16(dtype).dtype).reshape(np.shape(codes))
+  return even, odd
+
+
+# The table words each permute takes as its first operand: passed in registers (the kernel loads them once, before
+# its loop); the other four are immediates, which the permute takes in its second operand. (Written as immediates
+# all, ptxas keeps them in uniform registers and copies one into a register before every permute.)
+REGISTER_WORDS = ("t_lo0", "t_lo2", "t_hi0", "t_hi2")
+CONSTRAINTS = "=r,=r,r" + ",r" * 4 * len(REGISTER_WORDS)  # 2 result words; the code bytes (4 in one word); 4
+# copies of each register word (a 32-bit argument of a pack-4 instance comes as 4 operands, one per element)
+
+
+def ptx(dtype, half: str) -> str:
+  """PROGRAM as PTX for ``elementwise_inline_asm(pack=4)`` with one result: the `half` ("even" or "odd") values in
+  operands $0, $1; $2 holds the four code bytes, then come the REGISTER_WORDS (each as 4 operands, of which the
+  first is used); the other table words are immediates, the other half's values stay in scratch registers. (One
+  result per instance: JAX 0.10's lowering of the primitive mishandles several. Two instances on the same codes
+  repeat the same instructions up to their last two, which ptxas can share.)"""
+  operand = {f"{half}0": "$0", f"{half}1": "$1", "codes": "$2",
+             **{name: f"${3 + 4 * i}" for i, name in enumerate(REGISTER_WORDS)}}
+  table = {k: v for k, v in table_words(dtype).items() if k not in REGISTER_WORDS}
+  temps = sorted({dst for _, dst, _ in PROGRAM if dst not in operand} | set(table))
+  lines = ["{", f"  .reg .b32 {', '.join('%' + t for t in temps)};"]
+  lines += [f"  mov.b32 %{name}, {value:#010x};" for name, value in table.items()]
+  reg = lambda v: (operand.get(v) or f"%{v}") if isinstance(v, str) else f"{v:#x}"
+  for op, dst, srcs in PROGRAM:
+    if op == "bitsel":  # (b & m) | (a & ~m): lop3's truth table for m ? b : a with (m, b, a) = (0xF0, 0xCC, 0xAA)
+      lines.append(f"  lop3.b32 {reg(dst)}, {', '.join(reg(v) for v in srcs)}, 0xca;")
+    elif op == "prmt":  # its operands are registers: immediates go through scoped ones
+      imm = [f"%imm{i}" for i, v in enumerate(srcs) if isinstance(v, int)]
+      movs = " ".join(f"mov.b32 %imm{i}, {v:#x};" for i, v in enumerate(srcs) if isinstance(v, int))
+      args = ", ".join(f"%imm{i}" if isinstance(v, int) else reg(v) for i, v in enumerate(srcs))
+      body = f"prmt.b32 {reg(dst)}, {args};"
+      lines.append(f"  {{ .reg .b32 {', '.join(imm)}; {movs} {body} }}" if imm else f"  {body}")
+    else:
+      lines.append(f"  {op}.b32 {reg(dst)}, {', '.join(reg(v) for v in srcs)};")
+  lines.append("}")
+  return "\n".join(lines)
+
+
+__all__ = ["CONSTRAINTS", "INPUTS", "OUTPUTS", "PROGRAM", "REGISTER_WORDS", "lookup", "ptx", "run", "table16",
+           "table_words"]

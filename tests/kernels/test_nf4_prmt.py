@@ -1,0 +1,53 @@
+"""The NF4 byte-permute lookup (`lora_jax.kernels.qmatmul.nf4_prmt`): its program, run by the numpy model of the
+PTX it emits, against the 16-bit table over every code byte; the model's permute against PTX's definition; the
+emitted PTX's operands. (Its machine code and the kernel's values with it: tests/kernels/test_qmatmul.py; on a GPU:
+test_qmatmul_gpu.py.)"""
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lora_jax.kernels.qmatmul import nf4_prmt
+from lora_jax.quant._qtensor import NF4_TABLE
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_program_looks_up_every_code_byte(dtype):
+  codes = np.arange(256, dtype=np.uint8)
+  even, odd = nf4_prmt.lookup(np.tile(codes, 3), dtype)  # each byte in each of the 4 positions of a word
+  table = nf4_prmt.table16(dtype)
+  bits = lambda v: np.asarray(v).view(np.uint16)
+  np.testing.assert_array_equal(bits(even), bits(table[np.tile(codes, 3) & 0xF]))
+  np.testing.assert_array_equal(bits(odd), bits(table[np.tile(codes, 3) >> 4]))
+  # the table is NF4's, rounded once to the 16-bit type
+  np.testing.assert_allclose(table.astype(np.float32), NF4_TABLE, rtol=2 ** -8 if dtype == jnp.bfloat16 else 2 ** -11)
+  assert table[7] == 0 and table[0] == -1 and table[15] == 1
+
+
+def test_permute_model_follows_the_ptx_definition():
+  """prmt.b32 d, a, b, c: byte i of d is byte c[4i+2:4i] of {b, a} (a = bytes 0-3), or with c[4i+3] set that
+  byte's sign bit replicated."""
+  prmt = nf4_prmt._prmt
+  a, b = np.uint32(0x33221100), np.uint32(0xF7E6D5C4)
+  assert prmt(a, b, np.uint32(0x3210)) == 0x33221100
+  assert prmt(a, b, np.uint32(0x7654)) == 0xF7E6D5C4
+  assert prmt(a, b, np.uint32(0x0404)) == 0x00C400C4
+  assert prmt(a, b, np.uint32(0xC8F3)) == 0xFF00FF33  # 0xC4 and 0xF7 have the sign bit, 0x00 not
+  assert prmt(a, b, np.uint32(0x12345)) == prmt(a, b, np.uint32(0x2345))  # only the low 16 bits select
+
+
+@pytest.mark.parametrize("half", ["even", "odd"])
+def test_ptx_operands(half):
+  """One result (two words, $0 $1), the codes word ($2), and the register table words: the first of each
+  argument's four operands ($3, $7, $11, $15); every program line emitted, every scratch register declared."""
+  text = nf4_prmt.ptx(jnp.bfloat16, half)
+  used = sorted({int(n) for n in re.findall(r"\$(\d+)", text)})
+  assert used == [0, 1, 2, 3, 7, 11, 15]
+  assert nf4_prmt.CONSTRAINTS.count("=r") == 2 and nf4_prmt.CONSTRAINTS.count(",r") == 1 + 16
+  assert len(re.findall(r"\b(and|or|xor|shr|mov|prmt|lop3)\.b32 ", text)) >= len(nf4_prmt.PROGRAM)
+  declared = set(re.findall(r"%(\w+)", text.split(";")[0]))
+  assert {v[1:] for v in re.findall(r"%[a-z_0-9]+", text)} - {"imm0", "imm1", "imm2"} <= declared
+  other = "odd" if half == "even" else "even"
+  assert f"%{other}0" in text and f"%{half}0" not in text  # the other half stays in scratch registers
