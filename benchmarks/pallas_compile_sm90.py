@@ -84,7 +84,8 @@ def issue_fit(timed):
   def fit(rows):
     bound = np.array([r["issue_bound_s"] for r in rows])
     took = np.array([r["gpu_time_s"] for r in rows])
-    return {"n": len(rows), "pearson_r": round(float(np.corrcoef(bound, took)[0, 1]), 3),
+    r = np.corrcoef(bound, took)[0, 1] if bound.std() > 0 and took.std() > 0 else None  # None: no spread
+    return {"n": len(rows), "pearson_r": None if r is None else round(float(r), 3),
             "measured_over_bound_median": round(float(np.median(took / bound)), 2),
             "measured_over_bound_min": round(float(np.min(took / bound)), 2)}
 

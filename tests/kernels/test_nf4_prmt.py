@@ -15,12 +15,13 @@ from lora_jax.quant._qtensor import NF4_TABLE
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_program_looks_up_every_code_byte(dtype):
-  codes = np.arange(256, dtype=np.uint8)
-  even, odd = nf4_prmt.lookup(np.tile(codes, 3), dtype)  # each byte in each of the 4 positions of a word
+  codes = np.concatenate([np.roll(np.arange(256, dtype=np.uint8), r) for r in range(4)])  # byte b at position
+  even, odd = nf4_prmt.lookup(codes, dtype)                                             # (b + r) % 4 of a word
+  assert {(int(b), i % 4) for i, b in enumerate(codes)} == {(b, p) for b in range(256) for p in range(4)}
   table = nf4_prmt.table16(dtype)
   bits = lambda v: np.asarray(v).view(np.uint16)
-  np.testing.assert_array_equal(bits(even), bits(table[np.tile(codes, 3) & 0xF]))
-  np.testing.assert_array_equal(bits(odd), bits(table[np.tile(codes, 3) >> 4]))
+  np.testing.assert_array_equal(bits(even), bits(table[codes & 0xF]))
+  np.testing.assert_array_equal(bits(odd), bits(table[codes >> 4]))
   # the table is NF4's, rounded once to the 16-bit type
   np.testing.assert_allclose(table.astype(np.float32), NF4_TABLE, rtol=2 ** -8 if dtype == jnp.bfloat16 else 2 ** -11)
   assert table[7] == 0 and table[0] == -1 and table[15] == 1
@@ -30,6 +31,7 @@ def test_permute_model_follows_the_ptx_definition():
   """prmt.b32 d, a, b, c: byte i of d is byte c[4i+2:4i] of {b, a} (a = bytes 0-3), or with c[4i+3] set that
   byte's sign bit replicated."""
   prmt = nf4_prmt._prmt
+  assert prmt(np.uint32(0x03020100), np.uint32(0x07060504), np.uint32(0x7531)) == 0x07050301  # CUB's PRMT example
   a, b = np.uint32(0x33221100), np.uint32(0xF7E6D5C4)
   assert prmt(a, b, np.uint32(0x3210)) == 0x33221100
   assert prmt(a, b, np.uint32(0x7654)) == 0xF7E6D5C4

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.kernels import BlockSizes, qmatmul, qmatmul_lora, qmatmul_pallas, qmatmul_reference
+from lora_jax.kernels import (BlockSizes, qmatmul, qmatmul_lora, qmatmul_lora_pallas, qmatmul_pallas,
+                              qmatmul_reference)
 from lora_jax.testing import assert_allclose, random_qtensor
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")]
@@ -61,12 +62,27 @@ def test_pallas_on_gpu_matches_reference(fmt, m, k, n, dtype):
     (16, "nf4", BlockSizes(rescale="partial", num_warps=8)),
 ], ids=str)
 def test_tilings_and_variants_on_gpu(m, fmt, blocks):
-  """bk, split_k, both dots (tensor cores; CUDA-core multiply-reduce), both NF4 lookups, warps, stages, prefetch,
-  both code conversions and both places to apply the scale."""
+  """bk, split_k, both dots (tensor cores; CUDA-core multiply-reduce), the three NF4 lookups (select tree, table
+  gather, byte permutes in inline PTX), warps, stages, prefetch, the three code conversions and both places to
+  apply the scale."""
   w = _q(fmt, 4096, 4096)
   x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16)
   got = qmatmul_pallas(x, w, blocks=blocks)
   _close(got, qmatmul_reference(x, w), "bf16")
+
+
+def test_prmt_lookup_with_f16_prefetch_and_lora_on_gpu():
+  """The byte-permute NF4 lookup's PTX with float16 activations (its float16 table), loads a step ahead, and the
+  fused LoRA term."""
+  w = _q("nf4_dq", 4096, 1024)
+  x = jax.random.normal(jax.random.key(3), (8, 4096), jnp.float16)
+  got = qmatmul_pallas(x, w, blocks=BlockSizes(lookup="prmt", rescale="partial", prefetch=1, bk=2, split_k=2))
+  _close(got, qmatmul_reference(x, w), "f16")
+  low = jax.random.normal(jax.random.key(4), (8, 16), jnp.float32)
+  b = jax.random.normal(jax.random.key(5), (16, 1024), jnp.float32) * 0.1
+  xb = x.astype(jnp.bfloat16)
+  got = qmatmul_lora_pallas(xb, w, low, b, blocks=BlockSizes(lookup="prmt", rescale="partial"))
+  _close(got, qmatmul_reference(xb, w) + low @ b, "bf16")
 
 
 def test_fused_lora_and_gradients_on_gpu():

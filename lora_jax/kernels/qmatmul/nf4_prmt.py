@@ -5,9 +5,11 @@ table values, rounded to bfloat16 (or float16), are 32 bytes: their low bytes in
 bytes in four more. PTX's byte permute ``prmt.b32 d, a, b, c`` builds each byte of d from one of the 8 bytes of
 {b, a}, chosen by a 3-bit field of c: so a code's low 3 bits index one half of the table (codes 0-7 or 8-15) and
 its fourth bit picks the half. The permute reads its four selectors from the low 16 bits of c, which for a word
-of four code bytes are exactly the four codes of its first two bytes: no selector needs building. For 8 codes
-(4 bytes) the program below takes 27 integer instructions (3.4 per weight), against 15 selects per weight for
-NF4's select tree and a load per weight for its table gather.
+of four code bytes are exactly the four codes of its first two bytes: the selectors need only masking to their
+low 3 bits (a set fourth bit would make the permute replicate a sign). For 8 codes (4 bytes) the program below is
+29 integer instructions (3.6 per weight), against 15 selects per weight for NF4's select tree and a load per
+weight for its table gather; compiled into the kernel's loop for sm_90, ptxas adds register moves around it (about
+6.8 instructions per weight for the lookup in all: benchmarks/results/pallas_compile_sm90.json).
 
 The program is written once (`PROGRAM`) as straight-line three-address code over 32-bit words, and is both
 emitted as PTX (`ptx`, for ``pallas.triton.elementwise_inline_asm``) and executed by a numpy model of the same

@@ -68,8 +68,9 @@ class BlockSizes:
     accumulator holds bm·B/2·bn values; Triton 3.5 spills at 64 per thread, e.g. one row, bn 128, 2 warps).
   * ``lookup``: NF4 code to value by "select" (a select tree on the code bits: 15 selects per weight), "gather"
     (a load from the 16-entry table, cached in L1) or "prmt" (byte permutes over the table held in registers,
-    `nf4_prmt`: no loads, ~3.4 integer instructions per weight; values in the activation's 16-bit dtype, so it
-    needs bfloat16 or float16 activations).
+    `nf4_prmt`: as many machine instructions per weight as the gather, none of them a load; values in the
+    activation's 16-bit dtype, so it needs bfloat16 or float16 activations; with rescale="weight" the scaled
+    weight is rounded to that dtype a second time, for the dot).
   * ``num_warps``, ``num_stages``: Triton's warps per program and software-pipelining depth.
   * ``prefetch``: 1 issues each loop step's loads one step ahead, carried in registers (Triton pipelines loads
     that feed a dot through shared memory, but not those of the multiply-reduce path; not yet timed on a GPU).
@@ -194,8 +195,8 @@ def _as_float(q, minus: float, convert: str):
   """q - minus for integer codes q (int32), exactly: float32 by a conversion instruction ("i2f", any q) or by
   setting q into the mantissa of 2^23 and subtracting 2^23 + minus ("magic", q < 2^23: both operands are integers
   in [2^23, 2^24), so the difference is exact); bfloat16 by the same in 16 bits ("magic16", q < 128 and
-  minus <= 128: 128 + q and 128 + minus are integers below 256, exact in bfloat16's 8 significant bits, and so
-  is their difference)."""
+  minus <= 128: 128 + q and 128 + minus are integers of at most 256, exact in bfloat16's 8 significant bits, and
+  so is their difference)."""
   if convert == "magic":
     return jax.lax.bitcast_convert_type(q | _MANTISSA_2_23, jnp.float32) - (2.0 ** 23 + minus)
   if convert == "magic16":
