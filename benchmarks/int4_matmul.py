@@ -334,6 +334,11 @@ def code_slabs(codes, bn):
   return codes.reshape(kh, n // bn, bn).transpose(1, 0, 2)
 
 
+FLOOR_FIRST = ("op, int4_sym (default policy)", "op, nf4 (default policy)", "stream, default tiling",
+               "stream, default tiling, contiguous slabs", "empty, default tiling", "XLA sum of the codes", "bf16 dot",
+               "reference (XLA dequantize + dot), int4_sym")
+
+
 def floor(args, result, shapes, interp, gib, t_end):
   """Where the one-row time goes: per (K, N), at M = 1, the whole op for int4_sym and nf4 (default policies,
   int4's default with a distinct activation per weight copy, so that the op's padding and column split of x run
@@ -344,7 +349,9 @@ def floor(args, result, shapes, interp, gib, t_end):
   with each program's codes contiguous (`code_slabs`), and XLA's sum over the same codes. Each is timed (wall / C,
   as the main table) and profiled once (`device_trace`): kernels per op, device time, device span; GB/s of the
   bytes the op must read, over each.
-  Ops that would start after `t_end` are recorded as skipped."""
+  Each shape gets an equal share of the time left until `t_end`, spent on `FLOOR_FIRST` first, then the op's other
+  rows and the wide tiling, then the seeded variants; ops that would start after their shape's share are recorded
+  as skipped."""
   rows = result["floor"] = []
   print(f"\nfloor (M = 1): per op, wall us, device us (sum of kernels), device span us, kernels per op, GB/s of "
         f"its bytes over wall and over device time\n{'K':>5} {'N':>5} {'what':42s} {'wall':>7} {'device':>7} "
@@ -383,11 +390,17 @@ def floor(args, result, shapes, interp, gib, t_end):
                     {**tiling, "layout": "slabs"}))
     ops.append(("XLA sum of the codes", lambda _, c: jnp.sum(c, axis=0, dtype=jnp.int32), codes, codes[0].size,
                 None))
+    # what the budget runs first: the ops and the kernels that bound them, then the variants of the op
+    rank = lambda what: (FLOOR_FIRST.index(what) if what in FLOOR_FIRST else
+                         len(FLOOR_FIRST) + 1 if what.startswith("op, ") and "(default" not in what and "split" not in what
+                         else len(FLOOR_FIRST))
+    ops.sort(key=lambda op: rank(op[0]))
+    shape_end = time.perf_counter() + (t_end - time.perf_counter()) / (len(shapes) - shapes.index((k, n)))
     xs = [jax.random.normal(jax.random.key(2 + i), (1, k), jnp.bfloat16) for i in range(len(qs))]
     for what, fn, ws, nbytes, tiling in ops:
       row = {"K": k, "N": n, "what": what, "tiling": tiling, "bytes": nbytes}
       rows.append(row)
-      if time.perf_counter() > t_end:
+      if time.perf_counter() > shape_end:
         row["skipped"] = "budget"
         continue
       try:
