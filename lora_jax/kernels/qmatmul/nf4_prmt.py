@@ -19,6 +19,8 @@ kernel itself. The interpret-mode kernel (CPU) looks the codes up in `table16` d
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ...quant._qtensor import NF4_TABLE
@@ -48,7 +50,7 @@ _HALF = (
 
 
 def _program():
-  out = [("mov", "codes_hi", ("codes",)), ("shr", "codes_hi", ("codes_hi", 16))]
+  out = [("shr", "codes_hi", ("codes", 16))]  # the word's last two bytes' codes, in the low 16 bits
   for src, even, odd in (("codes", "even0", "odd0"), ("codes_hi", "even1", "odd1")):
     for op, dst, srcs in _HALF:
       fill = lambda v: v.format(s=src, even=even, odd=odd) if isinstance(v, str) else v
@@ -93,7 +95,6 @@ def _prmt(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 _OPS = {
-    "mov": lambda a: a,
     "and": lambda a, b: a & b,
     "or": lambda a, b: a | b,
     "xor": lambda a, b: a ^ b,
@@ -133,6 +134,7 @@ CONSTRAINTS = "=r,=r,r" + ",r" * 4 * len(REGISTER_WORDS)  # 2 result words; the 
 # copies of each register word (a 32-bit argument of a pack-4 instance comes as 4 operands, one per element)
 
 
+@functools.lru_cache(maxsize=None)  # traced once per block and loop step: the text is the same each time
 def ptx(dtype, half: str) -> str:
   """PROGRAM as PTX for ``elementwise_inline_asm(pack=4)`` with one result: the `half` ("even" or "odd") values in
   operands $0, $1; $2 holds the four code bytes, then come the REGISTER_WORDS (each as 4 operands, of which the

@@ -206,18 +206,16 @@ def _as_float(q, minus: float, convert: str):
   return v - minus if minus else v
 
 
-def _values(q, scale, offset, fmt, table_ref, convert):
-  """Codes to weights; with scale None, the unscaled values (NF4 table values, q - 8, or q: `rescale="partial"`).
-  Floating-point q are NF4 values already looked up (`lookup="prmt"`): only scaled."""
-  if jnp.issubdtype(q.dtype, jnp.floating):
-    v = q
-  elif fmt == "nf4":
-    v = table_ref[q] if table_ref is not None else nf4_values(q)
-  else:
-    v = _as_float(q, 8.0 if fmt in ("int4_sym", "q4_0") else 0.0, convert)
-  if scale is None:
-    return v
-  v = v.astype(jnp.float32)  # magic16's bfloat16 values: exact in float32, where the scale is applied
+def _unscaled(q, fmt, table_ref, convert):
+  """Codes (int32) to unscaled values: NF4 table values, q - 8 (int4_sym, q4_0) or q."""
+  if fmt == "nf4":
+    return table_ref[q] if table_ref is not None else nf4_values(q)
+  return _as_float(q, 8.0 if fmt in ("int4_sym", "q4_0") else 0.0, convert)
+
+
+def _scaled(v, scale, offset):
+  """Unscaled values to weights, in float32 (magic16's and prmt's 16-bit values are exact there)."""
+  v = v.astype(jnp.float32)
   return v * scale if offset is None else v * scale + offset
 
 
@@ -292,21 +290,21 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
     if prmt is not None:  # both nibbles' NF4 values at once, as 16-bit floats (nf4_prmt)
       even, odd = _nf4_prmt(codes(), prmt, words, interpret)
       low, high = (lambda: even), (lambda: odd)
-    else:
+    else:  # unscaled values of the low (even rows) and high (odd rows) nibbles
       c = codes().astype(jnp.int32)
-      low, high = (lambda: c & 0xF), (lambda: c >> 4)
+      low = lambda: _unscaled(c & 0xF, fmt, table_ref, convert)
+      high = lambda: _unscaled(c >> 4, fmt, table_ref, convert)
     sc = scale().astype(jnp.float32)
     if dq:
       sc = sc * dq_scale() + dq_offset
     off = offset().astype(jnp.float32) if offset is not None else None
-    per_weight = rescale == "weight"  # else: the block's product on unscaled values, scaled once (module doc)
-    value = lambda q: _values(q, sc if per_weight else None, off if per_weight else None, fmt, table_ref, convert)
-    if per_weight:
-      w_even, w_odd = value(low()), value(high())
+    if rescale == "weight":
+      w_even, w_odd = _scaled(low(), sc, off), _scaled(high(), sc, off)
       acc = _mac(acc, xe(), w_even, dot)
       return _mac(acc, xo(), w_odd, dot)
+    # rescale == "partial": the block's product on unscaled values, scaled once (module doc)
     x_e, x_o = xe(), xo()
-    part = _mac(_mac(jnp.zeros(acc.shape, jnp.float32), x_e, value(low()), dot), x_o, value(high()), dot)
+    part = _mac(_mac(jnp.zeros(acc.shape, jnp.float32), x_e, low(), dot), x_o, high(), dot)
     acc = acc + part * sc
     if off is not None:  # sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k
       x_sum = (jnp.sum(x_e.astype(jnp.float32), axis=1, keepdims=True)
