@@ -316,6 +316,21 @@ def test_sm90_machine_code_of_the_conversion_and_rescale_variants():
   assert loads(prmt) < 0.5 < 1 < loads(gather), (prmt, gather)
 
 
+def test_sm90_machine_code_of_the_words_dot():
+  """What dot="words" is for, read off the sm_90 machine code at one row of int4: whole code words turned into
+  floats by one masked OR per weight (LOP3 ~1, no byte permutes, no conversions, no tensor cores), one FFMA and a
+  half per weight, and under 0.6x the instructions of the best tensor-core variant (magic16 + partial scaling);
+  no spills."""
+  pytest.importorskip("triton", reason="the triton package (test extra) is not installed")
+  from lora_jax.kernels import BlockSizes
+  words = _sm90_loop("int4_sym", 1, BlockSizes(dot="words", bn=256))
+  best_mma = _sm90_loop("int4_sym", 1, BlockSizes(convert="magic16", rescale="partial"))
+  ops = words["per_weight_ops"]
+  assert words["per_weight"] < 0.6 * best_mma["per_weight"] and words["spill_bytes"] == 0, (words, best_mma)
+  assert 0.9 < ops.get("LOP3", 0) < 1.2 and 1.4 < ops.get("FFMA", 0) < 1.6, ops
+  assert not any(ops.get(op, 0) for op in ("I2F", "I2FP", "F2F", "F2FP", "PRMT", "HMMA")), ops
+
+
 def test_sass_loop_reads_the_longest_backward_branch():
   from lora_jax.kernels.qmatmul.triton_compile import sass_loop
   sass = """
@@ -369,10 +384,13 @@ def test_sm90_compile_skips_only_for_an_untested_version_pair(monkeypatch):
     ("q4_0", 8, 4, True, "mma", "select", 0), ("nf4", 2, 2, True, "fma", "gather", 0),
     ("nf4_dq", 1, 2, False, "mma", "gather", 0), ("nf4_dq", 4, 1, True, "fma", "select", 0),
     ("q4_1", 1, 8, False, "fma", "select", 0), ("nf4_dq", 2, 2, True, "fma", "gather", 1),
-    ("int4_sym", 2, 4, True, "mma", "select", 1), ("q4_1", 1, 1, False, "fma", "select", 1)])
+    ("int4_sym", 2, 4, True, "mma", "select", 1), ("q4_1", 1, 1, False, "fma", "select", 1),
+    ("int4_sym", 2, 2, True, "words", "select", 0), ("q4_1", 1, 4, False, "words", "select", 0),
+    ("int4_asym", 4, 1, True, "words", "select", 0), ("q4_0", 2, 8, False, "words", "select", 0)])
 def test_pallas_steps_split_k_and_variants(fmt, bk, split, lora, dot, lookup, prefetch):
   """Several quantization blocks per loop step (bk), K split over programs whose partial tiles are summed
-  (split_k), both dots (tensor cores; CUDA-core multiply-reduce on 5 rows padded to 8), both NF4 lookups and
+  (split_k), the three dots (tensor cores; CUDA-core multiply-reduce and multiply-add over code words, on 5 rows
+  padded to 8), both NF4 lookups and
   loads issued a step ahead (prefetch), in interpret mode against the reference; the fused LoRA term is added
   once, not once per split."""
   from lora_jax.kernels import BlockSizes, qmatmul_lora_pallas
@@ -381,7 +399,7 @@ def test_pallas_steps_split_k_and_variants(fmt, bk, split, lora, dot, lookup, pr
   x = jax.random.normal(jax.random.key(bk * 10 + split), (5, 2048))
   blocks = BlockSizes(bk=bk, split_k=split, dot=dot, lookup=lookup, prefetch=prefetch)
   resolved = blocks.for_shape(5, 128, 2048, block)
-  assert resolved.split_k == split and resolved.bm == (8 if dot == "fma" else 16)
+  assert resolved.split_k == split and resolved.bm == (16 if dot == "mma" else 8)
   with jax.default_matmul_precision("highest"):
     want = qmatmul_reference(x, w)
     if lora:
@@ -453,6 +471,55 @@ def test_partial_rescale_with_fused_lora_prefetch_and_stored_rows(fmt, m, dt, pr
     assert_allclose(got / scale, want / scale, "f16")
 
 
+def test_words_byte_values_are_exact_for_every_code_byte():
+  """`_byte_values`: every code byte, at each of a word's four byte positions and beside arbitrary neighbours,
+  becomes exactly 256 + q_lo and 256 + 16·q_hi."""
+  from lora_jax.kernels.qmatmul.pallas_gpu import _WORDS_MAGIC, _byte_values
+  byte = np.arange(256, dtype=np.uint32)
+  rng = np.random.default_rng(0)
+  for b in range(4):
+    others = rng.integers(0, 2 ** 32, 256, dtype=np.uint64).astype(np.uint32) & ~np.uint32(0xFF << (8 * b))
+    lo, hi = _byte_values(jnp.asarray(others | (byte << (8 * b))), b, jnp.uint32(_WORDS_MAGIC))
+    np.testing.assert_array_equal(np.asarray(lo), 256.0 + (byte & 15))
+    np.testing.assert_array_equal(np.asarray(hi), 256.0 + 16.0 * (byte >> 4))
+
+
+@pytest.mark.parametrize("fmt,block,m,dt,lora", [
+    ("int4_sym", 64, 1, jnp.float32, False), ("int4_sym", 128, 2, jnp.bfloat16, True),
+    ("q4_0", 32, 1, jnp.bfloat16, False), ("q4_1", 32, 3, jnp.float16, True), ("int4_asym", 32, 1, jnp.float32, True)])
+def test_words_dot_matches_reference(fmt, block, m, dt, lora):
+  """dot="words" (one to a few rows of the affine formats, float32 inside whatever the activation's dtype) against
+  the reference on the activation widened to float32, within the composite tolerance: the magic's offset cancels
+  in float32 without losing more than that; with the fused LoRA term, K split in two and two blocks per step."""
+  from lora_jax.kernels import BlockSizes, qmatmul_lora_pallas
+  w = random_qtensor(fmt, 1024, 256, block)
+  x = jax.random.normal(jax.random.key(m), (m, 1024)).astype(dt)
+  blocks = BlockSizes(dot="words", bn=256 if m == 1 else 128, bk=2, split_k=2)
+  with jax.default_matmul_precision("highest"):
+    want = qmatmul_reference(x.astype(jnp.float32), w)
+    if lora:
+      low = jax.random.normal(jax.random.key(7), (m, 8))
+      b = jax.random.normal(jax.random.key(8), (8, 256)) * 0.1
+      got = qmatmul_lora_pallas(x, w, low, b, blocks=blocks, interpret=True)
+      want = want + low @ b
+    else:
+      got = qmatmul_pallas(x, w, blocks=blocks, interpret=True)
+  assert got.shape == (m, 256)
+  assert_allclose(got, want, "f32_composite")
+
+
+def test_words_dot_refuses_what_it_cannot_do():
+  from lora_jax.kernels import BlockSizes
+  with pytest.raises(ValueError, match="dot='words' turns codes into floats by an affine map: .* not nf4"):
+    qmatmul_pallas(jnp.ones((1, 1024)), random_qtensor("nf4", 1024, 128, 64), blocks=BlockSizes(dot="words"),
+                   interpret=True)
+  for change in ({"convert": "magic"}, {"prefetch": 1}, {"lookup": "gather"}):
+    with pytest.raises(ValueError, match="dot='words' has its own code-to-float step"):
+      BlockSizes(dot="words", **change).for_shape(1, 128, 1024, 64)
+  with pytest.raises(ValueError, match="rescale='partial' needs dot='mma'"):
+    BlockSizes(dot="words", rescale="partial").for_shape(1, 128, 1024, 64)
+
+
 def test_magic_conversion_is_exact_and_policies_are_checked():
   from lora_jax.kernels import BlockSizes
   from lora_jax.kernels.qmatmul.pallas_gpu import _as_float
@@ -491,7 +558,7 @@ def test_default_blocks_resolution(m, k, n, fmt, block, want):
   assert policy == (DECODE_NF4 if (m, fmt, block) == (1, "nf4", 64) else BlockSizes())
   bs = policy.for_shape(m, n, k, block)
   assert (bs.bm, bs.bn, bs.bk, bs.split_k) == want
-  with pytest.raises(ValueError, match="dot must be 'mma' or 'fma'"):
+  with pytest.raises(ValueError, match="dot must be 'mma', 'fma' or 'words'"):
     BlockSizes(dot="wgmma").for_shape(m, n, k, block)
 
 

@@ -60,9 +60,12 @@ def test_pallas_on_gpu_matches_reference(fmt, m, k, n, dtype):
     (1, "q4_1", BlockSizes(rescale="partial")),
     (1, "nf4_dq", BlockSizes(lookup="gather", rescale="partial")),
     (16, "nf4", BlockSizes(rescale="partial", num_warps=8)),
+    (1, "int4_sym", BlockSizes(dot="words", bn=256)), (1, "q4_0", BlockSizes(dot="words", bn=128, bk=2, split_k=4)),
+    (2, "q4_1", BlockSizes(dot="words", bn=128)), (3, "int4_asym", BlockSizes(dot="words", bn=64, num_warps=2)),
 ], ids=str)
 def test_tilings_and_variants_on_gpu(m, fmt, blocks):
-  """bk, split_k, both dots (tensor cores; CUDA-core multiply-reduce), the three NF4 lookups (select tree, table
+  """bk, split_k, the three dots (tensor cores; CUDA-core multiply-reduce; multiply-add over code words), the
+  three NF4 lookups (select tree, table
   gather, byte permutes in inline PTX), warps, stages, prefetch, the three code conversions and both places to
   apply the scale."""
   w = _q(fmt, 4096, 4096)

@@ -19,7 +19,10 @@ splits its even and odd columns:
   columns split outside, the layout of the first H200 run, where int4 at M = 16 ran 1.2-1.5x faster than the
   second run's strided loads in the kernel, though under different tile policies) or, for a few rows, as a
   multiply-reduce on the CUDA cores (``dot="fma"``: bm = M rounded up to a power of two, no 16-row padding of the
-  activation or of the partial tiles; x read with strided loads; W stays float32).
+  activation or of the partial tiles; x read with strided loads; W stays float32), or, for one or two rows of
+  an int4 / GGUF weight, as multiply-adds over whole 32-bit words of codes (``dot="words"``, `_words_kernel`:
+  each code a float by one masked OR, ~3.7 machine instructions per weight at one row against 6.5 for the best
+  tensor-core variant; not yet timed on a GPU).
 
 Measured on an H200 (benchmarks/results/int4_matmul_gpu*.json, README): correct in every format and in every
 variant run there (prefetch, convert and rescale came later);
@@ -65,7 +68,10 @@ class BlockSizes:
     fewer than `min_programs` programs, each keeps >= 4 steps, and the partial sums' traffic, written and read
     back, 8·split_k·R·N bytes, stays within 1/8 of the packed codes' K·N/2; R = the rows stored, `stored_rows`).
   * ``dot``: "mma" (tensor cores) or "fma" (multiply-reduce on CUDA cores; for one or a few rows: its float32
-    accumulator holds bm·B/2·bn values; Triton 3.5 spills at 64 per thread, e.g. one row, bn 128, 2 warps).
+    accumulator holds bm·B/2·bn values; Triton 3.5 spills at 64 per thread, e.g. one row, bn 128, 2 warps) or
+    "words" (multiply-add on CUDA cores over whole 32-bit words of codes, for one or a few rows of an affine
+    format: int4 and GGUF, not NF4; `_words_kernel`). "words" brings its own code-to-float step, so `convert`
+    and `lookup` do not apply to it; it scales per weight and has no `prefetch`.
   * ``lookup``: NF4 code to value by "select" (a select tree on the code bits: 15 selects per weight), "gather"
     (a load from the 16-entry table, cached in L1) or "prmt" (byte permutes over the table held in registers,
     `nf4_prmt`: as many machine instructions per weight as the gather, none of them a load; values in the
@@ -86,9 +92,9 @@ class BlockSizes:
     and scales the (bm × bn) partial product, once per block and column instead of once per weight; offsets
     (int4_asym, q4_1) then add ``offset · Σ x`` over the block.
 
-  `convert="magic"` / `"magic16"`, `lookup="prmt"` and `rescale="partial"` came from counting the machine code's
-  instructions per weight (`triton_compile.sass_loop`, benchmarks/pallas_compile_sm90.py); they are in the policy
-  sweep's space and not yet timed on a GPU, so the defaults keep the measured lookups, "i2f" and "weight".
+  `convert="magic"` / `"magic16"`, `lookup="prmt"`, `rescale="partial"` and `dot="words"` came from counting the
+  machine code's instructions per weight (`triton_compile.sass_loop`, benchmarks/pallas_compile_sm90.py); they are
+  in the policy sweep's space and not yet timed on a GPU, so the defaults keep the measured policies.
 
   `default_blocks` picks the policy for a call when none is given: the fields' defaults here are the
   tensor-core policy, `DECODE_NF4` the one-row NF4 policy. Both were measured on an H200
@@ -109,8 +115,8 @@ class BlockSizes:
 
   def for_shape(self, m: int, n: int, k: int | None = None, block_size: int | None = None) -> "BlockSizes":
     """Tile sizes for an (m × k) @ (k × n) call; bk and split_k are resolved when k and block_size are given."""
-    if self.dot not in ("mma", "fma") or self.lookup not in ("select", "gather", "prmt"):
-      raise ValueError(f"BlockSizes: dot must be 'mma' or 'fma' (got {self.dot!r}) and lookup 'select', "
+    if self.dot not in ("mma", "fma", "words") or self.lookup not in ("select", "gather", "prmt"):
+      raise ValueError(f"BlockSizes: dot must be 'mma', 'fma' or 'words' (got {self.dot!r}) and lookup 'select', "
                        f"'gather' or 'prmt' (got {self.lookup!r})")
     if self.convert not in ("i2f", "magic", "magic16") or self.rescale not in ("weight", "partial"):
       raise ValueError(f"BlockSizes: convert must be 'i2f', 'magic' or 'magic16' (got {self.convert!r}) and rescale "
@@ -118,7 +124,10 @@ class BlockSizes:
     if self.rescale == "partial" and self.dot != "mma":
       raise ValueError("BlockSizes: rescale='partial' needs dot='mma' (the multiply-reduce keeps one product per "
                        "weight until after the loop, so there is no per-block partial product to scale)")
-    if self.dot == "fma":
+    if self.dot == "words" and (self.prefetch or self.convert != "i2f" or self.lookup != "select"):
+      raise ValueError("BlockSizes: dot='words' has its own code-to-float step and no prefetch: convert, lookup and "
+                       "prefetch must keep their defaults ('i2f', 'select', 0)")
+    if self.dot != "mma":
       bm = min(16, _pow2_at_least(m))
     else:
       bm = max(16, min(self.bm if m <= 16 else 64, _pow2_at_least(m)))
@@ -344,6 +353,112 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
   o_ref[...] = acc.reshape(o_ref.shape)
 
 
+_WORDS_MAGIC = 0x43800000  # float32 bits of 256.0: its ulp is 2^-15, so mantissa bits 15-22 hold integers
+_WORDS_SHIFTS = (15, 7, -1, -9)  # left shifts that bring byte b of a word (bits 8b..8b+7) to bits 15-22
+
+
+def _byte_values(word, b: int, magic):
+  """Both codes of byte b of each uint32 word as float32, without unpacking bytes or converting integers: the
+  word shifted so that the byte's low nibble sits in bits 15-18 and its high nibble in 19-22, each nibble masked
+  and OR-ed into the bits of 256.0 (one LOP3 each when `magic` is a runtime value). Returns (256 + q_lo,
+  256 + 16·q_hi), both exact (integers below 512 in float32's 24 significant bits)."""
+  shift = _WORDS_SHIFTS[b]
+  s = word << shift if shift > 0 else word >> -shift
+  lo = jax.lax.bitcast_convert_type((s & 0x00078000) | magic, jnp.float32)
+  hi = jax.lax.bitcast_convert_type((s & 0x00780000) | magic, jnp.float32)
+  return lo, hi
+
+
+def _lane(values, b: int):
+  """values[..., b] of a (..., 4) float32 tensor, by an integer masked sum over the last axis (in each thread's
+  registers: Triton has no indexing of a tensor's elements); exact, the sum adds zeros to one value's bits."""
+  bits = jax.lax.bitcast_convert_type(values, jnp.uint32)
+  lane = jax.lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
+  return jax.lax.bitcast_convert_type(jnp.sum(jnp.where(lane == b, bits, 0), axis=-1), jnp.float32)
+
+
+def _words_kernel(x_ref, codes_ref, scale_ref, *refs, block: int, bk: int, steps: int, offset: bool, lora: bool):
+  """``dot="words"``: one or a few rows of an affine format (int4, GGUF) as multiply-adds on CUDA cores over whole
+  32-bit words of codes.
+
+  A word of the (K/2, N) codes holds 4 columns × 2 rows of K. The code bytes of a block are loaded as they are
+  stored and reassembled into words (LLVM folds the byte shifts and ORs back into the loaded registers, so this
+  costs nothing), and each word's 8 codes become floats by one shift per byte and one masked OR per code with the
+  bits of 256.0 (`_byte_values`): 256 + q for the low nibble (even row of K) and 256 + 16·q for the high one
+  (odd row). The activation comes prepared (`_words_inputs`): x_even, x_odd / 16 and, per row of codes, the
+  offset the magic adds, c = 256·(x_even + x_odd / 16) + minus·(x_even + x_odd) with minus = 8 for int4_sym /
+  q4_0 and 0 otherwise, and, for the offset formats, the sum of x over each block. Then for each code byte
+  ``t = x_even·(256 + q_lo) + (x_odd/16)·(256 + 16·q_hi) - c = x_even·(q_lo - minus) + x_odd·(q_hi - minus)``
+  (two FFMAs), scaled per column into an elementwise accumulator (a third), which is reduced over rows once,
+  after the loop; the offset formats add each block's ``offset · Σx`` once per column. Compiled for sm_90 that is
+  about 3.6 machine instructions per weight at one row (`benchmarks/pallas_compile_sm90.py`), against 6.5 for the
+  best tensor-core variant. Float32 throughout: bf16 / f16 activations are widened outside. The magic's offset
+  cancels in float32 arithmetic whose operands are ~256/8 times the weights' codes, which costs about 5 bits of
+  the sum's 24 (the interpret-mode tests hold it to the composite tolerance)."""
+  rest = list(refs)
+  offset_ref, x_blocks_ref = (rest.pop(0), rest.pop(0)) if offset else (None, None)
+  magic_ref = rest.pop(0)
+  low_ref, b_ref = (rest.pop(0), rest.pop(0)) if lora else (None, None)
+  (o_ref,) = rest
+  half = block // 2
+  bm, bn = x_ref.shape[0], codes_ref.shape[-1]
+  first = pl.program_id(2) * steps
+  magic = magic_ref[0]  # a runtime value: a constant would be folded into two LOP3s per code instead of one
+
+  def add_block(g, carry):
+    acc, acc_off = carry
+    rows = pl.ds(g * half, half)
+    c = codes_ref[rows, :].astype(jnp.uint32).reshape(half, bn // 4, 4)
+    word = jnp.sum(c << (jax.lax.broadcasted_iota(jnp.uint32, c.shape, 2) * 8), axis=2)  # (half, bn/4), as stored
+    sc = scale_ref[pl.ds(g, 1), :].astype(jnp.float32).reshape(bn // 4, 4)
+    off = offset_ref[pl.ds(g, 1), :].astype(jnp.float32).reshape(bn // 4, 4) if offset else None
+    values = [_byte_values(word, b, magic) for b in range(4)]  # byte b of each word: column 4·w + b
+    out, out_off = [], []
+    for r in range(bm):  # rows of x: 2-D tensors throughout (a 3-D product converts layouts every step)
+      x_even, x_odd16, corr = (x_ref[r, i, rows][:, None] for i in range(3))  # (half, 1)
+      for b, (lo, hi) in enumerate(values):
+        t = x_odd16 * hi + (x_even * lo - corr)
+        out.append(acc[4 * r + b] + t * _lane(sc, b)[None, :])
+        if offset:  # the block's offsets times the sum of its x, once per column
+          out_off.append(acc_off[4 * r + b] + x_blocks_ref[r, g] * _lane(off, b))
+    return tuple(out), tuple(out_off)
+
+  def step(t, acc):
+    for u in range(bk):
+      acc = add_block((first + t) * bk + u, acc)
+    return acc
+
+  acc, acc_off = jax.lax.fori_loop(0, steps, step, (
+      tuple(jnp.zeros((half, bn // 4), jnp.float32) for _ in range(4 * bm)),
+      tuple(jnp.zeros((bn // 4,), jnp.float32) for _ in range(4 * bm if offset else 0))))
+  lane = jax.lax.broadcasted_iota(jnp.int32, (bm, bn // 4, 4), 2)
+  row = jax.lax.broadcasted_iota(jnp.int32, (bm, bn // 4, 4), 0)
+  res = jnp.zeros((bm, bn // 4, 4), jnp.float32)
+  for i, a in enumerate(acc):  # row i // 4, column 4·w + i % 4
+    col = jnp.sum(a, axis=0) + acc_off[i] if offset else jnp.sum(a, axis=0)
+    res = res + jnp.where((row == i // 4) & (lane == i % 4), col[None, :, None], 0.0)
+  res = res.reshape(bm, bn)
+  if lora:
+    lora_tile = jnp.sum(_products(low_ref[...], b_ref[...]), axis=1)
+    res += jnp.where(pl.program_id(2) == 0, lora_tile, jnp.zeros_like(lora_tile))
+  rows = o_ref.shape[-2]
+  if rows < bm:
+    res = jnp.split(res, bm // rows, axis=0)[0]
+  o_ref[...] = res.reshape(o_ref.shape)
+
+
+def _words_inputs(x2, fmt: str, block: int):
+  """The activation as `_words_kernel` reads it: (M, 3, K/2) float32 rows x_even, x_odd / 16 and the magic's
+  offset per row of codes; for the offset formats also (M, K/B), the sum of x over each block."""
+  x = x2.astype(jnp.float32)
+  x_even, x_odd = x[:, 0::2], x[:, 1::2]
+  minus = 8.0 if fmt in ("int4_sym", "q4_0") else 0.0
+  rows = jnp.stack([x_even, x_odd / 16, 256.0 * (x_even + x_odd / 16) + minus * (x_even + x_odd)], axis=1)
+  if fmt not in _OFFSET_FORMATS:
+    return rows, None
+  return rows, jnp.sum(x.reshape(x.shape[0], -1, block), axis=-1)
+
+
 def supports(x, w: QTensor) -> tuple[bool, str]:
   """Whether this kernel handles the call, and why not."""
   if w.block_size // 2 < 16 or w.block_size & (w.block_size - 1):
@@ -397,6 +512,22 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
   tile = lambda rows: pl.BlockSpec((rows, bs.bn), lambda i, j, s: (0, j))
   whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
   rows = lambda cols: pl.BlockSpec((bs.bm, cols), lambda i, j, s: (i, 0))
+  if bs.dot == "words":
+    if w.fmt not in ("int4_sym", "int4_asym", "q4_0", "q4_1"):
+      raise ValueError(f"dot='words' turns codes into floats by an affine map: it takes int4 and GGUF formats, "
+                       f"not {w.fmt} (use dot='fma' or 'mma')")
+    xw, x_blocks = _words_inputs(x2, w.fmt, w.block_size)
+    in_specs = [pl.BlockSpec((bs.bm,) + xw.shape[1:], lambda i, j, s: (i, 0, 0)), tile(k // 2), tile(nb)]
+    args = [xw, w.codes, w.scale]
+    if w.offset is not None:
+      in_specs += [tile(nb), rows(nb)]
+      args += [w.offset, x_blocks]
+    magic = jnp.asarray([_WORDS_MAGIC], jnp.uint32)
+    in_specs.append(whole(magic))
+    args.append(magic)
+    kernel = functools.partial(_words_kernel, block=w.block_size, bk=bk, steps=steps, offset=w.offset is not None,
+                               lora=low is not None)
+    return _launch(kernel, w, low, b, bs, in_specs, args, m, mp, split, lead, interpret)
   if bs.dot == "mma":
     in_specs, args = [rows(k // 2), rows(k // 2)], [x2[:, 0::2], x2[:, 1::2]]
   else:
@@ -425,6 +556,17 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
     words = jnp.asarray([nf4_prmt.table_words(prmt)[k] for k in nf4_prmt.REGISTER_WORDS], jnp.uint32)
     in_specs.append(whole(words))
     args.append(words)
+  kernel = functools.partial(_kernel, fmt=w.fmt, block=w.block_size, n=n, bk=bk, steps=steps, dq=dq, gather=gather,
+                             lora=low is not None, dot=bs.dot, prefetch=bool(bs.prefetch), convert=bs.convert,
+                             rescale=bs.rescale, prmt=prmt, interpret=interpret)
+  return _launch(kernel, w, low, b, bs, in_specs, args, m, mp, split, lead, interpret)
+
+
+def _launch(kernel, w: QTensor, low, b, bs: BlockSizes, in_specs, args, m, mp, split, lead, interpret):
+  """The pallas_call over the (row tiles, column tiles, split_k) grid: the LoRA term's inputs appended to the
+  kernel's, the output tiles stored (`stored_rows`), the split partial tiles summed."""
+  n = w.shape[1]
+  in_specs, args = list(in_specs), list(args)
   lora = low is not None
   if lora:
     r = b.shape[0]
@@ -440,9 +582,7 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
   else:  # one float32 partial tile per split, summed below
     out_shape, out_spec = (split, mo, n), pl.BlockSpec((None, rows, bs.bn), lambda i, j, s: (s, i, j))
   out = pl.pallas_call(
-      functools.partial(_kernel, fmt=w.fmt, block=w.block_size, n=n, bk=bk, steps=steps, dq=dq, gather=gather,
-                        lora=lora, dot=bs.dot, prefetch=bool(bs.prefetch), convert=bs.convert,
-                        rescale=bs.rescale, prmt=prmt, interpret=interpret),
+      kernel,
       out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
       grid=(mp // bs.bm, n // bs.bn, split),
       in_specs=in_specs,
