@@ -15,7 +15,7 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
     show apart from the kernel's own time).
   * --profile: the main table's Pallas op at M <= 16 profiled the same way (row["pallas"]["device"]).
   * --policy-sweep (then, with --sweep-budget-s seconds): a search over the kernel's shape-independent choices
-    (`BlockSizes`: dot mma|fma, NF4 lookup select|gather|prmt, bn, bk, num_warps, num_stages, min_programs,
+    (`BlockSizes`: dot mma|fma|words, NF4 lookup select|gather|prmt, bn, bk, num_warps, num_stages, min_programs,
     which sets split_k, prefetch 0|1, convert i2f|magic|magic16, rescale weight|partial) for nf4 at M = 1 and
     M = 16 and int4_sym at M = 1: the default, the format's SEED_POLICIES entries, 31 random policies, two rounds
     of every one-field change of the best, on (K, N) = (4096, 14336); the best three and the default again on
@@ -418,7 +418,7 @@ def floor(args, result, shapes, interp, gib, t_end):
     del wb, qs, qn, codes, slabs
 
 
-POLICY_FIELDS = {"dot": ("fma", "mma"), "lookup": ("select", "gather", "prmt"), "bn": (32, 64, 128), "bk": (1, 2, 4),
+POLICY_FIELDS = {"dot": ("fma", "mma", "words"), "lookup": ("select", "gather", "prmt"), "bn": (32, 64, 128), "bk": (1, 2, 4),
                  "num_warps": (2, 4, 8), "num_stages": (2, 3, 4), "min_programs": (132, 264, 528, 1056),
                  "prefetch": (0, 1), "convert": ("i2f", "magic", "magic16"), "rescale": ("weight", "partial")}
 SWEEP_CLASSES = (("nf4", 1), ("nf4", 16), ("int4_sym", 1))  # (format, M): M = 1 decode, M = 16 a few rows
@@ -429,25 +429,32 @@ SWEEP_CLASSES = (("nf4", 1), ("nf4", 16), ("int4_sym", 1))  # (format, M): M = 1
 SEED_POLICIES = {"nf4": (BlockSizes(lookup="gather", rescale="partial"),
                          BlockSizes(lookup="prmt", rescale="partial")),
                  "int4_sym": (BlockSizes(convert="magic", rescale="partial"),
-                              BlockSizes(convert="magic16", rescale="partial"))}
+                              BlockSizes(convert="magic16", rescale="partial"),
+                              BlockSizes(dot="words", bn=256), BlockSizes(dot="words", bn=128))}
 
 
 def seed_name(p):
   """A SEED_POLICIES entry's variant in words: what it changes from BlockSizes' defaults ("gather + partial")."""
   base = BlockSizes()
+  if p.dot == "words":
+    return f"words, bn {p.bn}"
   return " + ".join(str(getattr(p, f)) for f in ("lookup", "convert", "rescale") if getattr(p, f) != getattr(base, f))
 
 
 def policy_fields(fmt, m):
-  """The values each BlockSizes field may take at (fmt, m): "fma" only for M = 1, "gather" only for NF4,
-  "magic" / "magic16" only for the formats that convert integers (not NF4)."""
+  """The values each BlockSizes field may take at (fmt, m): "fma" and "words" only for M = 1, "words" and bn 256
+  only for the formats that convert integers (not NF4), "gather" / "prmt" only for NF4, "magic" / "magic16" only
+  for the formats that convert integers."""
   f = dict(POLICY_FIELDS)
   if m > 1:
     f["dot"] = ("mma",)
   if fmt != "nf4":
     f["lookup"] = ("select",)
+    if m == 1:
+      f["bn"] += (256,)
   else:
     f["convert"] = ("i2f",)
+    f["dot"] = tuple(d for d in f["dot"] if d != "words")
   return f
 
 

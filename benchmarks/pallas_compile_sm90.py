@@ -8,7 +8,8 @@ bound that implies on an H200 (132 SMs x 128 thread-instructions per clock x 1.9
   * defaults: `default_blocks(M, fmt)` for the shapes and formats of benchmarks/int4_matmul.py's GPU mode (bf16
     activations; M in {1, 16, 64}; (K, N) in {(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)}; nf4
     double-quantized and int4_sym, group 64);
-  * variants: the default and its `convert` / `rescale` / `lookup` variants at M = 1 and 16, (4096, 14336): how
+  * variants: the default and its `convert` / `rescale` / `lookup` / `dot="words"` variants at M = 1 and 16 (words:
+    M = 1 only), (4096, 14336): how
     many instructions each weight costs (`BlockSizes` says what the variants do);
   * swept: every policy the GPU policy sweep timed (benchmarks/results/int4_matmul_gpu.json), at its shape, M and
     format, next to its measured time: which fast policies spill or crowd the register file, and how well the
@@ -47,7 +48,8 @@ VARIANTS = (("default", {}), ("magic", {"convert": "magic"}), ("partial", {"resc
             ("magic + partial", {"convert": "magic", "rescale": "partial"}),
             ("magic16 + partial", {"convert": "magic16", "rescale": "partial"}),
             ("gather + partial", {"lookup": "gather", "rescale": "partial"}),
-            ("prmt + partial", {"lookup": "prmt", "rescale": "partial"}))
+            ("prmt + partial", {"lookup": "prmt", "rescale": "partial"}),
+            ("words, bn 256", {"dot": "words", "bn": 256}), ("words, bn 128", {"dot": "words", "bn": 128}))
 
 
 def abstract_weight(fmt, k, n, block=64):
@@ -128,8 +130,10 @@ def main():
   for fmt in FORMATS:
     for m in (1, 16):
       for name, change in VARIANTS:
-        if (fmt == "nf4" and "convert" in change) or (fmt != "nf4" and "lookup" in change):
-          continue  # NF4 converts no integers; only NF4 has a table to gather from
+        if (fmt == "nf4" and ("convert" in change or "dot" in change)) or (fmt != "nf4" and "lookup" in change):
+          continue  # NF4 converts no integers (nor takes "words"); only NF4 has a table to gather from
+        if change.get("dot") == "words" and m > 2:
+          continue  # one multiply-add per weight and row: for one or two rows
         base = default_blocks(m, fmt)
         if base.dot == "fma" and change.get("rescale") == "partial":
           base = BlockSizes()  # partial scaling needs tensor-core dots: their default policy

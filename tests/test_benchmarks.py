@@ -80,7 +80,7 @@ def test_int4_matmul_gpu_dry_run(tmp_path):
   assert timed and all("time_s" in t and t["pass"] for t in timed), result["sweep"]
   assert result["tuned"] and all(entry["winner"] for entry in result["sweep"]), result["sweep"]
   floor = result["floor"]
-  assert len(floor) == 16 and all("time_s" in row for row in floor), floor
+  assert len(floor) == 18 and all("time_s" in row for row in floor), floor  # 12 rows + SEED_POLICIES' 6
   # every floor op and every M <= 16 Pallas row was profiled: on CPU the host plane's XLA thunks
   profiles = [row["device"] for row in floor] + [row["pallas"]["device"] for row in rows]
   assert all(p["source"] == "host" and p["kernels_per_op"] > 0 and 0 < p["device_s"] for p in profiles), profiles
