@@ -219,7 +219,12 @@ def _unscaled(q, fmt, table_ref, convert):
   """Codes (int32) to unscaled values: NF4 table values, q - 8 (int4_sym, q4_0) or q."""
   if fmt == "nf4":
     return table_ref[q] if table_ref is not None else nf4_values(q)
-  return _as_float(q, 8.0 if fmt in ("int4_sym", "q4_0") else 0.0, convert)
+  return _as_float(q, _minus(fmt), convert)
+
+
+def _minus(fmt: str) -> float:
+  """The code an affine format maps to zero before scaling: 8 for the symmetric ones, 0 for those with offsets."""
+  return 8.0 if fmt in ("int4_sym", "q4_0") else 0.0
 
 
 def _scaled(v, scale, offset):
@@ -254,6 +259,14 @@ def _mac(acc, a, b, dot):
   if dot == "fma":
     return acc + _products(a, b)
   return acc + jnp.dot(a, b.astype(a.dtype), preferred_element_type=jnp.float32)
+
+
+def _lora_tile(low_ref, b_ref, dot: str):
+  """The LoRA term's second product, s·(xA)·B, for the output tile (added once: by split 0): a tensor-core dot,
+  or, for the CUDA-core dots, a multiply-reduce."""
+  tile = (jnp.dot(low_ref[...], b_ref[...], preferred_element_type=jnp.float32) if dot == "mma"
+          else jnp.sum(_products(low_ref[...], b_ref[...]), axis=1))
+  return jnp.where(pl.program_id(2) == 0, tile, jnp.zeros_like(tile))
 
 
 def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, gather: bool, lora: bool,
@@ -343,10 +356,8 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
     acc = jax.lax.fori_loop(0, steps, step, acc)
   if dot == "fma":
     acc = jnp.sum(acc, axis=1)
-  if lora:  # the LoRA term's second product, s·(xA)·B, on the tile already in registers (once: split 0)
-    lora_tile = (jnp.sum(_products(low_ref[...], b_ref[...]), axis=1) if dot == "fma"
-                 else jnp.dot(low_ref[...], b_ref[...], preferred_element_type=jnp.float32))
-    acc += jnp.where(pl.program_id(2) == 0, lora_tile, jnp.zeros_like(lora_tile))
+  if lora:
+    acc += _lora_tile(low_ref, b_ref, dot)
   rows = o_ref.shape[-2]
   if rows < bm:  # the first `stored_rows` rows only: the rest is padding
     acc = jnp.split(acc, bm // rows, axis=0)[0]
@@ -439,12 +450,8 @@ def _words_kernel(x_ref, codes_ref, scale_ref, *refs, block: int, bk: int, steps
     res = res + jnp.where((row == i // 4) & (lane == i % 4), col[None, :, None], 0.0)
   res = res.reshape(bm, bn)
   if lora:
-    lora_tile = jnp.sum(_products(low_ref[...], b_ref[...]), axis=1)
-    res += jnp.where(pl.program_id(2) == 0, lora_tile, jnp.zeros_like(lora_tile))
-  rows = o_ref.shape[-2]
-  if rows < bm:
-    res = jnp.split(res, bm // rows, axis=0)[0]
-  o_ref[...] = res.reshape(o_ref.shape)
+    res += _lora_tile(low_ref, b_ref, "words")
+  o_ref[...] = res.reshape(o_ref.shape)  # bm = M rounded up to a power of two: every row is stored
 
 
 def _words_inputs(x2, fmt: str, block: int):
@@ -452,8 +459,7 @@ def _words_inputs(x2, fmt: str, block: int):
   offset per row of codes; for the offset formats also (M, K/B), the sum of x over each block."""
   x = x2.astype(jnp.float32)
   x_even, x_odd = x[:, 0::2], x[:, 1::2]
-  minus = 8.0 if fmt in ("int4_sym", "q4_0") else 0.0
-  rows = jnp.stack([x_even, x_odd / 16, 256.0 * (x_even + x_odd / 16) + minus * (x_even + x_odd)], axis=1)
+  rows = jnp.stack([x_even, x_odd / 16, 256.0 * (x_even + x_odd / 16) + _minus(fmt) * (x_even + x_odd)], axis=1)
   if fmt not in _OFFSET_FORMATS:
     return rows, None
   return rows, jnp.sum(x.reshape(x.shape[0], -1, block), axis=-1)
@@ -513,7 +519,7 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
   whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
   rows = lambda cols: pl.BlockSpec((bs.bm, cols), lambda i, j, s: (i, 0))
   if bs.dot == "words":
-    if w.fmt not in ("int4_sym", "int4_asym", "q4_0", "q4_1"):
+    if w.fmt == "nf4":
       raise ValueError(f"dot='words' turns codes into floats by an affine map: it takes int4 and GGUF formats, "
                        f"not {w.fmt} (use dot='fma' or 'mma')")
     xw, x_blocks = _words_inputs(x2, w.fmt, w.block_size)
