@@ -42,7 +42,9 @@ from .._log import log
 from ..quant._qtensor import QTensor, dequantize
 from .qmatmul import cpu as _cpu
 from .qmatmul.cpu import CPU_M_MAX, qmatmul_cpu
-from .qmatmul.pallas_gpu import DECODE_NF4, BlockSizes, default_blocks, qmatmul_lora_pallas, qmatmul_pallas, supports
+from .qmatmul.kmajor import KMajor, as_qtensor, pack_kmajor, to_kmajor, unpack_kmajor
+from .qmatmul.pallas_gpu import (DECODE_NF4, KMAJOR, BlockSizes, default_blocks, qmatmul_lora_pallas, qmatmul_pallas,
+                                 supports)
 from .qmatmul.reference import _after, qmatmul_reference
 from .fused_lora import lora_linear
 from .qmatmul.small_m import SMALL_M_MAX, qmatmul_small_m
@@ -77,6 +79,8 @@ def _backend() -> str:
 def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
   _check_impl(impl)
   backend = _backend()
+  if isinstance(w, KMajor):
+    return _choose_kmajor(x, w, impl, backend, interpret)
   if impl in ("reference", "small_m"):
     return impl
   if impl == "cpu":
@@ -112,6 +116,29 @@ def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
     _log_once(f"backend {backend}")
   elif not ok:
     _log_once(why)
+  return "reference"
+
+
+def _choose_kmajor(x, w: KMajor, impl: str, backend: str, interpret: bool) -> str:
+  """A K-major weight runs the Pallas kernel on a GPU and the reference elsewhere: the CPU kernel and small_m read
+  the (K/2, N) layout (`unpack_kmajor` turns the weight back)."""
+  if impl in ("cpu", "small_m"):
+    raise LoraJaxError(f"the {impl} qmatmul path reads a QTensor's (K/2, N) codes, not a K-major weight "
+                       f"(unpack_kmajor turns it back)")
+  if impl == "reference":
+    return impl
+  ok, why = supports(x, w)
+  if impl == "pallas":
+    if not (backend == "gpu" or interpret):
+      raise LoraJaxError(f"the Pallas qmatmul kernel needs a GPU (backend is {backend}); use impl='auto' or "
+                         f"'reference'")
+    if not ok:
+      raise LoraJaxError(f"the Pallas qmatmul kernel does not support this call: {why}")
+    return "pallas"
+  rows = int(np.prod(x.shape[:-1]))
+  if backend == "gpu" and ok and 0 < rows <= PALLAS_M_MAX[w.fmt]:
+    return "pallas"
+  _log_once(why if backend == "gpu" and not ok else f"a K-major weight on backend {backend}")
   return "reference"
 
 
@@ -160,7 +187,8 @@ def _fwd(choice, interpret, x, w):
 
 def _bwd(choice, interpret, res, dy):
   w, x_dtype = res  # x's dtype as an empty array: the cotangent must have the primal's dtype
-  dx = jnp.einsum("...n,kn->...k", dy, dequantize(_after(w, dy)).astype(jnp.float32)).astype(x_dtype.dtype)
+  dx = jnp.einsum("...n,kn->...k", dy, dequantize(as_qtensor(_after(w, dy))).astype(jnp.float32)).astype(
+      x_dtype.dtype)
   zero = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.floating)
                       else jnp.zeros_like(a), w)
   return dx, zero
@@ -168,7 +196,7 @@ def _bwd(choice, interpret, res, dy):
 
 _qmatmul_vjp.defvjp(_fwd, _bwd)
 
-__all__ = ["BlockSizes", "CPU_M_MAX", "DECODE_NF4", "IMPLS", "PALLAS_M_MAX", "SMALL_M_MAX", "default_blocks",
-           "lora_linear", "qmatmul", "qmatmul_cpu", "qmatmul_lora",
+__all__ = ["BlockSizes", "CPU_M_MAX", "DECODE_NF4", "IMPLS", "KMAJOR", "KMajor", "PALLAS_M_MAX", "SMALL_M_MAX",
+           "default_blocks", "lora_linear", "pack_kmajor", "qmatmul", "qmatmul_cpu", "qmatmul_lora",
            "qmatmul_lora_pallas", "qmatmul_pallas", "qmatmul_reference", "qmatmul_small_m", "set_default_impl",
-           "supports"]
+           "supports", "to_kmajor", "unpack_kmajor"]

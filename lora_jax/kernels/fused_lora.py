@@ -9,17 +9,18 @@ import jax
 import jax.numpy as jnp
 
 from ..quant._qtensor import QTensor, dequantize
+from .qmatmul.kmajor import KMajor, as_qtensor
 from .qmatmul.reference import _after
 
 
 def _dense(w, like):
-  """The frozen base as an array: a `QTensor` is dequantized once `like` exists (see `_after`)."""
-  return dequantize(_after(w, like)) if isinstance(w, QTensor) else w
+  """The frozen base as an array: a `QTensor` (or `KMajor`) is dequantized once `like` exists (see `_after`)."""
+  return dequantize(as_qtensor(_after(w, like))) if isinstance(w, (QTensor, KMajor)) else w
 
 
 @jax.custom_vjp
 def lora_linear(x, w, a, b, scale):
-  """``x W + s (x A) B`` (float32) with one GEMM for ``x [W | A]``; W is a frozen array or a `QTensor`.
+  """``x W + s (x A) B`` (float32) with one GEMM for ``x [W | A]``; W is a frozen array, a `QTensor` or a `KMajor`.
 
   A rank-r product ``x A`` alone is a skinny GEMM that runs far below the machine's matmul rate (and ``∂A`` is
   another); appending A to W's columns makes it ride along with the base GEMM, and the backward does the same with

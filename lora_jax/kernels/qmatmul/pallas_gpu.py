@@ -49,6 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from ...quant._qtensor import DQ_GROUP, NF4_TABLE, QTensor, nf4_values
+from . import kmajor as _kmajor
 from . import nf4_prmt
 
 _OFFSET_FORMATS = ("int4_asym", "q4_1")
@@ -167,14 +168,24 @@ class BlockSizes:
 DECODE_NF4 = BlockSizes(bn=128, bk=1, num_warps=4, num_stages=2, min_programs=1056, dot="fma", lookup="gather")
 
 
-def default_blocks(m: int, fmt: str, block_size: int = 64) -> BlockSizes:
+# A weight in the K-major layout (`kmajor`), any number of rows: tensor-core tiles of 128 columns, 128 rows of K per
+# loop step (bk resolved: 2 blocks of 64). Chosen by the sm_90 machine code (benchmarks/pallas_compile_sm90.py):
+# ~3.3 instructions per weight for int4 in blocks of 64 at 92 registers; bn 256 has fewer (~2.9) but 166
+# registers and half the column tiles to spread over the SMs. Not yet timed on a GPU.
+KMAJOR = BlockSizes(bn=128)
+
+
+def default_blocks(m: int, fmt: str, block_size: int = 64, kmajor: bool = False) -> BlockSizes:
   """The kernel policy for `m` rows of a `fmt` weight when the caller gives none: `DECODE_NF4` for one row of NF4
   in blocks of 64, else tensor-core dots with `BlockSizes`' defaults: the first H200 run's configuration (29-77 us
   for int4 at M = 1 on the benchmark's shapes). For int4 at one row the second run's sweep found no clear winner:
   its best (tensor cores, bn 128, bk 4) took 0.90x the then-default multiply-reduce's total time, and longer on
   one of the two shapes. Since those runs, a tile padded to 16 rows stores only m rounded up to a power of two
   (`stored_rows`), so the partial-sum bound lets a few rows split K further than the runs did (8 ways instead of 2
-  at 4096 x 4096 for one row: 512 programs on 132 SMs instead of 128); not yet timed."""
+  at 4096 x 4096 for one row: 512 programs on 132 SMs instead of 128); not yet timed. A K-major weight
+  (``kmajor``) gets `KMAJOR`."""
+  if kmajor:
+    return KMAJOR
   return DECODE_NF4 if (m, fmt, block_size) == (1, "nf4", 64) else BlockSizes()
 
 
@@ -466,7 +477,13 @@ def _words_inputs(x2, fmt: str, block: int):
 
 
 def supports(x, w: QTensor) -> tuple[bool, str]:
-  """Whether this kernel handles the call, and why not."""
+  """Whether this kernel handles the call, and why not (`w` a `QTensor` or a `kmajor.KMajor`)."""
+  if isinstance(w, _kmajor.KMajor):
+    try:
+      _kmajor.check(x.dtype, w)
+    except ValueError as e:
+      return False, str(e)
+    return True, ""
   if w.block_size // 2 < 16 or w.block_size & (w.block_size - 1):
     return False, f"block size {w.block_size} (needs a power of two >= 32)"
   k, n = w.shape
@@ -505,7 +522,8 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
   nb = k // w.block_size
   if m == 0:
     return jnp.zeros((*lead, n), jnp.float32)
-  bs = (blocks or default_blocks(m, w.fmt, w.block_size)).for_shape(m, n, k, w.block_size)
+  kmajor = isinstance(w, _kmajor.KMajor)
+  bs = (blocks or default_blocks(m, w.fmt, w.block_size, kmajor)).for_shape(m, n, k, w.block_size)
   bk, split = bs.bk or 1, bs.split_k or 1
   if n % bs.bn:
     raise ValueError(f"N={n} is not a multiple of the tile width bn={bs.bn}")
@@ -518,6 +536,8 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
   tile = lambda rows: pl.BlockSpec((rows, bs.bn), lambda i, j, s: (0, j))
   whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
   rows = lambda cols: pl.BlockSpec((bs.bm, cols), lambda i, j, s: (i, 0))
+  if kmajor:
+    return _pallas_kmajor(x2, w, low, b, bs, m, mp, split, lead, steps, whole, interpret)
   if bs.dot == "words":
     if w.fmt == "nf4":
       raise ValueError(f"dot='words' turns codes into floats by an affine map: it takes int4 and GGUF formats, "
@@ -565,6 +585,26 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
   kernel = functools.partial(_kernel, fmt=w.fmt, block=w.block_size, n=n, bk=bk, steps=steps, dq=dq, gather=gather,
                              lora=low is not None, dot=bs.dot, prefetch=bool(bs.prefetch), convert=bs.convert,
                              rescale=bs.rescale, prmt=prmt, interpret=interpret)
+  return _launch(kernel, w, low, b, bs, in_specs, args, m, mp, split, lead, interpret)
+
+
+def _pallas_kmajor(x2, w: _kmajor.KMajor, low, b, bs: BlockSizes, m, mp, split, lead, steps, whole, interpret):
+  """`_pallas` for a weight in the K-major layout (`kmajor`): its own kernel, over the same grid and launch."""
+  _kmajor.check(x2.dtype, w)
+  if (bs.dot, bs.lookup, bs.convert, bs.rescale, bs.prefetch) != ("mma", "select", "i2f", "weight", 0):
+    raise ValueError("BlockSizes: the K-major kernel has one code-to-value step (16-bit pairs, scaled per block) "
+                     "on tensor cores: dot, lookup, convert, rescale and prefetch must keep their defaults")
+  k, n = w.shape
+  nb = k // w.block_size
+  xt, sums = _kmajor.prepare_x(x2, w, mp)
+  cols = lambda width: pl.BlockSpec((bs.bn, width), lambda i, j, s: (j, 0))
+  in_specs = [pl.BlockSpec((k, bs.bm), lambda i, j, s: (0, i)), cols(k // 8), cols(nb)]
+  args = [xt, w.codes, w.scale]
+  if w.offset is not None:
+    in_specs += [cols(nb), pl.BlockSpec((nb, bs.bm), lambda i, j, s: (0, i))]
+    args += [w.offset, sums]
+  kernel = functools.partial(_kmajor.kernel, fmt=w.fmt, block=w.block_size, bk=bs.bk or 1, steps=steps,
+                             dtype=x2.dtype, lora=low is not None, lora_tile=functools.partial(_lora_tile, dot="mma"))
   return _launch(kernel, w, low, b, bs, in_specs, args, m, mp, split, lead, interpret)
 
 

@@ -7,10 +7,12 @@ import dataclasses
 import jax.numpy as jnp
 
 from ...quant._qtensor import QTensor, dequantize
+from .kmajor import as_qtensor
 
 
 def qmatmul_reference(x, w: QTensor):
-  """``x @ dequantize(w)`` accumulated in float32; returns float32 (..., N)."""
+  """``x @ dequantize(w)`` accumulated in float32; returns float32 (..., N). `w` may be a `KMajor`."""
+  w = as_qtensor(w)
   return jnp.einsum("...k,kn->...n", x, dequantize(w).astype(x.dtype), preferred_element_type=jnp.float32)
 
 

@@ -1,0 +1,251 @@
+"""The K-major layout of a 4-bit kernel, and the Pallas (Triton) kernel that reads it on Hopper tensor cores.
+
+A `QTensor` stores its codes as (K/2, N) bytes: a column's codes lie N bytes apart. A tensor-core kernel over that
+layout must move every dequantized weight tile through shared memory into the dot's register layout (on sm_90:
+~0.8 shared-memory instructions per weight, and ~6.6-7 machine instructions per weight in all for the best
+variant, `benchmarks/pallas_compile_sm90.py`). `KMajor` holds the same bytes, unchanged, as (N, K/2): each
+column's codes contiguous along K, and within each quantization block the bytes in the order in which one thread
+of a Hopper warpgroup dot holds its share of the weight operand (`fragment_order`). The kernel then computes the
+transposed product ``yᵀ = Wᵀ xᵀ`` with the weight tile as the dot's first operand, taken from registers
+(`wgmma` with a register A operand): Triton loads each thread's code bytes with vector loads, turns them into
+16-bit values in the layout the dot reads, and no weight ever passes through shared memory. Only the small
+activation (K × 16, bf16 / f16) does.
+
+Codes to values, for the affine formats (int4_sym, int4_asym, q4_0, q4_1), two weights per 32-bit register:
+a byte b becomes the word ``((b | b << 12) & 0x000F000F) | magic``, whose halves are the 16-bit floats
+``base + q_lo`` and ``base + q_hi`` (magic: base's bits in both halves; base = 128 in bfloat16, 1024 in float16,
+where the ulp is 1, so the nibble in the low mantissa bits is the value's integer part), and one packed
+subtraction of ``base + minus`` gives ``(q_lo − minus, q_hi − minus)`` exactly (integers below 16 in magnitude). The pair is the two consecutive
+rows of K the byte holds, which is how the dot's register operand pairs them. The (bn × bm) product of each
+quantization block is scaled once per column (and the offset formats add ``offset · Σx`` over the block, from
+sums of x formed outside), as ``rescale="partial"`` does in the (K/2, N) kernel.
+
+Compiled for sm_90 (`triton_compile`), one step of int4 at 16 rows: see benchmarks/results/pallas_compile_sm90.json
+(variants "K-major"). Not yet timed on a GPU. NF4 has no affine map and is not taken; nor are float32 activations
+(the register operand is 16-bit; a float32 x would lose precision in the dot) or double-quantized scales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from ...quant._qtensor import QTensor, pack, unpack
+
+AFFINE_FORMATS = ("int4_sym", "int4_asym", "q4_0", "q4_1")
+_OFFSET_FORMATS = ("int4_asym", "q4_1")
+DTYPES = (jnp.bfloat16, jnp.float16)
+# Per 16-bit dtype: the bits of `base` and base, whose ulp is 1: a nibble ORed into the low mantissa bits is the
+# value's integer part.
+_MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class KMajor:
+  """A 4-bit (K, N) kernel of an affine format in the K-major layout (module docstring), made by `pack_kmajor`
+  from a `QTensor` and turned back by `unpack_kmajor`, exactly. Children: arrays; aux data: format, block size,
+  shape (K, N), dtype of the dequantized kernel, as `QTensor`, which it stands in for in a parameter tree: it has
+  `linear` (the `kernels.qmatmul` op) and `dequantize`.
+
+  Invariants (checked on construction, ValueError): codes uint32 (..., N, K/8), eight codes per word, each
+  block's in `nibble_order`; scale (and offset, for int4_asym / q4_1) (..., N, K/B), as stored in the QTensor
+  (transposed); an affine format; a block size that is a power of two >= 32."""
+
+  codes: Any
+  scale: Any
+  offset: Any = None
+  fmt: str = "int4_sym"
+  block_size: int = 64
+  shape: tuple[int, int] = (0, 0)
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.fmt not in AFFINE_FORMATS:
+      raise ValueError(f"KMajor takes the affine formats {AFFINE_FORMATS}, not {self.fmt!r}")
+    k, n = self.shape
+    b = self.block_size
+    if b < 32 or b & (b - 1) or k % b:
+      raise ValueError(f"KMajor: block_size {b} must be a power of two >= 32 dividing K={k}")
+    if tuple(self.codes.shape)[-2:] != (n, k // 8) or jnp.dtype(self.codes.dtype) != jnp.uint32:
+      raise ValueError(f"KMajor: codes must be uint32 of shape (..., {n}, {k // 8}), got {self.codes.dtype} "
+                       f"{tuple(self.codes.shape)}")
+    for name in ("scale", "offset"):
+      v = getattr(self, name)
+      if v is not None and tuple(v.shape)[-2:] != (n, k // b):
+        raise ValueError(f"KMajor: {name} must have shape (..., {n}, {k // b}), got {tuple(v.shape)}")
+    if (self.offset is None) != (self.fmt not in _OFFSET_FORMATS):
+      raise ValueError(f"KMajor: format {self.fmt} {'needs' if self.offset is None else 'takes no'} offsets")
+
+  def tree_flatten(self):
+    return (self.codes, self.scale, self.offset), (self.fmt, self.block_size, self.shape, jnp.dtype(self.dtype).name)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    obj = object.__new__(cls)  # skip validation: leaves may be tracers, sliced layer stacks or sentinels
+    for f, v in zip(("codes", "scale", "offset", "fmt", "block_size", "shape", "dtype"), (*children, *aux)):
+      object.__setattr__(obj, f, v)
+    return obj
+
+  double_quantized = False  # the affine formats have no second-level scales
+
+  def dequantize(self):
+    """The (K, N) kernel in `self.dtype` (through `unpack_kmajor`: the reference every kernel is tested against)."""
+    return unpack_kmajor(self).dequantize()
+
+  def linear(self, x):
+    from .. import qmatmul
+    return qmatmul(x, self)
+
+  def nbytes(self) -> int:
+    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+               for a in (self.codes, self.scale, self.offset) if a is not None)
+
+
+def nibble_order(block: int) -> np.ndarray:
+  """Where each code of a block is stored: slot i (byte i // 2, low nibble when i is even) holds the code of row
+  ``order[i]`` of the block's B rows of K.
+
+  In a 16-row-of-K step of a Hopper dot whose first operand is 16-bit and in registers, the thread with lane
+  index t (mod 4) holds, per output column, rows 2t, 2t+1, 2t+8 and 2t+9 as two 32-bit registers of two values
+  each (the pairs (2t, 2t+1) and (2t+8, 2t+9)). A block of B rows is B/16 such steps, so B/8 pairs per thread,
+  which this order puts in B/32 32-bit words of codes per thread, adjacent in memory (word w' of thread t is word
+  ``t·B/32 + w'`` of the block): byte b of word w' holds, in its low nibble, row ``16·(2w' + b mod 2) + 2t + b//2``
+  and in its high nibble the row 8 below that. Then the word's bits 0-3 and 16-19 are a register pair (rows 2t
+  and 2t+1 of step 2w'), bits 4-7 and 20-23 the pair 8 rows on, and the word shifted by 8 the same for step
+  2w' + 1: one shift and one masked OR per pair (`kernel`), no byte permutes."""
+  order = np.empty(block, np.int32)
+  for t in range(4):
+    for w in range(block // 32):
+      for b in range(4):
+        byte = (t * (block // 32) + w) * 4 + b
+        for nu in range(2):
+          order[2 * byte + nu] = (2 * w + b % 2) * 16 + nu * 8 + 2 * t + b // 2
+  return order
+
+
+def _reorder(codes_kn, block: int, order):
+  """(..., K/2, N) packed codes to (..., N, K/8) words, the codes of each block of K moved to `order` (slot i takes
+  row order[i]; slot i of a block is bits 4·(i mod 8) of its word i // 8)."""
+  q = jnp.swapaxes(unpack(codes_kn), -1, -2)  # (..., N, K) int32
+  *lead, n, k = q.shape
+  q = q.reshape(*lead, n, k // block, block)[..., order].reshape(*lead, n, k // 8, 8).astype(jnp.uint32)
+  return jnp.sum(q << (4 * jnp.arange(8, dtype=jnp.uint32)), axis=-1, dtype=jnp.uint32)
+
+
+def pack_kmajor(w: QTensor) -> KMajor:
+  """`w`'s codes in the K-major layout: the same codes, moved (`nibble_order`), and the same block parameters,
+  transposed; nothing is requantized. Run it once per weight, outside the step that uses it (`to_kmajor` does a
+  parameter tree). Raises ValueError for NF4 and for a block size the kernel cannot take."""
+  if w.fmt not in AFFINE_FORMATS:
+    raise ValueError(f"pack_kmajor: the K-major kernel takes the affine formats {AFFINE_FORMATS}, not {w.fmt!r}")
+  if w.block_size < 32 or w.block_size & (w.block_size - 1):
+    raise ValueError(f"pack_kmajor: block size {w.block_size} (the kernel needs a power of two >= 32)")
+  t = lambda a: None if a is None else jnp.swapaxes(a, -1, -2)
+  return KMajor(_reorder(w.codes, w.block_size, nibble_order(w.block_size)), t(w.scale), t(w.offset), fmt=w.fmt,
+                block_size=w.block_size, shape=w.shape, dtype=w.dtype)
+
+
+def unpack_kmajor(p: KMajor) -> QTensor:
+  """The `QTensor` whose codes `p` holds (`pack_kmajor`'s inverse, exactly)."""
+  *lead, n, k8 = p.codes.shape
+  q = (p.codes[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 0xF  # (..., N, K/8, 8): slot order
+  inverse = np.argsort(nibble_order(p.block_size))
+  q = q.reshape(*lead, n, k8 * 8 // p.block_size, p.block_size)[..., inverse].reshape(*lead, n, k8 * 8)
+  t = lambda a: None if a is None else jnp.swapaxes(a, -1, -2)
+  return QTensor(pack(jnp.swapaxes(q, -1, -2)), t(p.scale), t(p.offset), fmt=p.fmt, block_size=p.block_size,
+                 shape=p.shape, dtype=p.dtype)
+
+
+def to_kmajor(tree):
+  """`tree` with every `QTensor` of an affine format (int4, GGUF Q4_0 / Q4_1; block >= 32) in the K-major
+  layout (`pack_kmajor`), for the GPU kernel; NF4 and everything else unchanged."""
+  ok = lambda w: isinstance(w, QTensor) and w.fmt in AFFINE_FORMATS and w.block_size >= 32 and not (
+      w.block_size & (w.block_size - 1))
+  return jax.tree.map(lambda w: pack_kmajor(w) if ok(w) else w, tree, is_leaf=lambda w: isinstance(w, QTensor))
+
+
+def as_qtensor(w):
+  """`w` as a `QTensor` (a K-major weight unpacked), for the paths that read the (K/2, N) layout."""
+  return unpack_kmajor(w) if isinstance(w, KMajor) else w
+
+
+def check(x_dtype, p: KMajor) -> None:
+  """Raises ValueError when the kernel cannot take this call."""
+  if jnp.dtype(x_dtype) not in [jnp.dtype(d) for d in DTYPES]:
+    raise ValueError(f"the K-major kernel's dot takes bfloat16 or float16 activations, got {jnp.dtype(x_dtype)} "
+                     f"(a float32 x would be rounded to 16 bits; use the QTensor kernel or the reference)")
+
+
+def magic_word(dtype) -> int:
+  """The word ORed into each masked code pair: the bits of base in both halves."""
+  bits = _MAGIC[jnp.dtype(dtype)][0]
+  return bits << 16 | bits
+
+
+def prepare_x(x2, p: KMajor, rows: int):
+  """The activation as the kernel reads it: xᵀ (K, rows) in x's dtype, zero-padded to `rows` columns, and, for
+  the offset formats, the float32 sums of x over each block, (K/B, rows)."""
+  m = x2.shape[0]
+  xt = jnp.pad(x2.T, ((0, 0), (0, rows - m)))
+  if p.fmt not in _OFFSET_FORMATS:
+    return xt, None
+  sums = jnp.sum(x2.astype(jnp.float32).reshape(m, -1, p.block_size), axis=-1)
+  return xt, jnp.pad(sums.T, ((0, 0), (0, rows - m)))
+
+
+def kernel(xt_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, steps: int, dtype, lora: bool,
+           lora_tile):
+  """One (bn × bm) tile of ``yᵀ``: per quantization block, the codes (bn × B/2 bytes) to 16-bit value pairs in
+  registers, a tensor-core dot with xᵀ's (B × bm) rows, the product scaled per column (module docstring); the
+  transposed tile stored at the end. ``lora_tile(low_ref, b_ref)`` gives the LoRA term's (bm × bn) tile."""
+  rest = list(refs)
+  offset_ref, sums_ref = (rest.pop(0), rest.pop(0)) if fmt in _OFFSET_FORMATS else (None, None)
+  low_ref, b_ref = (rest.pop(0), rest.pop(0)) if lora else (None, None)
+  (o_ref,) = rest
+  half = block // 2
+  bn, bm = codes_ref.shape[0], xt_ref.shape[1]
+  base = _MAGIC[jnp.dtype(dtype)][1]
+  minus = 8.0 if fmt in ("int4_sym", "q4_0") else 0.0
+  magic = magic_word(dtype)
+  first = pl.program_id(2) * steps
+
+  def add_block(g, acc):
+    word = codes_ref[:, pl.ds(g * (block // 8), block // 8)].reshape(bn, 4, block // 32)  # thread t's words
+
+    def pair(shift):  # one register pair per word: rows (r, r + 1) as (low half, high half), minus subtracted
+      v = ((word >> shift) & 0x000F000F) | magic
+      lo = jax.lax.bitcast_convert_type((v & 0xFFFF).astype(jnp.uint16), dtype) - (base + minus)
+      hi = jax.lax.bitcast_convert_type((v >> 16).astype(jnp.uint16), dtype) - (base + minus)
+      return jnp.stack([lo, hi], axis=-1)  # (bn, 4 t, B/32 w', 2 e)
+
+    step_of = lambda s: jnp.stack([pair(s), pair(s + 4)], axis=-1)  # (..., 2 e, 2 nu): +8 rows in the high nibble
+    w = jnp.stack([step_of(0), step_of(8)], axis=-1)  # (bn, t, w', e, nu, b mod 2)
+    w = w.transpose(0, 2, 5, 4, 1, 3).reshape(bn, block)  # row 16·(2w' + b mod 2) + 8·nu + 2t + e
+    part = jnp.dot(w, xt_ref[pl.ds(g * block, block), :], preferred_element_type=jnp.float32)
+    acc = acc + part * scale_ref[:, pl.ds(g, 1)].astype(jnp.float32)
+    if offset_ref is not None:  # sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k
+      acc = acc + offset_ref[:, pl.ds(g, 1)].astype(jnp.float32) * sums_ref[pl.ds(g, 1), :]
+    return acc
+
+  def step(t, acc):
+    for u in range(bk):
+      acc = add_block((first + t) * bk + u, acc)
+    return acc
+
+  acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bn, bm), jnp.float32)).T
+  if lora:
+    acc += lora_tile(low_ref, b_ref)
+  rows = o_ref.shape[-2]
+  if rows < bm:  # the first `stored_rows` rows only: the rest is padding
+    acc = jnp.split(acc, bm // rows, axis=0)[0]
+  o_ref[...] = acc.reshape(o_ref.shape)
+
+
+__all__ = ["AFFINE_FORMATS", "KMajor", "as_qtensor", "check", "kernel", "magic_word", "nibble_order", "pack_kmajor",
+           "prepare_x", "to_kmajor", "unpack_kmajor"]

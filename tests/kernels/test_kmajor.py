@@ -1,0 +1,182 @@
+"""The K-major layout (`kernels/qmatmul/kmajor.py`): its code order, packing, the Pallas kernel that reads it
+(interpret mode on CPU, and its sm_90 machine code), and the `qmatmul` dispatch for it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lora_jax import LoraJaxError
+from lora_jax.kernels import (KMAJOR, BlockSizes, KMajor, _choose, pack_kmajor, qmatmul, qmatmul_lora,
+                              qmatmul_lora_pallas, qmatmul_pallas, qmatmul_reference, to_kmajor, unpack_kmajor)
+from lora_jax.kernels.qmatmul.kmajor import nibble_order
+from lora_jax.peft._lora import LoRAWeight
+from lora_jax.testing import assert_allclose, random_qtensor
+
+AFFINE = [("int4_sym", 64), ("int4_asym", 32), ("q4_0", 32), ("q4_1", 32), ("int4_sym", 128)]
+
+
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_nibble_order_puts_each_threads_register_pairs_in_its_words(block):
+  """The order is a permutation of the block's rows, and it is what the kernel's speed rests on: word w' of
+  thread t (word t·B/32 + w' of the block) holds, at bits 0-3 / 16-19, rows (r, r + 1) with r = 16·2w' + 2t, the
+  pair that thread holds in a 16-row step of a Hopper register-operand dot; at bits 4-7 / 20-23 the pair 8 rows
+  on; shifted by 8, the same for the next 16-row step."""
+  order = nibble_order(block)
+  assert sorted(order.tolist()) == list(range(block))
+  row = lambda word, bit: order[8 * word + bit // 4]  # slot i of the block: bits 4·(i mod 8) of word i // 8
+  for t in range(4):
+    for w in range(block // 32):
+      word = t * (block // 32) + w
+      for shift, step in ((0, 2 * w), (8, 2 * w + 1)):
+        for hi_rows in (0, 8):
+          r = 16 * step + 2 * t + hi_rows
+          assert (row(word, shift + hi_rows // 2), row(word, shift + 16 + hi_rows // 2)) == (r, r + 1)
+
+
+@pytest.mark.parametrize("fmt,block", AFFINE)
+def test_pack_kmajor_round_trips_exactly(fmt, block):
+  """pack then unpack gives the QTensor back bit for bit, stacked layers included; nothing is requantized."""
+  w = random_qtensor(fmt, 256, 96, block)
+  stacked = jax.tree.map(lambda a: jnp.stack([a, a[::-1]]) if a is not None else None, w)
+  for q in (w, stacked):
+    p = pack_kmajor(q)
+    assert p.codes.dtype == jnp.uint32 and p.codes.shape[-2:] == (96, 256 // 8)
+    back = unpack_kmajor(p)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(q)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(pack_kmajor(w).dequantize()), np.asarray(w.dequantize()))
+  assert pack_kmajor(w).nbytes() == w.nbytes()
+
+
+KERNEL_SHAPES = [(1, 512, 256, jnp.bfloat16, None), (5, 576, 384, jnp.float16, None),
+                 (16, 512, 256, jnp.bfloat16, None), (40, 256, 128, jnp.float16, None),
+                 (3, 1024, 256, jnp.bfloat16, BlockSizes(bn=64, bk=1, split_k=4)),
+                 (2, 1024, 512, jnp.bfloat16, BlockSizes(bn=256, bk=2, split_k=2, num_warps=8))]
+
+
+@pytest.mark.parametrize("fmt,block,m,k,n,dt,blocks", [(f, b, *s) for f, b in AFFINE for s in KERNEL_SHAPES
+                                                       if s[1] % b == 0], ids=lambda v: getattr(v, "__name__", str(v)))
+def test_kmajor_kernel_matches_reference(fmt, block, m, k, n, dt, blocks):
+  """The kernel (interpret mode) against the float32 reference on the same 16-bit activations: the 16-bit values
+  q - minus are exact, so within the composite tolerance; any rows (padded to 16, tiled above), tilings, K
+  split."""
+  w = random_qtensor(fmt, k, n, block)
+  x = jax.random.normal(jax.random.key(m), (m, k)).astype(dt)
+  got = qmatmul_pallas(x, pack_kmajor(w), blocks=blocks, interpret=True)
+  with jax.default_matmul_precision("highest"):
+    want = qmatmul_reference(x.astype(jnp.float32), w)
+  assert got.shape == (m, n) and got.dtype == jnp.float32
+  assert_allclose(got, want, "f32_composite")
+
+
+@pytest.mark.parametrize("fmt,m,r", [("q4_1", 1, 8), ("int4_sym", 20, 40)])
+def test_kmajor_kernel_with_fused_lora(fmt, m, r):
+  w = random_qtensor(fmt, 512, 128, 32 if fmt == "q4_1" else 64)
+  x = jax.random.normal(jax.random.key(0), (m, 512)).astype(jnp.bfloat16)
+  low = jax.random.normal(jax.random.key(1), (m, r))
+  b = jax.random.normal(jax.random.key(2), (r, 128)) * 0.1
+  got = qmatmul_lora_pallas(x, pack_kmajor(w), low, b, blocks=BlockSizes(bn=128, split_k=2), interpret=True)
+  with jax.default_matmul_precision("highest"):
+    want = qmatmul_reference(x.astype(jnp.float32), w) + low @ b
+  assert_allclose(got, want, "f32_composite")
+
+
+def test_kmajor_refuses_what_it_cannot_take():
+  w = random_qtensor("int4_sym", 256, 128, 64)
+  p = pack_kmajor(w)
+  with pytest.raises(ValueError, match="affine formats .* not 'nf4'"):
+    pack_kmajor(random_qtensor("nf4", 256, 128, 64))
+  with pytest.raises(ValueError, match="bfloat16 or float16 activations, got float32"):
+    qmatmul_pallas(jnp.ones((1, 256)), p, interpret=True)
+  with pytest.raises(ValueError, match="the K-major kernel has one code-to-value step"):
+    qmatmul_pallas(jnp.ones((1, 256), jnp.bfloat16), p, blocks=BlockSizes(dot="fma"), interpret=True)
+  with pytest.raises(ValueError, match=r"codes must be uint32 of shape \(..., 128, 32\)"):
+    KMajor(w.codes, p.scale, fmt="int4_sym", block_size=64, shape=(256, 128))
+  with pytest.raises(ValueError, match="block_size 16 must be a power of two >= 32"):
+    KMajor(jnp.zeros((128, 32), jnp.uint32), jnp.zeros((128, 16)), fmt="int4_sym", block_size=16, shape=(256, 128))
+
+
+def test_qmatmul_dispatch_and_gradients_for_kmajor(monkeypatch):
+  """On CPU a K-major weight takes the reference (its CPU paths read the other layout; asked for, they refuse);
+  on a GPU auto takes the kernel for 16-bit activations up to PALLAS_M_MAX rows and the reference otherwise. The
+  values and the gradient in x equal the QTensor's on the reference path, and so does QLoRA's linear."""
+  import lora_jax.kernels as kernels
+  w = random_qtensor("q4_1", 256, 128, 32)
+  p = pack_kmajor(w)
+  x = jax.random.normal(jax.random.key(0), (3, 256))
+  assert _choose(x, p, "auto", False) == "reference"
+  np.testing.assert_array_equal(np.asarray(qmatmul(x, p)), np.asarray(qmatmul(x, w, impl="reference")))
+  grad = lambda w: jax.grad(lambda x: jnp.sum(qmatmul(x, w, impl="reference") ** 2))(x)
+  np.testing.assert_array_equal(np.asarray(grad(p)), np.asarray(grad(w)))
+  a, b = jax.random.normal(jax.random.key(1), (256, 4)), jax.random.normal(jax.random.key(2), (4, 128))
+  np.testing.assert_array_equal(np.asarray(qmatmul_lora(x, p, a, b, 0.5)),
+                                np.asarray(qmatmul_lora(x, w, a, b, 0.5, impl="reference")))
+  for impl in ("cpu", "small_m"):
+    with pytest.raises(LoraJaxError, match="not a K-major weight"):
+      qmatmul(x, p, impl=impl)
+  with pytest.raises(LoraJaxError, match="needs a GPU"):
+    qmatmul(x.astype(jnp.bfloat16), p, impl="pallas")
+  monkeypatch.setattr(kernels, "_backend", lambda: "gpu")
+  assert _choose(x.astype(jnp.bfloat16), p, "auto", False) == "pallas"
+  assert _choose(jnp.ones((257, 256), jnp.bfloat16), p, "auto", False) == "reference"
+  assert _choose(x, p, "auto", False) == "reference"  # float32 activations
+  with pytest.raises(LoraJaxError, match="does not support this call: .*float32"):
+    _choose(x, p, "pallas", False)
+  xb = x.astype(jnp.bfloat16)
+  gk = jax.grad(lambda x: jnp.sum(qmatmul(x, p, impl="pallas", interpret=True)))(xb)
+  gr = jax.grad(lambda x: jnp.sum(qmatmul(x, w, impl="reference")))(xb)
+  assert gk.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(gk), np.asarray(gr))
+
+
+def test_to_kmajor_converts_the_affine_qtensors_of_a_tree():
+  """Every int4 / GGUF QTensor of a tree, a LoRA weight's base included, becomes K-major; NF4 and arrays stay;
+  a LoRA linear over it gives the same values (up to summation order)."""
+  w4, wn = random_qtensor("int4_sym", 256, 128, 64), random_qtensor("nf4", 256, 128, 64)
+  lora = LoRAWeight(w4, jnp.ones((256, 4)) * 0.01, jnp.ones((4, 128)) * 0.01, jnp.asarray(2.0))
+  tree = {"q": w4, "nf4": wn, "dense": jnp.ones(3), "lora": lora}
+  out = to_kmajor(tree)
+  assert isinstance(out["q"], KMajor) and isinstance(out["lora"].w, KMajor)
+  assert out["nf4"] is wn and out["dense"] is tree["dense"]
+  x = jax.random.normal(jax.random.key(3), (2, 256))
+  # the QTensor takes the CPU kernel, the K-major weight the reference: the same sums in another order
+  assert_allclose(out["lora"].linear(x), lora.linear(x), "f32_composite")
+
+
+def _or_skip_version_skew(compile_fn, *args):
+  from lora_jax.kernels.qmatmul import triton_compile as tc
+  try:
+    return compile_fn(*args)
+  except tc.IRVersionMismatch as e:
+    pytest.skip(str(e))
+
+
+def _sm90(fmt, m, blocks, block=64, kmajor=True, k=4096, n=4096):
+  from lora_jax.kernels.qmatmul import triton_compile as tc
+  w = jax.eval_shape(lambda: random_qtensor(fmt, k, n, block))
+  if kmajor:
+    w = jax.eval_shape(pack_kmajor, w)
+  return _or_skip_version_skew(tc.qmatmul_sm90, m, w, blocks)
+
+
+def test_sm90_machine_code_of_the_kmajor_kernel():
+  """What the layout is for, read off the sm_90 machine code at 16 rows of int4: the weights go from the loaded
+  words into a warpgroup dot's register operand (HGMMA) with no shuffles and no shared-memory stores per weight (the
+  QTensor layout's tensor-core kernels move every weight through shared memory), by a shift, two logic ops and
+  half a packed subtraction per weight; under 0.55x the instructions of the best QTensor tensor-core variant
+  (magic16 + partial) and below the one-row words kernel's, at any row count up to 16; no spills."""
+  pytest.importorskip("triton", reason="the triton package (test extra) is not installed")
+  km = _sm90("int4_sym", 16, KMAJOR)
+  km1 = _sm90("int4_sym", 1, KMAJOR)
+  best_mma = _sm90("int4_sym", 16, BlockSizes(convert="magic16", rescale="partial"), kmajor=False)
+  words = _sm90("int4_sym", 1, BlockSizes(dot="words", bn=256), kmajor=False)
+  ops = km["per_weight_ops"]
+  assert km["per_weight"] < 0.55 * best_mma["per_weight"] and km["spill_bytes"] == 0, (km, best_mma)
+  assert km1["per_weight"] < words["per_weight"], (km1, words)
+  moves = ("SHFL", "STS", "STSM", "PRMT", "I2F", "F2FP")  # none per weight (a shared-memory store per step: 0.016)
+  assert ops.get("HGMMA", 0) > 0 and all(ops.get(op, 0) < 0.05 for op in moves), ops
+  assert 0.9 < ops.get("LOP3", 0) < 1.1 and 0.45 < ops.get("HADD2", 0) < 0.55, ops
+  for fmt in ("q4_0", "q4_1"):  # blocks of 32: compiled within the chip's limits
+    r = _sm90(fmt, 1, KMAJOR, block=32)
+    assert r["spill_bytes"] == 0 and r["registers"] <= 255 and r["per_weight"] < best_mma["per_weight"], r
