@@ -6,7 +6,8 @@ GPU (no network, no model): weights N(0, 0.02) quantized to nf4 (double-quantize
 and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 4096} x (K, N) in {(4096, 4096),
 (4096, 14336), (14336, 4096), (8192, 8192)}.
   * --floor (first): where the one-row time goes, at (4096, 4096) and (4096, 14336): the op (int4_sym and nf4;
-    default policies, int4's with an activation per weight copy, int4's with split_k 2, the runs' split at
+    default policies, int4 in the K-major layout (`kernels.pack_kmajor`) under its default, int4's with an
+    activation per weight copy, int4's with split_k 2, the runs' split at
     4096 x 4096, SEED_POLICIES), XLA's dequantize + dot, a bf16 dot, a Pallas kernel on the op's grid and loop
     that only streams the codes (as stored, and again with each program's column slab contiguous: does the
     weights' layout cost bandwidth?), one that only writes its output (`stream_kernels`), and XLA's sum over the
@@ -17,11 +18,14 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
   * --policy-sweep (then, with --sweep-budget-s seconds): a search over the kernel's shape-independent choices
     (`BlockSizes`: dot mma|fma|words, NF4 lookup select|gather|prmt, bn, bk, num_warps, num_stages, min_programs,
     which sets split_k, prefetch 0|1, convert i2f|magic|magic16, rescale weight|partial) for nf4 at M = 1 and
-    M = 16 and int4_sym at M = 1: the default, the format's SEED_POLICIES entries, 31 random policies, two rounds
+    M = 16, int4_sym at M = 1 and int4_sym in the K-major layout at M = 16 ("int4_sym/kmajor": bn, bk, warps,
+    stages, min_programs; the one class for 1-16 rows, which its dot pads to 16): the default, the format's SEED_POLICIES entries, 31 random policies, two rounds
     of every one-field change of the best, on (K, N) = (4096, 14336); the best three and the default again on
     (14336, 4096); least total time wins. Policies are compiled 16 at a time on a thread pool, then timed.
   * the main table's Pallas column uses the sweep's winners (M = 1: its format's M = 1 class; M <= 16: its M = 16
-    class; a class not swept, or M above 16: `default_blocks`); the row records the resolved BlockSizes.
+    class; a class not swept, or M above 16: `default_blocks`); the row records the resolved BlockSizes. int4
+    rows also time the same weights in the K-major layout (packed once, outside the timing) under the K-major
+    class's winner ("pallas_kmajor", "kmajor_check", "kmajor_blocks", and its time over the QTensor kernel's).
   * check: max |pallas - reference| / max |reference| on every shape and policy (the outputs of the first, compiling,
     call), pass if < 2e-2 (bf16); failures and exceptions are recorded and the run goes on.
   * time: Pallas kernel, reference (dequantize + dot), and ``x @ w_bf16``. One timed call runs the op on C distinct
@@ -75,14 +79,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from device_trace import device_profile  # noqa: E402
 from generate import PARAGRAPH, machine_info  # noqa: E402  (same machine description and prompt text)
 
-from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, BlockSizes, default_blocks, qmatmul_cpu,  # noqa: E402
-                              qmatmul_pallas, qmatmul_reference, qmatmul_small_m)
+from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, BlockSizes, default_blocks, pack_kmajor,  # noqa: E402
+                              qmatmul_cpu, qmatmul_pallas, qmatmul_reference, qmatmul_small_m)
+from lora_jax.kernels.qmatmul.kmajor import AFFINE_FORMATS  # noqa: E402
 from lora_jax.quant import DEFAULT_RULES, QTensor, quantize, quantize_model_params  # noqa: E402
 
 GPU_MS, CPU_MS = (1, 8, 16, 64, 128, 256, 4096), (1, 8, 64, 256)
 GPU_SHAPES = {"all": ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)), "small": ((4096, 4096), (4096, 14336))}
 CPU_SHAPES = ((576, 1536), (1536, 576), (576, 576), (4096, 4096))
 FORMATS, TOL = ("nf4", "int4_sym"), 2e-2
+KMAJOR = "/kmajor"  # a format name with this suffix: its weights in the K-major layout (`kernels.pack_kmajor`)
+
+
+def layout_of(fmt):
+  """("int4_sym", True) for "int4_sym/kmajor": the QTensor format and whether the weights are K-major."""
+  return fmt.removesuffix(KMAJOR), fmt.endswith(KMAJOR)
+
+
+def default_for(m, fmt):
+  """`default_blocks` for a (possibly K-major) benchmark format."""
+  base, kmajor = layout_of(fmt)
+  return default_blocks(m, base, kmajor=kmajor)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -171,10 +188,13 @@ def machine():
 
 def gpu_weights(args, k, n, fmt, gib):
   """C distinct copies of the bf16 weight and of its `fmt` QTensor (C x bf16 bytes >= gib, 2 <= C <= 32); NF4
-  double-quantized, as `--quantize nf4` makes it."""
+  double-quantized, as `--quantize nf4` makes it; "<fmt>/kmajor": the QTensor copies in the K-major layout
+  (packed here, once, outside any timing)."""
   c = 2 if args.dry_run else max(2, min(32, -(-gib // (2 * k * n))))
   w = jax.random.normal(jax.random.key(0), (k, n), jnp.float32).astype(jnp.bfloat16) * 0.02
-  return copies_of(w, c), copies_of(quantize(w, fmt, block_size=64, double_quant=fmt == "nf4"), c)
+  base, kmajor = layout_of(fmt)
+  qs = copies_of(quantize(w, base, block_size=64, double_quant=base == "nf4"), c)
+  return copies_of(w, c), [jax.block_until_ready(pack_kmajor(q)) for q in qs] if kmajor else qs
 
 
 def run_gpu(args, result):
@@ -202,6 +222,7 @@ def run_gpu(args, result):
         continue
       try:
         wb, qs = gpu_weights(args, k, n, fmt, gib)
+        km = [jax.block_until_ready(pack_kmajor(q)) for q in qs] if fmt in AFFINE_FORMATS else None
       except Exception as e:
         result["rows"].append({"K": k, "N": n, "fmt": fmt, "error": err_text(e)})
         continue
@@ -213,28 +234,36 @@ def run_gpu(args, result):
         result["rows"].append(row)
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
         outs = {}  # the check compares the outputs of the first (compiling) timed call on weight copy 0
-        for name, op, ws, nb in (("pallas", pallas(blocks), qs, nbytes),
-                                 ("reference", qmatmul_reference, qs, nbytes), ("bf16_dot", bf16_dot, wb, 2 * k * n)):
-          prof = {} if args.profile and name == "pallas" and m <= 16 else None
+        ops = [("pallas", pallas(blocks), qs, nbytes), ("reference", qmatmul_reference, qs, nbytes),
+               ("bf16_dot", bf16_dot, wb, 2 * k * n)]
+        if km:  # the same weights in the K-major layout, its kernel under its own (swept or default) policy
+          km_blocks = tuned_for(tuned, fmt + KMAJOR, m)
+          row["kmajor_blocks"] = dataclasses.asdict(km_blocks.for_shape(m, n, k, 64))
+          ops.insert(1, ("pallas_kmajor", pallas(km_blocks), km, nbytes))
+        for name, op, ws, nb in ops:
+          prof = {} if args.profile and name.startswith("pallas") and m <= 16 else None
           try:
             row[name] = perf(time_op(op, x, ws, args, outs.setdefault(name, []), prof), m, k, n, nb, peaks)
             if prof is not None:
               row[name]["device"] = prof
           except Exception as e:
             row[name] = {"error": err_text(e)}
-        if outs["pallas"] and outs["reference"]:
-          got, ref = outs["pallas"][0], outs["reference"][0]
-          rel = rel_err(got, ref)
-          row["check"] = {"rel_err": rel, "pass": bool(rel < TOL)}
-        else:
-          row["check"] = {"pass": False, "error": row["pallas"].get("error") or row["reference"].get("error")}
+        for name, check in (("pallas", "check"), ("pallas_kmajor", "kmajor_check")):
+          if name not in outs:
+            continue
+          if outs[name] and outs["reference"]:
+            rel = rel_err(outs[name][0], outs["reference"][0])
+            row[check] = {"rel_err": rel, "pass": bool(rel < TOL)}
+          else:
+            row[check] = {"pass": False, "error": row[name].get("error") or row["reference"].get("error")}
         del outs
-        for other in ("reference", "bf16_dot"):
-          if "time_s" in row["pallas"] and "time_s" in row[other]:
-            row[f"pallas_over_{other}_time"] = row["pallas"]["time_s"] / row[other]["time_s"]
+        for name, other in (("pallas", "reference"), ("pallas", "bf16_dot"), ("pallas_kmajor", "reference"),
+                            ("pallas_kmajor", "bf16_dot"), ("pallas_kmajor", "pallas")):
+          if "time_s" in row.get(name, {}) and "time_s" in row[other]:
+            row[f"{name}_over_{other}_time"] = row[name]["time_s"] / row[other]["time_s"]
         print_gpu_row(row)
       save(result, args.out)
-      del wb, qs
+      del wb, qs, km
   fused_lora(args, result, shapes[0], args.formats[0], [m for m in ms if m <= 16], interp, gib, peaks,
              time.perf_counter() + args.lora_budget_s, tuned)
 
@@ -334,7 +363,8 @@ def code_slabs(codes, bn):
   return codes.reshape(kh, n // bn, bn).transpose(1, 0, 2)
 
 
-FLOOR_FIRST = ("op, int4_sym (default policy)", "op, nf4 (default policy)", "stream, default tiling",
+FLOOR_FIRST = ("op, int4_sym (default policy)", "op, nf4 (default policy)", "op, int4_sym K-major (default policy)",
+               "stream, default tiling",
                "stream, default tiling, contiguous slabs", "empty, default tiling", "XLA sum of the codes", "bf16 dot",
                "reference (XLA dequantize + dot), int4_sym")
 
@@ -361,6 +391,7 @@ def floor(args, result, shapes, interp, gib, t_end):
     wb, qs = gpu_weights(args, k, n, "int4_sym", gib)
     _, qn = gpu_weights(args, k, n, "nf4", gib)
     codes = [q.codes for q in qs]
+    km = [jax.block_until_ready(pack_kmajor(q)) for q in qs]
     x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
     d = default_blocks(1, "int4_sym").for_shape(1, n, k, 64)
     op = lambda x, w: qmatmul_pallas(x, w, interpret=interp)
@@ -368,6 +399,8 @@ def floor(args, result, shapes, interp, gib, t_end):
     ops = [("op, int4_sym (default policy)", op, qs, qs[0].nbytes(), dataclasses.asdict(d)),
            ("op, nf4 (default policy)", op, qn, qn[0].nbytes(),
             dataclasses.asdict(default_blocks(1, "nf4").for_shape(1, n, k, 64))),
+           ("op, int4_sym K-major (default policy)", op, km, km[0].nbytes(),
+            dataclasses.asdict(default_for(1, "int4_sym" + KMAJOR).for_shape(1, n, k, 64))),
            ("op, int4_sym (default), an x per copy", op, qs, qs[0].nbytes(), dataclasses.asdict(d)),
            ("op, int4_sym (split_k 2, the runs' split)",
             lambda x, w: qmatmul_pallas(x, w, blocks=BlockSizes(split_k=2), interpret=interp), qs, qs[0].nbytes(),
@@ -415,13 +448,14 @@ def floor(args, result, shapes, interp, gib, t_end):
         row["error"] = err_text(e)
         print(f"{k:5d} {n:5d} {what:42s} ERROR {row['error'][:80]}", flush=True)
     save(result, args.out)
-    del wb, qs, qn, codes, slabs
+    del wb, qs, qn, codes, slabs, km
 
 
 POLICY_FIELDS = {"dot": ("fma", "mma", "words"), "lookup": ("select", "gather", "prmt"), "bn": (32, 64, 128), "bk": (1, 2, 4),
                  "num_warps": (2, 4, 8), "num_stages": (2, 3, 4), "min_programs": (132, 264, 528, 1056),
                  "prefetch": (0, 1), "convert": ("i2f", "magic", "magic16"), "rescale": ("weight", "partial")}
-SWEEP_CLASSES = (("nf4", 1), ("nf4", 16), ("int4_sym", 1))  # (format, M): M = 1 decode, M = 16 a few rows
+SWEEP_CLASSES = (("nf4", 1), ("nf4", 16), ("int4_sym", 1), ("int4_sym" + KMAJOR, 16))  # (format, M): M = 1
+# decode, M = 16 a few rows; the K-major kernel pads any row count up to 16 to one 16-column dot, so its one class
 # Timed right after each class's default: the variants with the fewest machine instructions per weight in the
 # K loop as compiled for sm_90 (benchmarks/pallas_compile_sm90.py's "variants"; not yet timed on a GPU), and for
 # int4 the one with no conversion instruction at all (magic16 + partial), for NF4 the one with no load per weight
@@ -430,7 +464,8 @@ SEED_POLICIES = {"nf4": (BlockSizes(lookup="gather", rescale="partial"),
                          BlockSizes(lookup="prmt", rescale="partial")),
                  "int4_sym": (BlockSizes(convert="magic", rescale="partial"),
                               BlockSizes(convert="magic16", rescale="partial"),
-                              BlockSizes(dot="words", bn=256), BlockSizes(dot="words", bn=128))}
+                              BlockSizes(dot="words", bn=256), BlockSizes(dot="words", bn=128)),
+                 "int4_sym" + KMAJOR: (BlockSizes(bn=256), BlockSizes(bn=128, bk=4))}
 
 
 def seed_name(p):
@@ -446,6 +481,9 @@ def policy_fields(fmt, m):
   only for the formats that convert integers (not NF4), "gather" / "prmt" only for NF4, "magic" / "magic16" only
   for the formats that convert integers."""
   f = dict(POLICY_FIELDS)
+  if layout_of(fmt)[1]:  # the K-major kernel: tensor cores, its own code-to-value step; warpgroup dots need 4 warps
+    return {**f, "dot": ("mma",), "lookup": ("select",), "prefetch": (0,), "convert": ("i2f",),
+            "rescale": ("weight",), "bn": (64, 128, 256), "num_warps": (4, 8)}
   if m > 1:
     f["dot"] = ("mma",)
   if fmt != "nf4":
@@ -520,12 +558,12 @@ def policy_sweep(args, result, shapes, pallas, gib, t_end):
   import random
   rng = random.Random(0)
   tuned = {}
-  classes = SWEEP_CLASSES[:1] if args.dry_run else SWEEP_CLASSES
+  classes = (SWEEP_CLASSES[0], SWEEP_CLASSES[-1]) if args.dry_run else SWEEP_CLASSES
   share = (t_end - time.perf_counter()) / len(classes)
   for ci, (fmt, m) in enumerate(classes):
     c_end = min(t_end, time.perf_counter() + share * (1 if ci < len(classes) - 1 else 2))
     fields = policy_fields(fmt, m)
-    default = default_blocks(m, fmt)
+    default = default_for(m, fmt)
     entry = {"fmt": fmt, "M": m, "shapes": [list(s) for s in shapes[:2]], "default": policy_of(default), "timed": []}
     result["sweep"].append(entry)
     seen = {}
@@ -598,7 +636,9 @@ def tuned_for(tuned, fmt, m):
   class not swept, larger M, no sweep) `default_blocks`. (The second H200 run gave int4 at M = 2..16 NF4's M = 16
   winner, which was slower there than the default had been in the first run.)"""
   p = tuned.get((fmt, 1 if m == 1 else 16)) if m <= 16 else None
-  return p if p is not None else default_blocks(m, fmt)
+  if p is None and layout_of(fmt)[1] and m <= 16:  # K-major: one policy for 1-16 rows (the dot pads them to 16)
+    p = tuned.get((fmt, 16))
+  return p if p is not None else default_for(m, fmt)
 
 
 def print_gpu_row(r):
@@ -610,9 +650,15 @@ def print_gpu_row(r):
   rat = lambda k: f"{r[k]:6.2f}" if k in r else f"{'-':>6}"
   dev = p.get("device", {})
   dev = f" {dev['device_s'] * 1e6:7.1f} {dev['kernels_per_op']:4.1f}" if "device_s" in dev else ""
+  km = ""
+  if "pallas_kmajor" in r:
+    kp, kc = r["pallas_kmajor"], r["kmajor_check"]
+    km = (f"\n{'':20s}K-major {kc.get('rel_err', float('nan')):.1e}{'' if kc['pass'] else '!'} {us('pallas_kmajor')}"
+          f" us {kp.get('frac_copy_bw', float('nan')):4.0%} of copy, x{r.get('pallas_kmajor_over_pallas_time', float('nan')):.2f}"
+          f" the QTensor kernel's time, x{r.get('pallas_kmajor_over_reference_time', float('nan')):.2f} the reference's")
   print(f"{r['M']:5d} {r['K']:5d} {r['N']:5d} {r['fmt']:8s} {ck:>8s} {us('pallas')} {us('reference')} "
         f"{us('bf16_dot')} {gb} {p.get('tflop_s', float('nan')):7.2f} {rat('pallas_over_reference_time')} "
-        f"{rat('pallas_over_bf16_dot_time')}{dev}", flush=True)
+        f"{rat('pallas_over_bf16_dot_time')}{dev}{km}", flush=True)
 
 
 GPU_HEADER = (f"{'M':>5} {'K':>5} {'N':>5} {'fmt':8s} {'rel err':>8} {'pallas us':>9} {'ref us':>9} {'bf16 us':>9} "
@@ -756,7 +802,7 @@ def main():
   ap.add_argument("--shapes", choices=("all", "small"), default="all", help="GPU (K, N) set")
   ap.add_argument("--formats", type=lambda v: tuple(v.split(",")), default=FORMATS, help="GPU: nf4,int4_sym")
   ap.add_argument("--policy-sweep", action="store_true", help="GPU: search the kernel's BlockSizes policies first "
-                  "(nf4 M = 1 and 16, int4_sym M = 1); the main table then uses the winners")
+                  "(nf4 M = 1 and 16, int4_sym M = 1, int4_sym K-major M = 16); the main table then uses the winners")
   ap.add_argument("--floor", action="store_true", help="GPU: first, where the one-row time goes (the op, XLA's "
                   "dequantize + dot, a bf16 dot, a Pallas kernel that only streams the codes (as stored, and laid out in "
                   "contiguous column slabs), one that only writes, XLA's sum of the codes; each timed and profiled: device time, kernels per op)")

@@ -9,8 +9,8 @@ bound that implies on an H200 (132 SMs x 128 thread-instructions per clock x 1.9
     activations; M in {1, 16, 64}; (K, N) in {(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)}; nf4
     double-quantized and int4_sym, group 64);
   * variants: the default and its `convert` / `rescale` / `lookup` / `dot="words"` variants at M = 1 and 16 (words:
-    M = 1 only), (4096, 14336): how
-    many instructions each weight costs (`BlockSizes` says what the variants do);
+    M = 1 only), and int4 in the K-major layout (`kernels.pack_kmajor`; fmt "int4_sym/kmajor") under `KMAJOR` and
+    at bn 256, at (4096, 14336): how many instructions each weight costs (`BlockSizes` says what the variants do);
   * swept: every policy the GPU policy sweep timed (benchmarks/results/int4_matmul_gpu.json), at its shape, M and
     format, next to its measured time: which fast policies spill or crowd the register file, and how well the
     issue bound tracks the measured times, over all and per (format, M, dot) class ("swept_issue_fit").
@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from int4_matmul import GPU_SHAPES, err_text, save  # noqa: E402
+from int4_matmul import GPU_SHAPES, err_text, layout_of, save  # noqa: E402
 
-from lora_jax.kernels import BlockSizes, default_blocks  # noqa: E402
+from lora_jax.kernels import KMAJOR, BlockSizes, default_blocks, pack_kmajor  # noqa: E402
 from lora_jax.kernels.qmatmul import triton_compile as tc  # noqa: E402
 from lora_jax.testing import random_qtensor  # noqa: E402
 
@@ -49,12 +49,16 @@ VARIANTS = (("default", {}), ("magic", {"convert": "magic"}), ("partial", {"resc
             ("magic16 + partial", {"convert": "magic16", "rescale": "partial"}),
             ("gather + partial", {"lookup": "gather", "rescale": "partial"}),
             ("prmt + partial", {"lookup": "prmt", "rescale": "partial"}),
-            ("words, bn 256", {"dot": "words", "bn": 256}), ("words, bn 128", {"dot": "words", "bn": 128}))
+            ("words, bn 256", {"dot": "words", "bn": 256}), ("words, bn 128", {"dot": "words", "bn": 128}),
+            ("K-major, bn 128 (KMAJOR)", {"kmajor": True}), ("K-major, bn 256", {"kmajor": True, "bn": 256}))
 
 
 def abstract_weight(fmt, k, n, block=64):
-  """The QTensor's shapes and dtypes (lowering needs no values); NF4 double-quantized, as `--quantize nf4` makes it."""
-  return jax.eval_shape(lambda: random_qtensor(fmt, k, n, block, double_quant=fmt == "nf4"))
+  """The QTensor's shapes and dtypes (lowering needs no values); NF4 double-quantized, as `--quantize nf4` makes it;
+  "<fmt>/kmajor": the K-major weight's."""
+  base, kmajor = layout_of(fmt)
+  w = jax.eval_shape(lambda: random_qtensor(base, k, n, block, double_quant=base == "nf4"))
+  return jax.eval_shape(pack_kmajor, w) if kmajor else w
 
 
 def compile_row(row, blocks, m, k, n, fmt):
@@ -124,25 +128,29 @@ def main():
         tag = f"{d.dot} {d.lookup} {d.bm}x{d.bn} bk={d.bk} sk={d.split_k} w={d.num_warps} s={d.num_stages}"
         print(f"{m:5d} {k:5d} {n:5d} {fmt:8s} {tag:40s} {describe(row)}", flush=True)
   print(f"\nvariants (M = 1 and 16, (K, N) = (4096, 14336)): instructions per weight in the K loop (i/w) and the "
-        f"H200 issue bound\n{'M':>5} {'fmt':8s} {'variant':18s} {'smem KiB':>8} {'regs':>4} {'spill B':>7} {'i/w':>6} "
+        f"H200 issue bound\n{'M':>5} {'fmt':8s} {'variant':26s} {'smem KiB':>8} {'regs':>4} {'spill B':>7} {'i/w':>6} "
         f"{'issue us':>7}  top opcodes per weight")
   result["variants"] = []
   for fmt in FORMATS:
     for m in (1, 16):
       for name, change in VARIANTS:
-        if (fmt == "nf4" and ("convert" in change or "dot" in change)) or (fmt != "nf4" and "lookup" in change):
-          continue  # NF4 converts no integers (nor takes "words"); only NF4 has a table to gather from
+        if fmt == "nf4" and ("convert" in change or "dot" in change or "kmajor" in change):
+          continue  # NF4 converts no integers (nor takes "words" or the K-major layout)
+        if fmt != "nf4" and "lookup" in change:
+          continue  # only NF4 has a table to gather from
         if change.get("dot") == "words" and m > 2:
           continue  # one multiply-add per weight and row: for one or two rows
-        base = default_blocks(m, fmt)
+        change = dict(change)
+        wfmt = fmt + "/kmajor" if change.pop("kmajor", False) else fmt
+        base = KMAJOR if wfmt != fmt else default_blocks(m, fmt)
         if base.dot == "fma" and change.get("rescale") == "partial":
           base = BlockSizes()  # partial scaling needs tensor-core dots: their default policy
         blocks = dataclasses.replace(base, **change)
-        row = compile_row({"M": m, "K": 4096, "N": 14336, "fmt": fmt, "variant": name,
-                           "blocks": dataclasses.asdict(blocks)}, blocks, m, 4096, 14336, fmt)
+        row = compile_row({"M": m, "K": 4096, "N": 14336, "fmt": wfmt, "variant": name,
+                           "blocks": dataclasses.asdict(blocks)}, blocks, m, 4096, 14336, wfmt)
         result["variants"].append(row)
         top = " ".join(f"{op}:{c:.2f}" for op, c in list(row.get("per_weight_ops", {}).items())[:6])
-        print(f"{m:5d} {fmt:8s} {name:18s} {describe(row)}  {top}", flush=True)
+        print(f"{m:5d} {fmt:8s} {name:26s} {describe(row)}  {top}", flush=True)
   if os.path.exists(args.sweep):
     with open(args.sweep) as f:
       sweep = json.load(f).get("sweep", [])

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Everything a lent GPU should run, as one command (a device session has ~15 minutes in all): the GPU tests
-# (tests/kernels/test_qmatmul_gpu.py: the Pallas kernel's values, tilings and variants, fused LoRA, gradients, a QLoRA
-# step), then benchmarks/int4_matmul.py: where the one-row time goes (--floor: wall and device time per op from a
-# profiler trace), the policy sweep, the main table with the sweep's winners (its M <= 16 Pallas rows profiled too:
-# --profile), and fused vs split LoRA. Uses the machine's own python3 and packages (no install); writes
-# gpu_check.log, gpu_tests.xml and int4_matmul_gpu.json under $OUT (default benchmarks/results). Budgets (tests 180 s,
-# floor 100 s, sweep 110 s, main table 100 s, fused LoRA 15 s; each stops starting new work when spent) keep the
-# command within about 9 minutes, inside the device's 10-minute limit per command (the H200 run of 2026-11-30, with
-# no floor and a 150 s sweep, took 5.3 minutes). The floor comes first: it is what the next run most needs.
-# Usage (device tool): bash scripts/gpu_check.sh        [BUDGET_S=100: seconds for the main table]
+# (tests/kernels/test_qmatmul_gpu.py: the Pallas kernel's values, tilings and variants, the K-major layout's kernel,
+# fused LoRA, gradients, a QLoRA step), then benchmarks/int4_matmul.py: where the one-row time goes (--floor: wall
+# and device time per op from a profiler trace, the K-major kernel's among them), the policy sweep (its last class:
+# the K-major kernel), the main table with the sweep's winners (int4 rows also time the K-major kernel; M <= 16
+# Pallas rows profiled too: --profile), and fused vs split LoRA. Uses the machine's own python3 and packages (no
+# install); writes gpu_check.log, gpu_tests.xml and int4_matmul_gpu.json under $OUT (default benchmarks/results).
+# Budgets (tests 210 s: 96 tests, the 63 of the last run took 104 s; floor 90 s, sweep 100 s, main table 90 s, fused
+# LoRA 10 s; each stops starting new work when spent) keep the command within about 9 minutes, inside the device's
+# 10-minute limit per command (the H200 run of 2026-11-30, with no floor and a 150 s sweep, took 5.3 minutes). The
+# floor comes first: it is what the next run most needs.
+# Usage (device tool): bash scripts/gpu_check.sh        [BUDGET_S=90: seconds for the main table]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
@@ -17,11 +19,11 @@ log="$out/gpu_check.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" 2>&1 | tee "$log"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit --format=csv 2>&1 | tee -a "$log" || true
-timeout 180 python3 -m pytest -v -m gpu -p no:cacheprovider --junitxml "$out/gpu_tests.xml" \
+timeout 210 python3 -m pytest -v -m gpu -p no:cacheprovider --junitxml "$out/gpu_tests.xml" \
   tests/kernels/test_qmatmul_gpu.py 2>&1 | tee -a "$log"
 tests_rc=${PIPESTATUS[0]}
-python3 benchmarks/int4_matmul.py --mode gpu --floor --floor-budget-s 100 --profile --policy-sweep --sweep-budget-s 110 \
-  --budget-s "${BUDGET_S:-100}" --lora-budget-s 15 --out "$out/int4_matmul_gpu.json" 2>&1 | tee -a "$log"
+python3 benchmarks/int4_matmul.py --mode gpu --floor --floor-budget-s 90 --profile --policy-sweep --sweep-budget-s 100 \
+  --budget-s "${BUDGET_S:-90}" --lora-budget-s 10 --out "$out/int4_matmul_gpu.json" 2>&1 | tee -a "$log"
 bench_rc=${PIPESTATUS[0]}
 echo "gpu tests rc=$tests_rc, benchmark rc=$bench_rc" | tee -a "$log"
 exit $(( tests_rc || bench_rc ))
