@@ -15,6 +15,11 @@ def _add_quantize_arg(p: argparse.ArgumentParser) -> None:
   p.add_argument("--quantize", default="none", choices=["none", "nf4", "int4", "native"],
                  help="4-bit base weights for the block linears: nf4 (double-quantized, block 64), int4 (symmetric, "
                       "group 64), native (a GGUF file's own Q4_0/Q4_1 blocks, no requantization); default none")
+  p.add_argument("--kmajor", action="store_true",
+                 help="with --quantize int4 or native: hold the 4-bit weights in the K-major layout of the GPU "
+                      "kernel that reads them as tensor-core register operands (lora_jax.kernels.to_kmajor; its "
+                      "Pallas kernel needs a GPU and --dtype bfloat16 or float16, and is not yet timed on one; "
+                      "elsewhere the XLA reference path runs, slower on CPU than the default layout's C++ kernel)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -39,6 +44,12 @@ def _load(args):
     model.params = quantize_model_params(model.params, args.quantize, gguf_blocks=model.quantized)
     if args.adapter:
       log("note: the adapter was merged before quantizing (merge-and-requantize); see docs for the drift")
+  if getattr(args, "kmajor", False):
+    if args.quantize not in ("int4", "native"):
+      raise LoraJaxError(f"--kmajor lays out int4 / GGUF Q4 weights for their GPU kernel: it needs --quantize int4 "
+                         f"or native, not {args.quantize} (NF4 has no K-major kernel)")
+    from .kernels import to_kmajor
+    model.params = to_kmajor(model.params)
   return model
 
 

@@ -137,3 +137,27 @@ def test_hub_id_offline_says_what_to_do(capsys, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   code, _, err = run(capsys, "info", "--model", "someorg/some-model-that-is-not-cached")
   _one_line_error(code, err, "someorg/some-model-that-is-not-cached", "pass its path with --model")
+
+
+def test_kmajor_layout_gives_the_same_perplexity_and_needs_an_affine_format(capsys, tmp_path):
+  """--kmajor keeps --quantize int4's weights in the K-major layout: the same perplexity (here the reference path
+  instead of the C++ kernel: the same sums in another order); with NF4 or no quantization it is refused."""
+  from lora_jax.testing import assert_allclose
+  tiny_folder = make_tiny_folder(tmp_path / "tiny64", hidden_size=64, intermediate_size=128, head_dim=16)
+  text = tmp_path / "t.txt"
+  text.write_text("w3 w4 w5 w6 w7 " * 8)
+  base = ["perplexity", "--model", str(tiny_folder), "--text-file", str(text), "--max-length", "16", "-q",
+          "--quantize", "int4"]
+  results = []
+  for extra in ([], ["--kmajor"]):
+    code, out, _ = run(capsys, *base, *extra)
+    assert code == 0
+    results.append(json.loads(out))
+  assert results[0]["tokens"] == results[1]["tokens"]
+  assert_allclose(results[1]["perplexity"], results[0]["perplexity"], "parity_perplexity")
+  code, out, _ = run(capsys, "generate", "--model", str(tiny_folder), "--prompt", "w3", "--max-new-tokens", "3",
+                     "--quantize", "int4", "--kmajor", "-q")
+  assert code == 0
+  for quantize in ("nf4", "none"):
+    code, _, err = run(capsys, *base[:-1], quantize, "--kmajor")
+    assert code == 2 and f"needs --quantize int4 or native, not {quantize}" in err

@@ -180,3 +180,19 @@ def test_sm90_machine_code_of_the_kmajor_kernel():
   for fmt in ("q4_0", "q4_1"):  # blocks of 32: compiled within the chip's limits
     r = _sm90(fmt, 1, KMAJOR, block=32)
     assert r["spill_bytes"] == 0 and r["registers"] <= 255 and r["per_weight"] < best_mma["per_weight"], r
+
+
+def test_a_model_runs_on_a_kmajor_base():
+  """A Llama forward over `to_kmajor` of an int4 base, in both layer layouts (stacked under scan: the K-major
+  leaves carry the layer axis; per layer), gives the QTensor base's logits (on CPU the K-major weights take the
+  reference and the QTensors the CPU kernel: the same sums in another order)."""
+  from lora_jax.models import ModelConfig, forward, init_params, unstack_layers
+  from lora_jax.quant import quantize_model_params
+  cfg = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=16)
+  q = quantize_model_params(init_params(cfg, key=jax.random.key(0)), "int4")
+  ids = jnp.array([[1, 5, 9, 3, 7, 2]])
+  want = forward(q, cfg, ids)
+  for params in (to_kmajor(q), to_kmajor(unstack_layers(q))):
+    assert any(isinstance(a, KMajor) for a in jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, KMajor)))
+    assert_allclose(forward(params, cfg, ids), want, "f32_composite")

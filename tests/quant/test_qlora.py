@@ -138,12 +138,13 @@ def test_decoding_never_holds_the_dequantized_base(fmt):
   assert temp < 3 * largest < dequantized / 4, (temp, largest, dequantized)
 
 
-@pytest.mark.parametrize("mode,dtype", [("nf4", jnp.bfloat16), ("int4", jnp.float32)])
-def test_qlora_programs_lower_for_gpu(monkeypatch, mode, dtype):
+@pytest.mark.parametrize("mode,dtype,kmajor", [("nf4", jnp.bfloat16, False), ("int4", jnp.float32, False),
+                                               ("int4", jnp.bfloat16, True)])
+def test_qlora_programs_lower_for_gpu(monkeypatch, mode, dtype, kmajor):
   """What a GPU would run, lowered for CUDA on CPU with the dispatch told it is on a GPU: a QLoRA train step (the
-  base as `--quantize` makes it: NF4 double-quantized, or int4) and the prefill and decode programs. Every
-  projection must go through the Pallas kernel as a Triton call (2 x 32 rows here: within PALLAS_M_MAX), none
-  through the dequantize-and-dot fallback; with the triton package, each kernel compiles for sm_90 without spilling."""
+  base as `--quantize` makes it: NF4 double-quantized, or int4, also in the K-major layout: `to_kmajor` on the
+  stacked tree) and the prefill and decode programs. Every projection must go through the Pallas kernel as a
+  Triton call (2 x 32 rows here: within PALLAS_M_MAX), none through the dequantize-and-dot fallback."""
   import optax
   import lora_jax.kernels as kernels
   from lora_jax.generate import SamplingConfig, decode_chunk, prefill
@@ -157,6 +158,10 @@ def test_qlora_programs_lower_for_gpu(monkeypatch, mode, dtype):
   cfg = dataclasses.replace(CFG, hidden_size=128, intermediate_size=256, head_dim=32)
   params = jax.tree.map(lambda a: a.astype(dtype), init_params(cfg, key=jax.random.key(0)))
   frozen = quantize_model_params(params, mode)
+  if kmajor:
+    from lora_jax.kernels import KMajor, to_kmajor
+    frozen = to_kmajor(frozen)
+    assert any(isinstance(leaf, KMajor) for leaf in jax.tree.leaves(frozen, is_leaf=lambda x: isinstance(x, KMajor)))
   adapter, frozen = init_lora(LCFG, cfg, frozen, key=jax.random.key(1))
   tx = optax.adamw(1e-3)
   state = TrainState(jnp.int32(0), adapter, tx.init(adapter), jax.random.key_data(jax.random.key(0)))
