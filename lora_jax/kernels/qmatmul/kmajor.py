@@ -1,28 +1,31 @@
 """The K-major layout of a 4-bit kernel, and the Pallas (Triton) kernel that reads it on Hopper tensor cores.
 
 A `QTensor` stores its codes as (K/2, N) bytes: a column's codes lie N bytes apart. A tensor-core kernel over that
-layout must move every dequantized weight tile through shared memory into the dot's register layout (on sm_90:
-~0.8 shared-memory instructions per weight, and ~6.6-7 machine instructions per weight in all for the best
-variant, `benchmarks/pallas_compile_sm90.py`). `KMajor` holds the same bytes, unchanged, as (N, K/2): each
-column's codes contiguous along K, and within each quantization block the bytes in the order in which one thread
-of a Hopper warpgroup dot holds its share of the weight operand (`fragment_order`). The kernel then computes the
-transposed product ``yᵀ = Wᵀ xᵀ`` with the weight tile as the dot's first operand, taken from registers
-(`wgmma` with a register A operand): Triton loads each thread's code bytes with vector loads, turns them into
-16-bit values in the layout the dot reads, and no weight ever passes through shared memory. Only the small
-activation (K × 16, bf16 / f16) does.
+layout moves every dequantized weight tile through shared memory into the dot's register layout (on sm_90 the
+best such variant, magic16 + partial scaling, takes 6.6-7.0 machine instructions per weight, 0.8 of them
+shared-memory loads; `benchmarks/pallas_compile_sm90.py`). `KMajor` holds the same codes as (N, K/8) uint32
+words: each column's codes contiguous along K, and within each quantization block in the order in which the
+threads of a Hopper warpgroup dot hold a register operand (`nibble_order`). The kernel computes the transposed
+product ``yᵀ = Wᵀ xᵀ`` with the weight tile as the dot's first operand, from registers (wgmma with a register A
+operand): Triton loads each thread's words with vector loads straight into that operand's layout, and no weight
+passes through shared memory or a shuffle. Only the small activation (K × 16 or more columns, bf16 / f16) does.
 
-Codes to values, for the affine formats (int4_sym, int4_asym, q4_0, q4_1), two weights per 32-bit register:
-a byte b becomes the word ``((b | b << 12) & 0x000F000F) | magic``, whose halves are the 16-bit floats
-``base + q_lo`` and ``base + q_hi`` (magic: base's bits in both halves; base = 128 in bfloat16, 1024 in float16,
-where the ulp is 1, so the nibble in the low mantissa bits is the value's integer part), and one packed
-subtraction of ``base + minus`` gives ``(q_lo − minus, q_hi − minus)`` exactly (integers below 16 in magnitude). The pair is the two consecutive
-rows of K the byte holds, which is how the dot's register operand pairs them. The (bn × bm) product of each
-quantization block is scaled once per column (and the offset formats add ``offset · Σx`` over the block, from
-sums of x formed outside), as ``rescale="partial"`` does in the (K/2, N) kernel.
+Codes to values, for the affine formats (int4_sym, int4_asym, q4_0, q4_1): each word holds four register pairs
+of the operand. ``((word >> s) & 0x000F000F) | magic`` (s = 0, 4, 8, 12) has as its two halves the 16-bit floats
+``base + q`` of two codes (magic: base's bits in both halves; base = 128 in bfloat16, 1024 in float16, whose ulp
+is 1, so a nibble in the low mantissa bits is the value's integer part), and one packed subtraction of
+``base + minus`` (minus = 8 for int4_sym / q4_0, else 0) gives ``q − minus`` exactly (integers below 16 in
+magnitude). The (bn × bm) product of each quantization block is scaled once per column (and the offset formats add
+``offset · Σx`` over the block, from sums of x formed outside), as ``rescale="partial"`` does for the (K/2, N)
+layout. So the weights are exact in the 16-bit dot; the products and sums are float32.
 
-Compiled for sm_90 (`triton_compile`), one step of int4 at 16 rows: see benchmarks/results/pallas_compile_sm90.json
-(variants "K-major"). Not yet timed on a GPU. NF4 has no affine map and is not taken; nor are float32 activations
-(the register operand is 16-bit; a float32 x would lose precision in the dot) or double-quantized scales.
+Compiled for sm_90, int4 in blocks of 64 at 1 or 16 rows (4096 × 14336): 3.33 instructions per weight under
+`pallas_gpu.KMAJOR` (bn 128), 2.90 at bn 256, against 6.56-6.95 for magic16 + partial and 3.68 for the one-row
+``dot="words"`` kernel (benchmarks/results/pallas_compile_sm90.json, variants "K-major"): one shift, two logic ops
+(and, or: the magic is a constant; as a runtime value, which would fold them into one, it stops Triton from loading
+the words in the dot's layout) and half a packed subtraction per weight. Not yet timed on a GPU. NF4 has no affine
+map and is not taken; nor are float32 activations (the register operand is 16-bit; rounding x would lose
+precision) or double-quantized scales (NF4 only).
 """
 
 from __future__ import annotations

@@ -24,6 +24,11 @@ splits its even and odd columns:
   each code a float by one masked OR, ~3.7 machine instructions per weight at one row against 6.5 for the best
   tensor-core variant; not yet timed on a GPU).
 
+A weight in the K-major layout (`kmajor.KMajor`, int4 / GGUF) runs that module's kernel instead, over the same grid
+and `BlockSizes` (its tiling fields; default `KMAJOR`): the weight tile as the register operand of a warpgroup
+dot, no weight through shared memory, ~3.3 machine instructions per weight at any row count up to 16 (not yet
+timed on a GPU).
+
 Measured on an H200 (benchmarks/results/int4_matmul_gpu*.json, README): correct in every format and in every
 variant run there (prefetch, convert and rescale came later);
 1.7-4.1x faster than XLA's dequantize + dot at M <= 16 over both runs (2.1-4.1x with the tensor-core layout that
