@@ -13,17 +13,19 @@ passes through shared memory or a shuffle. Only the small activation (K × 16 or
 Codes to values, for the affine formats (int4_sym, int4_asym, q4_0, q4_1): each word holds four register pairs
 of the operand. ``((word >> s) & 0x000F000F) | magic`` (s = 0, 4, 8, 12) has as its two halves the 16-bit floats
 ``base + q`` of two codes (magic: base's bits in both halves; base = 128 in bfloat16, 1024 in float16, whose ulp
-is 1, so a nibble in the low mantissa bits is the value's integer part), and one packed subtraction of
-``base + minus`` (minus = 8 for int4_sym / q4_0, else 0) gives ``q − minus`` exactly (integers below 16 in
-magnitude). The (bn × bm) product of each quantization block is scaled once per column (and the offset formats add
+is 1, so a nibble in the low mantissa bits is the value's integer part), and one packed fused multiply-add,
+``· 1 − (base + minus)`` (minus = 8 for int4_sym / q4_0, else 0), gives ``q − minus`` exactly (integers below
+16 in magnitude). On a GPU that is two instructions per pair of weights in inline PTX (`pair_ptx`); interpret mode
+runs the same operations in jnp. The (bn × bm) product of each quantization block is scaled once per column (and the offset formats add
 ``offset · Σx`` over the block, from sums of x formed outside), as ``rescale="partial"`` does for the (K/2, N)
 layout. So the weights are exact in the 16-bit dot; the products and sums are float32.
 
-Compiled for sm_90, int4 in blocks of 64 at 1 or 16 rows (4096 × 14336): 3.33 instructions per weight under
-`pallas_gpu.KMAJOR` (bn 128), 2.90 at bn 256, against 6.56-6.95 for magic16 + partial and 3.68 for the one-row
-``dot="words"`` kernel (benchmarks/results/pallas_compile_sm90.json, variants "K-major"): one shift, two logic ops
-(and, or: the magic is a constant; as a runtime value, which would fold them into one, it stops Triton from loading
-the words in the dot's layout) and half a packed subtraction per weight. Not yet timed on a GPU. NF4 has no affine
+Compiled for sm_90, int4 in blocks of 64 at 1 or 16 rows (4096 × 14336): 2.84 instructions per weight under
+`pallas_gpu.KMAJOR` (bn 128), 2.40 at bn 256, against 6.56-6.95 for magic16 + partial and 3.68 for the one-row
+``dot="words"`` kernel (benchmarks/results/pallas_compile_sm90.json, variants "K-major"): half a LOP3 and half an
+HFMA2 per weight, 0.38 shifts, a quarter FFMA for the block scale. (Written as jnp operations the mask and the OR
+with two constants compile to two LOP3s, 3.33 per weight; a magic passed at run time, which folds them into one,
+stops Triton from loading the words in the dot's layout.) Not yet timed on a GPU. NF4 has no affine
 map and is not taken; nor are float32 activations (the register operand is 16-bit; rounding x would lose
 precision) or double-quantized scales (NF4 only).
 """
@@ -44,8 +46,8 @@ AFFINE_FORMATS = ("int4_sym", "int4_asym", "q4_0", "q4_1")
 _OFFSET_FORMATS = ("int4_asym", "q4_1")
 DTYPES = (jnp.bfloat16, jnp.float16)
 # Per 16-bit dtype: the bits of `base` and base, whose ulp is 1: a nibble ORed into the low mantissa bits is the
-# value's integer part.
-_MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
+# value's integer part; and the PTX type of a pair of them.
+_MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0, "bf16x2"), jnp.dtype(jnp.float16): (0x6400, 1024.0, "f16x2")}
 
 
 @jax.tree_util.register_pytree_node_class
@@ -202,8 +204,44 @@ def prepare_x(x2, p: KMajor, rows: int):
   return xt, jnp.pad(sums.T, ((0, 0), (0, rows - m)))
 
 
+def pair_constants(dtype, minus: float) -> tuple[int, int, int]:
+  """The 32-bit words the code-to-value step uses, each a pair of 16-bit halves: the magic (base's bits), one
+  (1.0) and the negated offset, -(base + minus)."""
+  bits = lambda v: int(np.asarray(v, dtype).view(np.uint16))
+  pair = lambda h: h << 16 | h
+  return magic_word(dtype), pair(bits(1.0)), pair(bits(-(_MAGIC[jnp.dtype(dtype)][1] + minus)))
+
+
+def pair_ptx(dtype, minus: float) -> str:
+  """Inline PTX for one register pair: ``fma(((w & 0x000F000F) | magic), 1, -(base + minus))`` on the two 16-bit
+  halves: one LOP3 (a logic op on three inputs: the constant magic in a register) and one packed fused
+  multiply-add (sm_80 and later; `sub` on bf16 pairs needs sm_90). In Triton's own operations the mask and the
+  OR with two constants become two LOP3s, and a runtime magic stops Triton from loading the words in the dot's
+  layout; the asm does neither."""
+  magic, one, neg = pair_constants(dtype, minus)
+  kind = _MAGIC[jnp.dtype(dtype)][2]
+  return (f"{{.reg .b32 m, o, c, t; mov.b32 m, {magic}; mov.b32 o, {one}; mov.b32 c, {neg}; "
+          f"lop3.b32 t, $1, 0x000F000F, m, 0xEA; fma.rn.{kind} $0, t, o, c;}}")
+
+
+def _pair(shifted, dtype, minus: float, interpret: bool):
+  """(q_lo − minus, q_hi − minus) as `dtype` (two tensors) for the codes at bits 0-3 and 16-19 of each word of
+  `shifted` (uint32): by `pair_ptx` on a GPU, by the same operations in jnp in interpret mode."""
+  if interpret:
+    v = (shifted & 0x000F000F) | magic_word(dtype)
+    base = _MAGIC[jnp.dtype(dtype)][1]
+    half = lambda h: jax.lax.bitcast_convert_type(h.astype(jnp.uint16), dtype) - (base + minus)
+    return half(v & 0xFFFF), half(v >> 16)
+  from jax.experimental.pallas import triton as pltriton
+  words = jax.lax.bitcast_convert_type(shifted, jnp.int32)  # the asm takes signed words
+  (v,) = pltriton.elementwise_inline_asm(pair_ptx(dtype, minus), args=[words], constraints="=r,r", pack=1,
+                                         result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.int32)])
+  half = lambda h: jax.lax.bitcast_convert_type(h.astype(jnp.uint16), dtype)
+  return half(v & 0xFFFF), half(v >> 16)  # LLVM folds the split and the pairing for the dot back into v
+
+
 def kernel(xt_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, steps: int, dtype, lora: bool,
-           lora_tile):
+           lora_tile, interpret: bool = False):
   """One (bn × bm) tile of ``yᵀ``: per quantization block, the codes (bn × B/2 bytes) to 16-bit value pairs in
   registers, a tensor-core dot with xᵀ's (B × bm) rows, the product scaled per column (module docstring); the
   transposed tile stored at the end. ``lora_tile(low_ref, b_ref)`` gives the LoRA term's (bm × bn) tile."""
@@ -213,19 +251,14 @@ def kernel(xt_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, s
   (o_ref,) = rest
   half = block // 2
   bn, bm = codes_ref.shape[0], xt_ref.shape[1]
-  base = _MAGIC[jnp.dtype(dtype)][1]
   minus = 8.0 if fmt in ("int4_sym", "q4_0") else 0.0
-  magic = magic_word(dtype)
   first = pl.program_id(2) * steps
 
   def add_block(g, acc):
     word = codes_ref[:, pl.ds(g * (block // 8), block // 8)].reshape(bn, 4, block // 32)  # thread t's words
 
     def pair(shift):  # one register pair per word: rows (r, r + 1) as (low half, high half), minus subtracted
-      v = ((word >> shift) & 0x000F000F) | magic
-      lo = jax.lax.bitcast_convert_type((v & 0xFFFF).astype(jnp.uint16), dtype) - (base + minus)
-      hi = jax.lax.bitcast_convert_type((v >> 16).astype(jnp.uint16), dtype) - (base + minus)
-      return jnp.stack([lo, hi], axis=-1)  # (bn, 4 t, B/32 w', 2 e)
+      return jnp.stack(_pair(word >> shift, dtype, minus, interpret), axis=-1)  # (bn, 4 t, B/32 w', 2 e)
 
     step_of = lambda s: jnp.stack([pair(s), pair(s + 4)], axis=-1)  # (..., 2 e, 2 nu): +8 rows in the high nibble
     w = jnp.stack([step_of(0), step_of(8)], axis=-1)  # (bn, t, w', e, nu, b mod 2)
@@ -251,4 +284,4 @@ def kernel(xt_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, s
 
 
 __all__ = ["AFFINE_FORMATS", "KMajor", "as_qtensor", "check", "kernel", "magic_word", "nibble_order", "pack_kmajor",
-           "prepare_x", "to_kmajor", "unpack_kmajor"]
+           "pair_constants", "pair_ptx", "prepare_x", "to_kmajor", "unpack_kmajor"]

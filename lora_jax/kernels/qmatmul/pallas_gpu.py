@@ -26,7 +26,7 @@ splits its even and odd columns:
 
 A weight in the K-major layout (`kmajor.KMajor`, int4 / GGUF) runs that module's kernel instead, over the same grid
 and `BlockSizes` (its tiling fields; default `KMAJOR`): the weight tile as the register operand of a warpgroup
-dot, no weight through shared memory, ~3.3 machine instructions per weight at any row count up to 16 (not yet
+dot, no weight through shared memory, ~2.8 machine instructions per weight at any row count up to 16 (not yet
 timed on a GPU).
 
 Measured on an H200 (benchmarks/results/int4_matmul_gpu*.json, README): correct in every format and in every
@@ -173,11 +173,14 @@ class BlockSizes:
 DECODE_NF4 = BlockSizes(bn=128, bk=1, num_warps=4, num_stages=2, min_programs=1056, dot="fma", lookup="gather")
 
 
-# A weight in the K-major layout (`kmajor`), any number of rows: tensor-core tiles of 128 columns, 128 rows of K per
-# loop step (bk resolved: 2 blocks of 64). Chosen by the sm_90 machine code (benchmarks/pallas_compile_sm90.py):
-# ~3.3 instructions per weight for int4 in blocks of 64 at 92 registers; bn 256 has fewer (~2.9) but 166
-# registers and half the column tiles to spread over the SMs. Not yet timed on a GPU.
+# A weight in the K-major layout (`kmajor`), up to 16 rows: tensor-core tiles of 128 columns, 128 rows of K per loop
+# step (bk resolved: 2 blocks of 64). Chosen by the sm_90 machine code (benchmarks/pallas_compile_sm90.py): 2.84
+# instructions per weight for int4 in blocks of 64 at 96 registers; bn 256 has fewer (2.40) but 168 registers and
+# half the column tiles to spread over the SMs. Not yet timed on a GPU.
 KMAJOR = BlockSizes(bn=128)
+# Above 16 rows (tiles of 64 rows): the (128 x 64) float32 accumulator takes 8 warps' registers (with 4: 255
+# registers per thread and spills; with 8: ~100, none), int4 and q4_1 alike (compiled for sm_90). Not yet timed.
+KMAJOR_ROWS = dataclasses.replace(KMAJOR, num_warps=8)
 
 
 def default_blocks(m: int, fmt: str, block_size: int = 64, kmajor: bool = False) -> BlockSizes:
@@ -188,9 +191,9 @@ def default_blocks(m: int, fmt: str, block_size: int = 64, kmajor: bool = False)
   one of the two shapes. Since those runs, a tile padded to 16 rows stores only m rounded up to a power of two
   (`stored_rows`), so the partial-sum bound lets a few rows split K further than the runs did (8 ways instead of 2
   at 4096 x 4096 for one row: 512 programs on 132 SMs instead of 128); not yet timed. A K-major weight
-  (``kmajor``) gets `KMAJOR`."""
+  (``kmajor``) gets `KMAJOR`, above 16 rows `KMAJOR_ROWS`."""
   if kmajor:
-    return KMAJOR
+    return KMAJOR if m <= 16 else KMAJOR_ROWS
   return DECODE_NF4 if (m, fmt, block_size) == (1, "nf4", 64) else BlockSizes()
 
 
@@ -609,7 +612,8 @@ def _pallas_kmajor(x2, w: _kmajor.KMajor, low, b, bs: BlockSizes, m, mp, split, 
     in_specs += [cols(nb), pl.BlockSpec((nb, bs.bm), lambda i, j, s: (0, i))]
     args += [w.offset, sums]
   kernel = functools.partial(_kmajor.kernel, fmt=w.fmt, block=w.block_size, bk=bs.bk or 1, steps=steps,
-                             dtype=x2.dtype, lora=low is not None, lora_tile=functools.partial(_lora_tile, dot="mma"))
+                             dtype=x2.dtype, lora=low is not None, lora_tile=functools.partial(_lora_tile, dot="mma"),
+                             interpret=interpret)
   return _launch(kernel, w, low, b, bs, in_specs, args, m, mp, split, lead, interpret)
 
 
