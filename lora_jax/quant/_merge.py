@@ -20,15 +20,14 @@ from .._errors import LoraJaxError
 from ..models import forward
 from ..peft._lora import LoraConfig, apply_lora
 from ..peft._targets import get_path, set_path
-from ._qtensor import QTensor
+from ._qtensor import QTensor, is_quantized
 from ._quantize import quantize
 
 MERGE_MODES = ("separate", "dequantized", "requantized")
 
 
 def _dequantize_tree(params):
-  return jax.tree.map(lambda x: x.dequantize() if isinstance(x, QTensor) else x, params,
-                      is_leaf=lambda x: isinstance(x, QTensor))
+  return jax.tree.map(lambda x: x.dequantize() if is_quantized(x) else x, params, is_leaf=is_quantized)
 
 
 def merge_quantized(cfg: LoraConfig, model_cfg, qparams: dict, adapter: dict, mode: str) -> dict:
@@ -44,10 +43,13 @@ def merge_quantized(cfg: LoraConfig, model_cfg, qparams: dict, adapter: dict, mo
     merged = get_path(applied, path + "/kernel").materialize()
     if mode == "requantized":
       base = get_path(qparams, path + "/kernel")
-      if not isinstance(base, QTensor):
+      if not is_quantized(base):
         raise LoraJaxError(f"{path}: the base kernel is not quantized; nothing to requantize into")
       fmt = {"q4_0": "int4_sym", "q4_1": "int4_asym"}.get(base.fmt, base.fmt)
       merged = quantize(merged, fmt, block_size=base.block_size, double_quant=base.double_quantized, name=path)
+      if not isinstance(base, QTensor):  # a K-major base stays K-major
+        from ..kernels import pack_kmajor
+        merged = pack_kmajor(merged)
     out = set_path(out, path + "/kernel", merged)
   return out
 

@@ -114,6 +114,13 @@ class QTensor:
     return 8 * self.nbytes() / (self.shape[0] * self.shape[1])
 
 
+def is_quantized(x) -> bool:
+  """Whether `x` is a 4-bit kernel: a `QTensor`, or the same codes in the GPU kernel's K-major layout
+  (`lora_jax.kernels.KMajor`); both have `dequantize()` and the aux data `fmt`, `block_size`, `shape`."""
+  from ..kernels.qmatmul.kmajor import KMajor  # imported here: the kernels package imports this module
+  return isinstance(x, (QTensor, KMajor))
+
+
 def _shape(a):
   return tuple(a.shape) if hasattr(a, "shape") else (None, None)
 

@@ -184,3 +184,26 @@ def test_qlora_programs_lower_for_gpu(monkeypatch, mode, dtype, kmajor):
   for name, text in programs.items():
     calls = re.findall(r"custom_call @([\w$.]+)", text)
     assert calls and set(calls) == {"__gpu$xla.gpu.triton"}, (name, calls)  # identical kernels may be shared
+
+
+def test_merge_and_remat_treat_a_kmajor_base_as_quantized():
+  """A K-major int4 base (`to_kmajor`) merges like its QTensor: "dequantized" gives the same dense kernels (not its
+  packed words), "requantized" the same codes, kept K-major; and training's "auto" remat sees a quantized base."""
+  from lora_jax.kernels import KMajor, to_kmajor
+  from lora_jax.train import resolve_remat
+  q = quantize_params(PARAMS, "int4_sym")
+  adapter, frozen = init_lora(LCFG, CFG, q, key=jax.random.key(1))
+  adapter = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), adapter)
+  frozen_km = to_kmajor(frozen)
+  assert resolve_remat("auto", frozen_km) == "full"
+  for mode in ("dequantized", "requantized"):
+    want = merge_quantized(LCFG, CFG, frozen, adapter, mode)
+    got = merge_quantized(LCFG, CFG, frozen_km, adapter, mode)
+    kernel = got["layers"]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(kernel, KMajor) == (mode == "requantized")
+    if mode == "requantized":
+      want = to_kmajor(want)
+      assert all(isinstance(leaf, KMajor) for leaf in jax.tree.leaves(
+          got["layers"], is_leaf=lambda x: isinstance(x, (KMajor, QTensor))) if isinstance(leaf, (KMajor, QTensor)))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
