@@ -110,6 +110,11 @@ def test_kmajor_refuses_what_it_cannot_take():
   p = pack_kmajor(w)
   with pytest.raises(ValueError, match="affine formats .* not 'nf4'"):
     pack_kmajor(random_qtensor("nf4", 256, 128, 64))
+  with pytest.raises(ValueError, match=r"pack_kmajor: block size 16 \(the kernel needs a power of two >= 32\)"):
+    pack_kmajor(random_qtensor("int4_sym", 256, 128, 16))
+  with pytest.raises(ValueError, match="needs N a multiple of 16, got N=40"):
+    qmatmul_pallas(jnp.ones((1, 256), jnp.bfloat16), pack_kmajor(random_qtensor("int4_sym", 256, 40, 64)),
+                   interpret=True)
   with pytest.raises(ValueError, match="bfloat16 or float16 activations, got float32"):
     qmatmul_pallas(jnp.ones((1, 256)), p, interpret=True)
   with pytest.raises(ValueError, match="the K-major kernel has one code-to-value step"):

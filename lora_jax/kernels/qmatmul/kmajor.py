@@ -121,9 +121,9 @@ def nibble_order(block: int) -> np.ndarray:
   each (the pairs (2t, 2t+1) and (2t+8, 2t+9)). A block of B rows is B/16 such steps, so B/8 pairs per thread,
   which this order puts in B/32 32-bit words of codes per thread, adjacent in memory (word w' of thread t is word
   ``t·B/32 + w'`` of the block): byte b of word w' holds, in its low nibble, row ``16·(2w' + b mod 2) + 2t + b//2``
-  and in its high nibble the row 8 below that. Then the word's bits 0-3 and 16-19 are a register pair (rows 2t
+  and in its high nibble the row 8 after that. Then the word's bits 0-3 and 16-19 are a register pair (rows 2t
   and 2t+1 of step 2w'), bits 4-7 and 20-23 the pair 8 rows on, and the word shifted by 8 the same for step
-  2w' + 1: one shift and one masked OR per pair (`kernel`), no byte permutes."""
+  2w' + 1: a shift and two instructions per pair (`pair_ptx`), no byte permutes."""
   order = np.empty(block, np.int32)
   for t in range(4):
     for w in range(block // 32):
@@ -143,14 +143,22 @@ def _reorder(codes_kn, block: int, order):
   return jnp.sum(q << (4 * jnp.arange(8, dtype=jnp.uint32)), axis=-1, dtype=jnp.uint32)
 
 
+def _not_packable(w: QTensor) -> str | None:
+  """Why `w` has no K-major layout, or None."""
+  if w.fmt not in AFFINE_FORMATS:
+    return f"the K-major kernel takes the affine formats {AFFINE_FORMATS}, not {w.fmt!r}"
+  if w.block_size < 32 or w.block_size & (w.block_size - 1):
+    return f"block size {w.block_size} (the kernel needs a power of two >= 32)"
+  return None
+
+
 def pack_kmajor(w: QTensor) -> KMajor:
   """`w`'s codes in the K-major layout: the same codes, moved (`nibble_order`), and the same block parameters,
   transposed; nothing is requantized. Run it once per weight, outside the step that uses it (`to_kmajor` does a
   parameter tree). Raises ValueError for NF4 and for a block size the kernel cannot take."""
-  if w.fmt not in AFFINE_FORMATS:
-    raise ValueError(f"pack_kmajor: the K-major kernel takes the affine formats {AFFINE_FORMATS}, not {w.fmt!r}")
-  if w.block_size < 32 or w.block_size & (w.block_size - 1):
-    raise ValueError(f"pack_kmajor: block size {w.block_size} (the kernel needs a power of two >= 32)")
+  why = _not_packable(w)
+  if why:
+    raise ValueError(f"pack_kmajor: {why}")
   t = lambda a: None if a is None else jnp.swapaxes(a, -1, -2)
   return KMajor(_reorder(w.codes, w.block_size, nibble_order(w.block_size)), t(w.scale), t(w.offset), fmt=w.fmt,
                 block_size=w.block_size, shape=w.shape, dtype=w.dtype)
@@ -170,8 +178,7 @@ def unpack_kmajor(p: KMajor) -> QTensor:
 def to_kmajor(tree):
   """`tree` with every `QTensor` of an affine format (int4, GGUF Q4_0 / Q4_1; block >= 32) in the K-major
   layout (`pack_kmajor`), for the GPU kernel; NF4 and everything else unchanged."""
-  ok = lambda w: isinstance(w, QTensor) and w.fmt in AFFINE_FORMATS and w.block_size >= 32 and not (
-      w.block_size & (w.block_size - 1))
+  ok = lambda w: isinstance(w, QTensor) and _not_packable(w) is None
   return jax.tree.map(lambda w: pack_kmajor(w) if ok(w) else w, tree, is_leaf=lambda w: isinstance(w, QTensor))
 
 
@@ -182,6 +189,8 @@ def as_qtensor(w):
 
 def check(x_dtype, p: KMajor) -> None:
   """Raises ValueError when the kernel cannot take this call."""
+  if p.shape[1] % 16:
+    raise ValueError(f"the K-major kernel needs N a multiple of 16, got N={p.shape[1]}")
   if jnp.dtype(x_dtype) not in [jnp.dtype(d) for d in DTYPES]:
     raise ValueError(f"the K-major kernel's dot takes bfloat16 or float16 activations, got {jnp.dtype(x_dtype)} "
                      f"(a float32 x would be rounded to 16 bits; use the QTensor kernel or the reference)")

@@ -504,7 +504,8 @@ def supports(x, w: QTensor) -> tuple[bool, str]:
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
 def qmatmul_pallas(x, w: QTensor, *, blocks: BlockSizes | None = None, interpret: bool = False):
-  """``x @ dequantize(w)`` (float32 result, shape (..., N)) with the Pallas kernel; `blocks` None: `default_blocks`."""
+  """``x @ dequantize(w)`` (float32 result, shape (..., N)) with the Pallas kernel; `blocks` None: `default_blocks`.
+  `w` is a `QTensor` or a `kmajor.KMajor` (its own kernel: bf16 / f16 activations)."""
   return _pallas(x, w, None, None, blocks, interpret)
 
 
@@ -531,6 +532,8 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
   if m == 0:
     return jnp.zeros((*lead, n), jnp.float32)
   kmajor = isinstance(w, _kmajor.KMajor)
+  if kmajor:
+    _kmajor.check(x2.dtype, w)
   bs = (blocks or default_blocks(m, w.fmt, w.block_size, kmajor)).for_shape(m, n, k, w.block_size)
   bk, split = bs.bk or 1, bs.split_k or 1
   if n % bs.bn:
@@ -598,7 +601,6 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
 
 def _pallas_kmajor(x2, w: _kmajor.KMajor, low, b, bs: BlockSizes, m, mp, split, lead, steps, whole, interpret):
   """`_pallas` for a weight in the K-major layout (`kmajor`): its own kernel, over the same grid and launch."""
-  _kmajor.check(x2.dtype, w)
   if (bs.dot, bs.lookup, bs.convert, bs.rescale, bs.prefetch) != ("mma", "select", "i2f", "weight", 0):
     raise ValueError("BlockSizes: the K-major kernel has one code-to-value step (16-bit pairs, scaled per block) "
                      "on tensor cores: dot, lookup, convert, rescale and prefetch must keep their defaults")
