@@ -7,7 +7,7 @@ loop's machine instructions (SASS) per weight, by opcode ("i/w": thread-instruct
 bound that implies on an H200 (132 SMs x 128 thread-instructions per clock x 1.98 GHz; no stalls counted).
   * defaults: `default_blocks(M, fmt)` for the shapes and formats of benchmarks/int4_matmul.py's GPU mode (bf16
     activations; M in {1, 16, 64}; (K, N) in {(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)}; nf4
-    double-quantized and int4_sym, group 64);
+    double-quantized and int4_sym, group 64; and int4_sym in the K-major layout, "int4_sym/kmajor");
   * variants: the default and its `convert` / `rescale` / `lookup` / `dot="words"` variants at M = 1 and 16 (words:
     M = 1 only), and int4 in the K-major layout (`kernels.pack_kmajor`; fmt "int4_sym/kmajor") under `KMAJOR` and
     at bn 256, at (4096, 14336): how many instructions each weight costs (`BlockSizes` says what the variants do);
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from int4_matmul import GPU_SHAPES, err_text, layout_of, save  # noqa: E402
+from int4_matmul import GPU_SHAPES, default_for, err_text, layout_of, save  # noqa: E402
 
 from lora_jax.kernels import KMAJOR, BlockSizes, default_blocks, pack_kmajor  # noqa: E402
 from lora_jax.kernels.qmatmul import triton_compile as tc  # noqa: E402
@@ -120,9 +120,9 @@ def main():
   t0 = time.perf_counter()
   print(f"defaults\n{'M':>5} {'K':>5} {'N':>5} {'fmt':8s} {'policy':40s} {'smem KiB':>8} {'regs':>4} {'spill B':>7} {'i/w':>6} {'issue us':>7}")
   for k, n in GPU_SHAPES["all"]:
-    for fmt in FORMATS:
+    for fmt in FORMATS + ("int4_sym/kmajor",):
       for m in MS:
-        d = default_blocks(m, fmt).for_shape(m, n, k, 64)
+        d = default_for(m, fmt).for_shape(m, n, k, 64)
         row = compile_row({"M": m, "K": k, "N": n, "fmt": fmt, "blocks": dataclasses.asdict(d)}, d, m, k, n, fmt)
         result["rows"].append(row)
         tag = f"{d.dot} {d.lookup} {d.bm}x{d.bn} bk={d.bk} sk={d.split_k} w={d.num_warps} s={d.num_stages}"
