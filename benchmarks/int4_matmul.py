@@ -6,8 +6,8 @@ GPU (no network, no model): weights N(0, 0.02) quantized to nf4 (double-quantize
 and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 4096} x (K, N) in {(4096, 4096),
 (4096, 14336), (14336, 4096), (8192, 8192)}.
   * --floor (first): where the one-row time goes, at (4096, 4096) and (4096, 14336): the op (int4_sym and nf4;
-    default policies, int4 in the K-major layout (`kernels.pack_kmajor`) under its default, int4's with an
-    activation per weight copy, int4's with split_k 2, the runs' split at
+    default policies, int4 and nf4 in the K-major layout (`kernels.pack_kmajor`) under its default, int4's with
+    an activation per weight copy, int4's with split_k 2, the runs' split at
     4096 x 4096, SEED_POLICIES), XLA's dequantize + dot, a bf16 dot, a Pallas kernel on the op's grid and loop
     that only streams the codes (as stored, and again with each program's column slab contiguous: does the
     weights' layout cost bandwidth?), one that only writes its output (`stream_kernels`), and XLA's sum over the
@@ -23,9 +23,10 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
     of every one-field change of the best, on (K, N) = (4096, 14336); the best three and the default again on
     (14336, 4096); least total time wins. Policies are compiled 16 at a time on a thread pool, then timed.
   * the main table's Pallas column uses the sweep's winners (M = 1: its format's M = 1 class; M <= 16: its M = 16
-    class; a class not swept, or M above 16: `default_blocks`); the row records the resolved BlockSizes. int4
-    rows also time the same weights in the K-major layout (packed once, outside the timing) under the K-major
-    class's winner ("pallas_kmajor", "kmajor_check", "kmajor_blocks", and its time over the QTensor kernel's).
+    class; a class not swept, or M above 16: `default_blocks`); the row records the resolved BlockSizes. Every
+    row also times the same weights in the K-major layout (packed once, outside the timing) under its format's
+    K-major class's winner, else `KMAJOR` ("pallas_kmajor", "kmajor_check", "kmajor_blocks", and its time over
+    the QTensor kernel's).
   * check: max |pallas - reference| / max |reference| on every shape and policy (the outputs of the first, compiling,
     call), pass if < 2e-2 (bf16); failures and exceptions are recorded and the run goes on.
   * time: Pallas kernel, reference (dequantize + dot), and ``x @ w_bf16``. One timed call runs the op on C distinct
@@ -81,7 +82,7 @@ from generate import PARAGRAPH, machine_info  # noqa: E402  (same machine descri
 
 from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, BlockSizes, default_blocks, pack_kmajor,  # noqa: E402
                               qmatmul_cpu, qmatmul_pallas, qmatmul_reference, qmatmul_small_m)
-from lora_jax.kernels.qmatmul.kmajor import AFFINE_FORMATS  # noqa: E402
+from lora_jax.kernels.qmatmul.kmajor import FORMATS as KMAJOR_FORMATS  # noqa: E402
 from lora_jax.quant import DEFAULT_RULES, QTensor, quantize, quantize_model_params  # noqa: E402
 
 GPU_MS, CPU_MS = (1, 8, 16, 64, 128, 256, 4096), (1, 8, 64, 256)
@@ -222,7 +223,7 @@ def run_gpu(args, result):
         continue
       try:
         wb, qs = gpu_weights(args, k, n, fmt, gib)
-        km = [jax.block_until_ready(pack_kmajor(q)) for q in qs] if fmt in AFFINE_FORMATS else None
+        km = [jax.block_until_ready(pack_kmajor(q)) for q in qs] if fmt in KMAJOR_FORMATS else None
       except Exception as e:
         result["rows"].append({"K": k, "N": n, "fmt": fmt, "error": err_text(e)})
         continue
@@ -364,7 +365,7 @@ def code_slabs(codes, bn):
 
 
 FLOOR_FIRST = ("op, int4_sym (default policy)", "op, nf4 (default policy)", "op, int4_sym K-major (default policy)",
-               "stream, default tiling",
+               "op, nf4 K-major (default policy)", "stream, default tiling",
                "stream, default tiling, contiguous slabs", "empty, default tiling", "XLA sum of the codes", "bf16 dot",
                "reference (XLA dequantize + dot), int4_sym")
 
@@ -392,6 +393,7 @@ def floor(args, result, shapes, interp, gib, t_end):
     _, qn = gpu_weights(args, k, n, "nf4", gib)
     codes = [q.codes for q in qs]
     km = [jax.block_until_ready(pack_kmajor(q)) for q in qs]
+    kmn = [jax.block_until_ready(pack_kmajor(q)) for q in qn]
     x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
     d = default_blocks(1, "int4_sym").for_shape(1, n, k, 64)
     op = lambda x, w: qmatmul_pallas(x, w, interpret=interp)
@@ -401,6 +403,8 @@ def floor(args, result, shapes, interp, gib, t_end):
             dataclasses.asdict(default_blocks(1, "nf4").for_shape(1, n, k, 64))),
            ("op, int4_sym K-major (default policy)", op, km, km[0].nbytes(),
             dataclasses.asdict(default_for(1, "int4_sym" + KMAJOR).for_shape(1, n, k, 64))),
+           ("op, nf4 K-major (default policy)", op, kmn, kmn[0].nbytes(),
+            dataclasses.asdict(default_for(1, "nf4" + KMAJOR).for_shape(1, n, k, 64))),
            ("op, int4_sym (default), an x per copy", op, qs, qs[0].nbytes(), dataclasses.asdict(d)),
            ("op, int4_sym (split_k 2, the runs' split)",
             lambda x, w: qmatmul_pallas(x, w, blocks=BlockSizes(split_k=2), interpret=interp), qs, qs[0].nbytes(),
@@ -448,7 +452,7 @@ def floor(args, result, shapes, interp, gib, t_end):
         row["error"] = err_text(e)
         print(f"{k:5d} {n:5d} {what:42s} ERROR {row['error'][:80]}", flush=True)
     save(result, args.out)
-    del wb, qs, qn, codes, slabs, km
+    del wb, qs, qn, codes, slabs, km, kmn
 
 
 POLICY_FIELDS = {"dot": ("fma", "mma", "words"), "lookup": ("select", "gather", "prmt"), "bn": (32, 64, 128), "bk": (1, 2, 4),

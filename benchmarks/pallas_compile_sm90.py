@@ -7,10 +7,10 @@ loop's machine instructions (SASS) per weight, by opcode ("i/w": thread-instruct
 bound that implies on an H200 (132 SMs x 128 thread-instructions per clock x 1.98 GHz; no stalls counted).
   * defaults: `default_blocks(M, fmt)` for the shapes and formats of benchmarks/int4_matmul.py's GPU mode (bf16
     activations; M in {1, 16, 64}; (K, N) in {(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)}; nf4
-    double-quantized and int4_sym, group 64; and int4_sym in the K-major layout, "int4_sym/kmajor");
+    double-quantized and int4_sym, group 64; and both in the K-major layout, "nf4/kmajor", "int4_sym/kmajor");
   * variants: the default and its `convert` / `rescale` / `lookup` / `dot="words"` variants at M = 1 and 16 (words:
-    M = 1 only), and int4 in the K-major layout (`kernels.pack_kmajor`; fmt "int4_sym/kmajor") under `KMAJOR` and
-    at bn 256, at (4096, 14336): how many instructions each weight costs (`BlockSizes` says what the variants do);
+    M = 1 only), and both formats in the K-major layout (`kernels.pack_kmajor`; fmt "<fmt>/kmajor") under
+    `KMAJOR` and at bn 256, at (4096, 14336): how many instructions each weight costs (`BlockSizes` says what the variants do);
   * swept: every policy the GPU policy sweep timed (benchmarks/results/int4_matmul_gpu.json), at its shape, M and
     format, next to its measured time: which fast policies spill or crowd the register file, and how well the
     issue bound tracks the measured times, over all and per (format, M, dot) class ("swept_issue_fit").
@@ -120,7 +120,7 @@ def main():
   t0 = time.perf_counter()
   print(f"defaults\n{'M':>5} {'K':>5} {'N':>5} {'fmt':8s} {'policy':40s} {'smem KiB':>8} {'regs':>4} {'spill B':>7} {'i/w':>6} {'issue us':>7}")
   for k, n in GPU_SHAPES["all"]:
-    for fmt in FORMATS + ("int4_sym/kmajor",):
+    for fmt in FORMATS + ("nf4/kmajor", "int4_sym/kmajor"):
       for m in MS:
         d = default_for(m, fmt).for_shape(m, n, k, 64)
         row = compile_row({"M": m, "K": k, "N": n, "fmt": fmt, "blocks": dataclasses.asdict(d)}, d, m, k, n, fmt)
@@ -134,8 +134,8 @@ def main():
   for fmt in FORMATS:
     for m in (1, 16):
       for name, change in VARIANTS:
-        if fmt == "nf4" and ("convert" in change or "dot" in change or "kmajor" in change):
-          continue  # NF4 converts no integers (nor takes "words" or the K-major layout)
+        if fmt == "nf4" and ("convert" in change or "dot" in change):
+          continue  # NF4 converts no integers (nor takes "words")
         if fmt != "nf4" and "lookup" in change:
           continue  # only NF4 has a table to gather from
         if change.get("dot") == "words" and m > 2:

@@ -16,8 +16,8 @@ def _add_quantize_arg(p: argparse.ArgumentParser) -> None:
                  help="4-bit base weights for the block linears: nf4 (double-quantized, block 64), int4 (symmetric, "
                       "group 64), native (a GGUF file's own Q4_0/Q4_1 blocks, no requantization); default none")
   p.add_argument("--kmajor", action="store_true",
-                 help="with --quantize int4 or native: hold the 4-bit weights in the K-major layout of the GPU "
-                      "kernel that reads them as tensor-core register operands (lora_jax.kernels.to_kmajor; its "
+                 help="with --quantize: hold the 4-bit weights in the K-major layout of the GPU kernel that reads "
+                      "them as tensor-core register operands (lora_jax.kernels.to_kmajor; its "
                       "Pallas kernel needs a GPU and --dtype bfloat16 or float16, and is not yet timed on one; "
                       "elsewhere the XLA reference path runs, slower on CPU than the default layout's C++ kernel)")
 
@@ -45,9 +45,9 @@ def _load(args):
     if args.adapter:
       log("note: the adapter was merged before quantizing (merge-and-requantize); see docs for the drift")
   if getattr(args, "kmajor", False):
-    if args.quantize not in ("int4", "native"):
-      raise LoraJaxError(f"--kmajor lays out int4 / GGUF Q4 weights for their GPU kernel: it needs --quantize int4 "
-                         f"or native, not {args.quantize} (NF4 has no K-major kernel)")
+    if args.quantize == "none":
+      raise LoraJaxError("--kmajor lays out 4-bit weights for their GPU kernel: it needs --quantize nf4, int4 or "
+                         "native")
     from .kernels import to_kmajor
     model.params = to_kmajor(model.params)
   return model

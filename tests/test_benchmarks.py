@@ -80,12 +80,10 @@ def test_int4_matmul_gpu_dry_run(tmp_path):
   assert timed and all("time_s" in t and t["pass"] for t in timed), result["sweep"]
   assert result["tuned"] and all(entry["winner"] for entry in result["sweep"]), result["sweep"]
   floor = result["floor"]
-  assert len(floor) == 19 and all("time_s" in row for row in floor), floor  # 13 rows + SEED_POLICIES' 6
-  assert any(row["what"] == "op, int4_sym K-major (default policy)" for row in floor), floor
-  # int4 rows also time the K-major layout's kernel (checked against the reference too); NF4 rows do not
-  for row in rows:
-    assert ("pallas_kmajor" in row) == (row["fmt"] == "int4_sym"), row
-  assert all(row["kmajor_check"]["pass"] and "time_s" in row["pallas_kmajor"] for row in rows if "pallas_kmajor" in row)
+  assert len(floor) == 20 and all("time_s" in row for row in floor), floor  # 14 rows + SEED_POLICIES' 6
+  assert {f"op, {f} K-major (default policy)" for f in ("int4_sym", "nf4")} <= {row["what"] for row in floor}, floor
+  # every row also times the K-major layout's kernel, checked against the reference too
+  assert all(row["kmajor_check"]["pass"] and "time_s" in row["pallas_kmajor"] for row in rows), rows
   assert {entry["fmt"] for entry in result["sweep"]} == {"nf4", "int4_sym/kmajor"}, result["sweep"]
   # every floor op and every M <= 16 Pallas row was profiled: on CPU the host plane's XLA thunks
   profiles = [row["device"] for row in floor] + [row["pallas"]["device"] for row in rows]

@@ -140,8 +140,9 @@ def test_hub_id_offline_says_what_to_do(capsys, monkeypatch):
 
 
 def test_kmajor_layout_gives_the_same_perplexity_and_needs_an_affine_format(capsys, tmp_path):
-  """--kmajor keeps --quantize int4's weights in the K-major layout: the same perplexity (here the reference path
-  instead of the C++ kernel: the same sums in another order); with NF4 or no quantization it is refused."""
+  """--kmajor keeps --quantize int4's (and nf4's) weights in the K-major layout: the same perplexity (here the
+  reference path instead of the C++ kernel: the same sums in another order); without quantization it is
+  refused."""
   from lora_jax.testing import assert_allclose
   tiny_folder = make_tiny_folder(tmp_path / "tiny64", hidden_size=64, intermediate_size=128, head_dim=16)
   text = tmp_path / "t.txt"
@@ -158,6 +159,7 @@ def test_kmajor_layout_gives_the_same_perplexity_and_needs_an_affine_format(caps
   code, out, _ = run(capsys, "generate", "--model", str(tiny_folder), "--prompt", "w3", "--max-new-tokens", "3",
                      "--quantize", "int4", "--kmajor", "-q")
   assert code == 0
-  for quantize in ("nf4", "none"):
-    code, _, err = run(capsys, *base[:-1], quantize, "--kmajor")
-    assert code == 2 and f"needs --quantize int4 or native, not {quantize}" in err
+  code, out, _ = run(capsys, *base[:-1], "nf4", "--kmajor")
+  assert code == 0 and json.loads(out)["tokens"] == results[0]["tokens"]
+  code, _, err = run(capsys, *base[:-1], "none", "--kmajor")
+  assert code == 2 and "needs --quantize nf4, int4 or native" in err

@@ -17,7 +17,7 @@
   tensor (for NF4 its select tree costs more than the dequantize + dot it replaces); the reference otherwise,
   logging the reason once.
 
-`w` may also be a `KMajor` (`pack_kmajor` / `to_kmajor`: an int4 / GGUF weight's codes laid out for the
+`w` may also be a `KMajor` (`pack_kmajor` / `to_kmajor`: a 4-bit weight's codes laid out for the
 tensor-core kernel that takes them as a register operand, `kernels/qmatmul/kmajor.py`): on a GPU auto takes that
 Pallas kernel for 16-bit activations and up to `PALLAS_M_MAX` rows, and the reference otherwise; the CPU kernel
 and small_m read the QTensor layout and refuse it.

@@ -15,6 +15,11 @@ from lora_jax.peft._lora import LoRAWeight
 from lora_jax.testing import assert_allclose, random_qtensor
 
 AFFINE = [("int4_sym", 64), ("int4_asym", 32), ("q4_0", 32), ("q4_1", 32), ("int4_sym", 128)]
+ALL = AFFINE + [("nf4", 64), ("nf4_dq", 64)]  # nf4_dq: double-quantized, as --quantize nf4 makes it
+
+
+def _q(fmt, k, n, block):
+  return random_qtensor(fmt.removesuffix("_dq"), k, n, block, double_quant=fmt == "nf4_dq")
 
 
 @pytest.mark.parametrize("block", [32, 64, 128])
@@ -57,11 +62,11 @@ def test_pair_step_constants_give_exact_values(dtype, minus):
   np.testing.assert_array_equal(np.asarray(got[1], np.float32), hi - minus)
 
 
-@pytest.mark.parametrize("fmt,block", AFFINE)
+@pytest.mark.parametrize("fmt,block", ALL)
 def test_pack_kmajor_round_trips_exactly(fmt, block):
   """pack then unpack gives the QTensor back bit for bit, stacked layers included; nothing is requantized."""
-  w = random_qtensor(fmt, 256, 96, block)
-  stacked = jax.tree.map(lambda a: jnp.stack([a, a[::-1]]) if a is not None else None, w)
+  w = _q(fmt, 256, 96, block)
+  stacked = jax.tree.map(lambda a: jnp.stack([a, a[::-1] if a.ndim else a]), w)
   for q in (w, stacked):
     p = pack_kmajor(q)
     assert p.codes.dtype == jnp.uint32 and p.codes.shape[-2:] == (96, 256 // 8)
@@ -78,17 +83,29 @@ KERNEL_SHAPES = [(1, 512, 256, jnp.bfloat16, None), (5, 576, 384, jnp.float16, N
                  (2, 1024, 512, jnp.bfloat16, BlockSizes(bn=256, bk=2, split_k=2, num_warps=8))]
 
 
-@pytest.mark.parametrize("fmt,block,m,k,n,dt,blocks", [(f, b, *s) for f, b in AFFINE for s in KERNEL_SHAPES
+def _reference16(x, w, dtype):
+  """The float32 reference, NF4's table first rounded to `dtype` (what the kernel's 16-bit operand holds; the
+  affine formats' values are exact in it)."""
+  if not w.fmt == "nf4":
+    return qmatmul_reference(x, w)
+  from lora_jax.kernels.qmatmul import nf4_prmt
+  from lora_jax.quant._qtensor import unpack
+  table = jnp.asarray(nf4_prmt.table16(dtype).astype(np.float32))
+  dense = table[unpack(w.codes)] * jnp.repeat(w.block_scales(), w.block_size, axis=0)
+  return x @ dense
+
+
+@pytest.mark.parametrize("fmt,block,m,k,n,dt,blocks", [(f, b, *s) for f, b in ALL for s in KERNEL_SHAPES
                                                        if s[1] % b == 0], ids=lambda v: getattr(v, "__name__", str(v)))
 def test_kmajor_kernel_matches_reference(fmt, block, m, k, n, dt, blocks):
-  """The kernel (interpret mode) against the float32 reference on the same 16-bit activations: the 16-bit values
-  q - minus are exact, so within the composite tolerance; any rows (padded to 16, tiled above), tilings, K
-  split."""
-  w = random_qtensor(fmt, k, n, block)
+  """The kernel (interpret mode) against the float32 reference on the same 16-bit activations (for NF4 with its
+  table rounded to the 16-bit type, as the kernel's operand holds it): the 16-bit values are exact, so within the
+  composite tolerance; any rows (padded to 16, tiled above), tilings, K split; NF4 plain and double-quantized."""
+  w = _q(fmt, k, n, block)
   x = jax.random.normal(jax.random.key(m), (m, k)).astype(dt)
   got = qmatmul_pallas(x, pack_kmajor(w), blocks=blocks, interpret=True)
   with jax.default_matmul_precision("highest"):
-    want = qmatmul_reference(x.astype(jnp.float32), w)
+    want = _reference16(x.astype(jnp.float32), w, dt)
   assert got.shape == (m, n) and got.dtype == jnp.float32
   assert_allclose(got, want, "f32_composite")
 
@@ -108,8 +125,6 @@ def test_kmajor_kernel_with_fused_lora(fmt, m, r):
 def test_kmajor_refuses_what_it_cannot_take():
   w = random_qtensor("int4_sym", 256, 128, 64)
   p = pack_kmajor(w)
-  with pytest.raises(ValueError, match="affine formats .* not 'nf4'"):
-    pack_kmajor(random_qtensor("nf4", 256, 128, 64))
   with pytest.raises(ValueError, match=r"pack_kmajor: block size 16 \(the kernel needs a power of two >= 32\)"):
     pack_kmajor(random_qtensor("int4_sym", 256, 128, 16))
   with pytest.raises(ValueError, match="needs N a multiple of 16, got N=40"):
@@ -159,14 +174,15 @@ def test_qmatmul_dispatch_and_gradients_for_kmajor(monkeypatch):
 
 
 def test_to_kmajor_converts_the_affine_qtensors_of_a_tree():
-  """Every int4 / GGUF QTensor of a tree, a LoRA weight's base included, becomes K-major; NF4 and arrays stay;
-  a LoRA linear over it gives the same values (up to summation order)."""
-  w4, wn = random_qtensor("int4_sym", 256, 128, 64), random_qtensor("nf4", 256, 128, 64)
+  """Every QTensor of a tree whose block the kernel takes, a LoRA weight's base included, becomes K-major;
+  arrays and a block of 16 stay; a LoRA linear over it gives the same values (up to summation order)."""
+  w4, wn, w16 = (random_qtensor("int4_sym", 256, 128, 64), random_qtensor("nf4", 256, 128, 64),
+                 random_qtensor("int4_sym", 256, 128, 16))
   lora = LoRAWeight(w4, jnp.ones((256, 4)) * 0.01, jnp.ones((4, 128)) * 0.01, jnp.asarray(2.0))
-  tree = {"q": w4, "nf4": wn, "dense": jnp.ones(3), "lora": lora}
+  tree = {"q": w4, "nf4": wn, "q16": w16, "dense": jnp.ones(3), "lora": lora}
   out = to_kmajor(tree)
-  assert isinstance(out["q"], KMajor) and isinstance(out["lora"].w, KMajor)
-  assert out["nf4"] is wn and out["dense"] is tree["dense"]
+  assert all(isinstance(out[k], KMajor) for k in ("q", "nf4")) and isinstance(out["lora"].w, KMajor)
+  assert out["q16"] is w16 and out["dense"] is tree["dense"]
   x = jax.random.normal(jax.random.key(3), (2, 256))
   # the QTensor takes the CPU kernel, the K-major weight the reference: the same sums in another order
   assert_allclose(out["lora"].linear(x), lora.linear(x), "f32_composite")
@@ -182,7 +198,7 @@ def _or_skip_version_skew(compile_fn, *args):
 
 def _sm90(fmt, m, blocks, block=64, kmajor=True, k=4096, n=4096):
   from lora_jax.kernels.qmatmul import triton_compile as tc
-  w = jax.eval_shape(lambda: random_qtensor(fmt, k, n, block))
+  w = jax.eval_shape(lambda: _q(fmt, k, n, block))
   if kmajor:
     w = jax.eval_shape(pack_kmajor, w)
   return _or_skip_version_skew(tc.qmatmul_sm90, m, w, blocks)
@@ -206,6 +222,12 @@ def test_sm90_machine_code_of_the_kmajor_kernel():
   moves = ("SHFL", "STS", "STSM", "PRMT", "I2F", "F2FP")  # none per weight (a shared-memory store per step: 0.016)
   assert ops.get("HGMMA", 0) > 0 and all(ops.get(op, 0) < 0.05 for op in moves), ops
   assert 0.45 < ops.get("LOP3", 0) < 0.55 and 0.45 < ops.get("HFMA2", 0) < 0.55, ops
+  # NF4 (double-quantized): the byte-permute lookup per word (nf4_prmt.ptx_kmajor), still no data movement:
+  # under 0.7x the best QTensor NF4 policy's instructions (prmt + partial, 10.6 at 16 rows)
+  nf4 = _sm90("nf4_dq", 16, KMAJOR)
+  nf4_best = _sm90("nf4_dq", 16, BlockSizes(lookup="prmt", rescale="partial"), kmajor=False)
+  assert nf4["per_weight"] < 0.7 * nf4_best["per_weight"] and nf4["spill_bytes"] == 0, (nf4, nf4_best)
+  assert all(nf4["per_weight_ops"].get(op, 0) < 0.05 for op in ("SHFL", "STS", "STSM", "FSEL")), nf4
   for fmt in ("q4_0", "q4_1"):  # blocks of 32: compiled within the chip's limits
     r = _sm90(fmt, 1, KMAJOR, block=32)
     assert r["spill_bytes"] == 0 and r["registers"] <= 255 and r["per_weight"] < best_mma["per_weight"], r

@@ -27,6 +27,27 @@ def test_program_looks_up_every_code_byte(dtype):
   assert table[7] == 0 and table[0] == -1 and table[15] == 1
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_kmajor_program_looks_up_every_code_at_every_position(dtype):
+  """KMAJOR_PROGRAM on words of 8 codes: pair p holds the values of the codes at bits 4p and 16 + 4p, as 16-bit
+  halves; every code at every one of the 8 positions, beside random neighbours."""
+  rng = np.random.default_rng(0)
+  words = rng.integers(0, 2 ** 32, (8, 16, 64), dtype=np.uint64).astype(np.uint32)
+  for pos in range(8):  # code c at nibble `pos` of words[pos, c]
+    words[pos] = (words[pos] & ~np.uint32(0xF << (4 * pos))) | (np.arange(16, dtype=np.uint32)[:, None] << (4 * pos))
+  words = words.ravel()
+  out = nf4_prmt.run({"codes": words, **{k: np.full_like(words, v) for k, v in nf4_prmt.table_words(dtype).items()}},
+                     nf4_prmt.KMAJOR_PROGRAM, nf4_prmt.KMAJOR_OUTPUTS)
+  table = nf4_prmt.table16(dtype).view(np.uint16)
+  for p in range(4):
+    pair = out[f"pair{p}"]
+    np.testing.assert_array_equal(pair & 0xFFFF, table[(words >> (4 * p)) & 0xF])
+    np.testing.assert_array_equal(pair >> 16, table[(words >> (16 + 4 * p)) & 0xF])
+  text = nf4_prmt.ptx_kmajor(dtype, 2)
+  assert sorted({int(n) for n in re.findall(r"\$(\d+)", text)}) == [0, 1] and "%pair2" not in text
+  assert len(re.findall(r"\bprmt\.b32 ", text)) == sum(op == "prmt" for op, _, _ in nf4_prmt.KMAJOR_PROGRAM) == 18
+
+
 def test_permute_model_follows_the_ptx_definition():
   """prmt.b32 d, a, b, c: byte i of d is byte c[4i+2:4i] of {b, a} (a = bytes 0-3), or with c[4i+3] set that
   byte's sign bit replicated."""

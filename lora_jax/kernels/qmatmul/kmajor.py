@@ -25,9 +25,14 @@ Compiled for sm_90, int4 in blocks of 64 at 1 or 16 rows (4096 × 14336): 2.84 i
 ``dot="words"`` kernel (benchmarks/results/pallas_compile_sm90.json, variants "K-major"): half a LOP3 and half an
 HFMA2 per weight, 0.38 shifts, a quarter FFMA for the block scale. (Written as jnp operations the mask and the OR
 with two constants compile to two LOP3s, 3.33 per weight; a magic passed at run time, which folds them into one,
-stops Triton from loading the words in the dot's layout.) Not yet timed on a GPU. NF4 has no affine
-map and is not taken; nor are float32 activations (the register operand is 16-bit; rounding x would lose
-precision) or double-quantized scales (NF4 only).
+stops Triton from loading the words in the dot's layout.) Not yet timed on a GPU.
+
+NF4 (plain or double-quantized, whose int8 scale codes are formed into floats per block and column): the table
+has no affine map, so each word's 8 codes are looked up by byte permutes over the table held in registers
+(`nf4_prmt.KMAJOR_PROGRAM`, emitted by `nf4_prmt.ptx_kmajor`: 33 instructions per word, 18 of them permutes),
+the table rounded once to the 16-bit type as the QTensor kernel's "prmt" lookup does: 6.80 instructions per
+weight at 1 or 16 rows, against 10.2-10.7 for the best QTensor NF4 policies and 11.3 / 27.3 for the defaults.
+Float32 activations are not taken (the register operand is 16-bit; rounding x would lose precision).
 """
 
 from __future__ import annotations
@@ -40,9 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from ...quant._qtensor import QTensor, pack, unpack
+from ...quant._qtensor import DQ_GROUP, QTensor, nf4_values, pack, unpack
+from . import nf4_prmt
 
 AFFINE_FORMATS = ("int4_sym", "int4_asym", "q4_0", "q4_1")
+FORMATS = AFFINE_FORMATS + ("nf4",)
 _OFFSET_FORMATS = ("int4_asym", "q4_1")
 DTYPES = (jnp.bfloat16, jnp.float16)
 # Per 16-bit dtype: the bits of `base` and base, whose ulp is 1: a nibble ORed into the low mantissa bits is the
@@ -53,26 +60,29 @@ _MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0, "bf16x2"), jnp.dtype(jnp.floa
 @jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)
 class KMajor:
-  """A 4-bit (K, N) kernel of an affine format in the K-major layout (module docstring), made by `pack_kmajor`
+  """A 4-bit (K, N) kernel in the K-major layout (module docstring), made by `pack_kmajor`
   from a `QTensor` and turned back by `unpack_kmajor`, exactly. Children: arrays; aux data: format, block size,
   shape (K, N), dtype of the dequantized kernel, as `QTensor`, which it stands in for in a parameter tree: it has
   `linear` (the `kernels.qmatmul` op) and `dequantize`.
 
   Invariants (checked on construction, ValueError): codes uint32 (..., N, K/8), eight codes per word, each
   block's in `nibble_order`; scale (and offset, for int4_asym / q4_1) (..., N, K/B), as stored in the QTensor
-  (transposed); an affine format; a block size that is a power of two >= 32."""
+  (transposed; a double-quantized NF4's int8 scale codes too, with its second-level `dq_scale` / `dq_offset`
+  unchanged); a format of `FORMATS`; a block size that is a power of two >= 32."""
 
   codes: Any
   scale: Any
   offset: Any = None
+  dq_scale: Any = None
+  dq_offset: Any = None
   fmt: str = "int4_sym"
   block_size: int = 64
   shape: tuple[int, int] = (0, 0)
   dtype: Any = jnp.float32
 
   def __post_init__(self):
-    if self.fmt not in AFFINE_FORMATS:
-      raise ValueError(f"KMajor takes the affine formats {AFFINE_FORMATS}, not {self.fmt!r}")
+    if self.fmt not in FORMATS:
+      raise ValueError(f"KMajor takes the formats {FORMATS}, not {self.fmt!r}")
     k, n = self.shape
     b = self.block_size
     if b < 32 or b & (b - 1) or k % b:
@@ -88,16 +98,20 @@ class KMajor:
       raise ValueError(f"KMajor: format {self.fmt} {'needs' if self.offset is None else 'takes no'} offsets")
 
   def tree_flatten(self):
-    return (self.codes, self.scale, self.offset), (self.fmt, self.block_size, self.shape, jnp.dtype(self.dtype).name)
+    return ((self.codes, self.scale, self.offset, self.dq_scale, self.dq_offset),
+            (self.fmt, self.block_size, self.shape, jnp.dtype(self.dtype).name))
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     obj = object.__new__(cls)  # skip validation: leaves may be tracers, sliced layer stacks or sentinels
-    for f, v in zip(("codes", "scale", "offset", "fmt", "block_size", "shape", "dtype"), (*children, *aux)):
+    names = ("codes", "scale", "offset", "dq_scale", "dq_offset", "fmt", "block_size", "shape", "dtype")
+    for f, v in zip(names, (*children, *aux)):
       object.__setattr__(obj, f, v)
     return obj
 
-  double_quantized = False  # the affine formats have no second-level scales
+  @property
+  def double_quantized(self) -> bool:
+    return self.dq_scale is not None
 
   def dequantize(self):
     """The (K, N) kernel in `self.dtype` (through `unpack_kmajor`: the reference every kernel is tested against)."""
@@ -109,7 +123,7 @@ class KMajor:
 
   def nbytes(self) -> int:
     return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
-               for a in (self.codes, self.scale, self.offset) if a is not None)
+               for a in (self.codes, self.scale, self.offset, self.dq_scale, self.dq_offset) if a is not None)
 
 
 def nibble_order(block: int) -> np.ndarray:
@@ -145,8 +159,8 @@ def _reorder(codes_kn, block: int, order):
 
 def _not_packable(w: QTensor) -> str | None:
   """Why `w` has no K-major layout, or None."""
-  if w.fmt not in AFFINE_FORMATS:
-    return f"the K-major kernel takes the affine formats {AFFINE_FORMATS}, not {w.fmt!r}"
+  if w.fmt not in FORMATS:
+    return f"the K-major kernel takes the formats {FORMATS}, not {w.fmt!r}"
   if w.block_size < 32 or w.block_size & (w.block_size - 1):
     return f"block size {w.block_size} (the kernel needs a power of two >= 32)"
   return None
@@ -155,13 +169,13 @@ def _not_packable(w: QTensor) -> str | None:
 def pack_kmajor(w: QTensor) -> KMajor:
   """`w`'s codes in the K-major layout: the same codes, moved (`nibble_order`), and the same block parameters,
   transposed; nothing is requantized. Run it once per weight, outside the step that uses it (`to_kmajor` does a
-  parameter tree). Raises ValueError for NF4 and for a block size the kernel cannot take."""
+  parameter tree). Raises ValueError for a block size the kernel cannot take."""
   why = _not_packable(w)
   if why:
     raise ValueError(f"pack_kmajor: {why}")
   t = lambda a: None if a is None else jnp.swapaxes(a, -1, -2)
-  return KMajor(_reorder(w.codes, w.block_size, nibble_order(w.block_size)), t(w.scale), t(w.offset), fmt=w.fmt,
-                block_size=w.block_size, shape=w.shape, dtype=w.dtype)
+  return KMajor(_reorder(w.codes, w.block_size, nibble_order(w.block_size)), t(w.scale), t(w.offset), w.dq_scale,
+                w.dq_offset, fmt=w.fmt, block_size=w.block_size, shape=w.shape, dtype=w.dtype)
 
 
 def unpack_kmajor(p: KMajor) -> QTensor:
@@ -171,13 +185,13 @@ def unpack_kmajor(p: KMajor) -> QTensor:
   inverse = np.argsort(nibble_order(p.block_size))
   q = q.reshape(*lead, n, k8 * 8 // p.block_size, p.block_size)[..., inverse].reshape(*lead, n, k8 * 8)
   t = lambda a: None if a is None else jnp.swapaxes(a, -1, -2)
-  return QTensor(pack(jnp.swapaxes(q, -1, -2)), t(p.scale), t(p.offset), fmt=p.fmt, block_size=p.block_size,
-                 shape=p.shape, dtype=p.dtype)
+  return QTensor(pack(jnp.swapaxes(q, -1, -2)), t(p.scale), t(p.offset), p.dq_scale, p.dq_offset, fmt=p.fmt,
+                 block_size=p.block_size, shape=p.shape, dtype=p.dtype)
 
 
 def to_kmajor(tree):
-  """`tree` with every `QTensor` of an affine format (int4, GGUF Q4_0 / Q4_1; block >= 32) in the K-major
-  layout (`pack_kmajor`), for the GPU kernel; NF4 and everything else unchanged."""
+  """`tree` with every `QTensor` (NF4, int4, GGUF Q4_0 / Q4_1; block a power of two >= 32) in the K-major layout
+  (`pack_kmajor`), for the GPU kernel; everything else unchanged."""
   ok = lambda w: isinstance(w, QTensor) and _not_packable(w) is None
   return jax.tree.map(lambda w: pack_kmajor(w) if ok(w) else w, tree, is_leaf=lambda w: isinstance(w, QTensor))
 
@@ -249,31 +263,54 @@ def _pair(shifted, dtype, minus: float, interpret: bool):
   return half(v & 0xFFFF), half(v >> 16)  # LLVM folds the split and the pairing for the dot back into v
 
 
+def _nf4_pair(words, pair: int, dtype, interpret: bool):
+  """The NF4 values (rounded to `dtype`) of register pair `pair` of each uint32 word of codes: the codes at bits
+  4·pair and 16 + 4·pair. On a GPU by `nf4_prmt.ptx_kmajor` (byte permutes over the table held in the asm's
+  registers); in interpret mode by indexing the same 16-bit table."""
+  if interpret:  # the select tree's float32 values rounded to `dtype`: nf4_prmt.table16, without a captured table
+    value = lambda shift: nf4_values(((words >> shift) & 0xF).astype(jnp.int32)).astype(dtype)
+    return value(4 * pair), value(16 + 4 * pair)
+  from jax.experimental.pallas import triton as pltriton
+  signed = jax.lax.bitcast_convert_type(words, jnp.int32)  # the asm takes signed words
+  (v,) = pltriton.elementwise_inline_asm(nf4_prmt.ptx_kmajor(dtype, pair), args=[signed], constraints="=r,r",
+                                         pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(signed.shape, jnp.int32)])
+  half = lambda h: jax.lax.bitcast_convert_type(h.astype(jnp.uint16), dtype)
+  return half(v & 0xFFFF), half(v >> 16)
+
+
 def kernel(xt_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, steps: int, dtype, lora: bool,
-           lora_tile, interpret: bool = False):
+           lora_tile, n: int = 0, dq: bool = False, interpret: bool = False):
   """One (bn × bm) tile of ``yᵀ``: per quantization block, the codes (bn × B/2 bytes) to 16-bit value pairs in
   registers, a tensor-core dot with xᵀ's (B × bm) rows, the product scaled per column (module docstring); the
   transposed tile stored at the end. ``lora_tile(low_ref, b_ref)`` gives the LoRA term's (bm × bn) tile."""
   rest = list(refs)
   offset_ref, sums_ref = (rest.pop(0), rest.pop(0)) if fmt in _OFFSET_FORMATS else (None, None)
+  dq_ref, dq_offset_ref = (rest.pop(0), rest.pop(0)) if dq else (None, None)
   low_ref, b_ref = (rest.pop(0), rest.pop(0)) if lora else (None, None)
   (o_ref,) = rest
   half = block // 2
   bn, bm = codes_ref.shape[0], xt_ref.shape[1]
   minus = 8.0 if fmt in ("int4_sym", "q4_0") else 0.0
   first = pl.program_id(2) * steps
+  if dq:  # column indices, for the flat index (block · N + column) of each scale's second-level group
+    cols = pl.program_id(1) * bn + jax.lax.broadcasted_iota(jnp.int32, (bn, 1), 0)
 
   def add_block(g, acc):
     word = codes_ref[:, pl.ds(g * (block // 8), block // 8)].reshape(bn, 4, block // 32)  # thread t's words
 
     def pair(shift):  # one register pair per word: rows (r, r + 1) as (low half, high half), minus subtracted
+      if fmt == "nf4":
+        return jnp.stack(_nf4_pair(word, shift // 4, dtype, interpret), axis=-1)
       return jnp.stack(_pair(word >> shift, dtype, minus, interpret), axis=-1)  # (bn, 4 t, B/32 w', 2 e)
 
     step_of = lambda s: jnp.stack([pair(s), pair(s + 4)], axis=-1)  # (..., 2 e, 2 nu): +8 rows in the high nibble
     w = jnp.stack([step_of(0), step_of(8)], axis=-1)  # (bn, t, w', e, nu, b mod 2)
     w = w.transpose(0, 2, 5, 4, 1, 3).reshape(bn, block)  # row 16·(2w' + b mod 2) + 8·nu + 2t + e
     part = jnp.dot(w, xt_ref[pl.ds(g * block, block), :], preferred_element_type=jnp.float32)
-    acc = acc + part * scale_ref[:, pl.ds(g, 1)].astype(jnp.float32)
+    sc = scale_ref[:, pl.ds(g, 1)].astype(jnp.float32)
+    if dq:  # double-quantized NF4: the scale from its int8 code and its group's second-level scale
+      sc = sc * dq_ref[(g * n + cols) // DQ_GROUP] + dq_offset_ref[0]
+    acc = acc + part * sc
     if offset_ref is not None:  # sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k
       acc = acc + offset_ref[:, pl.ds(g, 1)].astype(jnp.float32) * sums_ref[pl.ds(g, 1), :]
     return acc
@@ -292,5 +329,5 @@ def kernel(xt_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, s
   o_ref[...] = acc.reshape(o_ref.shape)
 
 
-__all__ = ["AFFINE_FORMATS", "KMajor", "as_qtensor", "check", "kernel", "magic_word", "nibble_order", "pack_kmajor",
+__all__ = ["AFFINE_FORMATS", "FORMATS", "KMajor", "as_qtensor", "check", "kernel", "magic_word", "nibble_order", "pack_kmajor",
            "pair_constants", "pair_ptx", "prepare_x", "to_kmajor", "unpack_kmajor"]

@@ -63,6 +63,27 @@ INPUTS = ("codes",) + tuple(f"t_{part}{j}" for part in ("lo", "hi") for j in ran
 OUTPUTS = ("even0", "even1", "odd0", "odd1")
 
 
+def _kmajor_program():
+  """The lookup for a word of the K-major layout (`kmajor.nibble_order`): its 8 codes are 4 register pairs of the
+  dot's operand, pair p the codes at bits 4p-4p+3 and 16+4p-16+4p+3. The table bytes of the low and the high four
+  codes are looked up as in PROGRAM, then interleaved into the 4 pairs by 8 permutes (33 instructions per word)."""
+  out = [("shr", "codes_hi", ("codes", 16))]
+  lookup = [step for step in _HALF if not step[1].startswith("{")]  # PROGRAM's steps up to the byte planes
+  for src, tag in (("codes", "_a"), ("codes_hi", "_b")):
+    rename = lambda v: v.format(s=src) if v.startswith("{") else (v if v.startswith("t_") else v + tag)
+    for op, dst, srcs in lookup:
+      out.append((op, rename(dst), tuple(rename(v) if isinstance(v, str) else v for v in srcs)))
+  out += [("prmt", "x01", ("lo_a", "hi_a", 0x5140)), ("prmt", "x23", ("lo_a", "hi_a", 0x7362)),  # (lo, hi) bytes
+          ("prmt", "y01", ("lo_b", "hi_b", 0x5140)), ("prmt", "y23", ("lo_b", "hi_b", 0x7362)),  # of codes 0-3, 4-7
+          ("prmt", "pair0", ("x01", "y01", 0x5410)), ("prmt", "pair1", ("x01", "y01", 0x7632)),
+          ("prmt", "pair2", ("x23", "y23", 0x5410)), ("prmt", "pair3", ("x23", "y23", 0x7632))]
+  return tuple(out)
+
+
+KMAJOR_PROGRAM = _kmajor_program()
+KMAJOR_OUTPUTS = ("pair0", "pair1", "pair2", "pair3")
+
+
 def table16(dtype) -> np.ndarray:
   """The NF4 table rounded to `dtype` (bfloat16 or float16), as numpy values of that dtype."""
   import jax.numpy as jnp  # its bfloat16 is numpy's (ml_dtypes): round to nearest even, as XLA converts
@@ -104,13 +125,14 @@ _OPS = {
 }
 
 
-def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Executes PROGRAM on uint32 arrays (the numpy model of the PTX that `ptx` emits); returns the outputs."""
+def run(inputs: dict[str, np.ndarray], program=PROGRAM, outputs=OUTPUTS) -> dict[str, np.ndarray]:
+  """Executes `program` on uint32 arrays (the numpy model of the PTX that `ptx` / `ptx_kmajor` emit); returns the
+  outputs."""
   regs = {k: np.asarray(v, np.uint32) for k, v in inputs.items()}
   word = lambda v: regs[v] if isinstance(v, str) else np.uint32(v)
-  for op, dst, srcs in PROGRAM:
+  for op, dst, srcs in program:
     regs[dst] = np.asarray(_OPS[op](*(word(v) for v in srcs)), np.uint32)
-  return {k: regs[k] for k in OUTPUTS}
+  return {k: regs[k] for k in outputs}
 
 
 def lookup(codes: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -144,11 +166,27 @@ def ptx(dtype, half: str) -> str:
   operand = {f"{half}0": "$0", f"{half}1": "$1", "codes": "$2",
              **{name: f"${3 + 4 * i}" for i, name in enumerate(REGISTER_WORDS)}}
   table = {k: v for k, v in table_words(dtype).items() if k not in REGISTER_WORDS}
-  temps = sorted({dst for _, dst, _ in PROGRAM if dst not in operand} | set(table))
+  return _emit(PROGRAM, operand, table)
+
+
+@functools.lru_cache(maxsize=None)
+def ptx_kmajor(dtype, pair: int) -> str:
+  """KMAJOR_PROGRAM as PTX for ``elementwise_inline_asm(pack=1)`` on 32-bit words of codes: register pair `pair`
+  (0-3) in $0, the word in $1, the table words as immediates. (The layout needs every operand of the lookup to
+  be a constant or derived from the loaded words: table words loaded at run time stop Triton from loading the
+  words in the dot's layout. One result per instance, as for `ptx`: the four instances on a word repeat the same
+  instructions up to their last permute, which ptxas shares: 18 permutes per word in the compiled loop.)"""
+  return _emit(KMAJOR_PROGRAM, {f"pair{pair}": "$0", "codes": "$1"}, table_words(dtype))
+
+
+def _emit(program, operand: dict[str, str], table: dict[str, int]) -> str:
+  """`program` as one PTX block: `operand` maps names to asm operands ($i), `table` names to immediates moved
+  into scratch registers; every other name is a scratch register."""
+  temps = sorted({dst for _, dst, _ in program if dst not in operand} | set(table))
   lines = ["{", f"  .reg .b32 {', '.join('%' + t for t in temps)};"]
   lines += [f"  mov.b32 %{name}, {value:#010x};" for name, value in table.items()]
   reg = lambda v: (operand.get(v) or f"%{v}") if isinstance(v, str) else f"{v:#x}"
-  for op, dst, srcs in PROGRAM:
+  for op, dst, srcs in program:
     if op == "bitsel":  # (b & m) | (a & ~m): lop3's truth table for m ? b : a with (m, b, a) = (0xF0, 0xCC, 0xAA)
       lines.append(f"  lop3.b32 {reg(dst)}, {', '.join(reg(v) for v in srcs)}, 0xca;")
     elif op == "prmt":  # its operands are registers: immediates go through scoped ones
@@ -163,5 +201,5 @@ def ptx(dtype, half: str) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["CONSTRAINTS", "INPUTS", "OUTPUTS", "PROGRAM", "REGISTER_WORDS", "lookup", "ptx", "run", "table16",
-           "table_words"]
+__all__ = ["CONSTRAINTS", "INPUTS", "KMAJOR_OUTPUTS", "KMAJOR_PROGRAM", "OUTPUTS", "PROGRAM", "REGISTER_WORDS", "lookup",
+           "ptx", "ptx_kmajor", "run", "table16", "table_words"]

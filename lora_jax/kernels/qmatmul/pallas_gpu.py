@@ -24,10 +24,10 @@ splits its even and odd columns:
   each code a float by one masked OR, ~3.7 machine instructions per weight at one row against 6.5 for the best
   tensor-core variant; not yet timed on a GPU).
 
-A weight in the K-major layout (`kmajor.KMajor`, int4 / GGUF) runs that module's kernel instead, over the same grid
+A weight in the K-major layout (`kmajor.KMajor`) runs that module's kernel instead, over the same grid
 and `BlockSizes` (its tiling fields; default `KMAJOR`): the weight tile as the register operand of a warpgroup
-dot, no weight through shared memory, ~2.8 machine instructions per weight at any row count up to 16 (not yet
-timed on a GPU).
+dot, no weight through shared memory, ~2.8 machine instructions per weight for int4 and ~6.8 for NF4 at any row
+count up to 16 (not yet timed on a GPU).
 
 Measured on an H200 (benchmarks/results/int4_matmul_gpu*.json, README): correct in every format and in every
 variant run there (prefetch, convert and rescale came later);
@@ -613,9 +613,13 @@ def _pallas_kmajor(x2, w: _kmajor.KMajor, low, b, bs: BlockSizes, m, mp, split, 
   if w.offset is not None:
     in_specs += [cols(nb), pl.BlockSpec((nb, bs.bm), lambda i, j, s: (0, i))]
     args += [w.offset, sums]
+  if w.double_quantized:  # int8 scale codes, formed into floats in the kernel (as for a QTensor)
+    dq_args = [w.dq_scale.astype(jnp.float32), jnp.reshape(w.dq_offset, (1,)).astype(jnp.float32)]
+    in_specs += [whole(a) for a in dq_args]
+    args += dq_args
   kernel = functools.partial(_kmajor.kernel, fmt=w.fmt, block=w.block_size, bk=bs.bk or 1, steps=steps,
                              dtype=x2.dtype, lora=low is not None, lora_tile=functools.partial(_lora_tile, dot="mma"),
-                             interpret=interpret)
+                             n=n, dq=w.double_quantized, interpret=interpret)
   return _launch(kernel, w, low, b, bs, in_specs, args, m, mp, split, lead, interpret)
 
 
