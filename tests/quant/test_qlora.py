@@ -139,11 +139,11 @@ def test_decoding_never_holds_the_dequantized_base(fmt):
 
 
 @pytest.mark.parametrize("mode,dtype,kmajor", [("nf4", jnp.bfloat16, False), ("int4", jnp.float32, False),
-                                               ("int4", jnp.bfloat16, True)])
+                                               ("int4", jnp.bfloat16, True), ("nf4", jnp.bfloat16, True)])
 def test_qlora_programs_lower_for_gpu(monkeypatch, mode, dtype, kmajor):
   """What a GPU would run, lowered for CUDA on CPU with the dispatch told it is on a GPU: a QLoRA train step (the
-  base as `--quantize` makes it: NF4 double-quantized, or int4, also in the K-major layout: `to_kmajor` on the
-  stacked tree) and the prefill and decode programs. Every projection must go through the Pallas kernel as a
+  base as `--quantize` makes it: NF4 double-quantized, or int4, each also in the K-major layout: `to_kmajor` on
+  the stacked tree) and the prefill and decode programs. Every projection must go through the Pallas kernel as a
   Triton call (2 x 32 rows here: within PALLAS_M_MAX), none through the dequantize-and-dot fallback."""
   import optax
   import lora_jax.kernels as kernels
