@@ -15,10 +15,11 @@ of the operand. ``((word >> s) & 0x000F000F) | magic`` (s = 0, 4, 8, 12) has as 
 ``base + q`` of two codes (magic: base's bits in both halves; base = 128 in bfloat16, 1024 in float16, whose ulp
 is 1, so a nibble in the low mantissa bits is the value's integer part), and one packed fused multiply-add,
 ``· 1 − (base + minus)`` (minus = 8 for int4_sym / q4_0, else 0), gives ``q − minus`` exactly (integers below
-16 in magnitude). On a GPU that is two instructions per pair of weights in inline PTX (`pair_ptx`); interpret mode
-runs the same operations in jnp. The (bn × bm) product of each quantization block is scaled once per column (and the offset formats add
-``offset · Σx`` over the block, from sums of x formed outside), as ``rescale="partial"`` does for the (K/2, N)
-layout. So the weights are exact in the 16-bit dot; the products and sums are float32.
+16 in magnitude). On a GPU that is two instructions per pair of weights in inline PTX (`pair_ptx`); interpret
+mode runs the same operations in jnp. The (bn × bm) product of each quantization block is scaled once per column
+(and the offset formats add ``offset · Σx`` over the block, from sums of x formed outside), as
+``rescale="partial"`` does for the (K/2, N) layout. So the weights are exact in the 16-bit dot; the products and
+sums are float32.
 
 Compiled for sm_90, int4 in blocks of 64 at 1 or 16 rows (4096 × 14336): 2.84 instructions per weight under
 `pallas_gpu.KMAJOR` (bn 128), 2.40 at bn 256, against 6.56-6.95 for magic16 + partial and 3.68 for the one-row
@@ -44,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from ...quant._qtensor import DQ_GROUP, QTensor, nf4_values, pack, unpack
 from . import nf4_prmt
@@ -255,7 +257,6 @@ def _pair(shifted, dtype, minus: float, interpret: bool):
     base = _MAGIC[jnp.dtype(dtype)][1]
     half = lambda h: jax.lax.bitcast_convert_type(h.astype(jnp.uint16), dtype) - (base + minus)
     return half(v & 0xFFFF), half(v >> 16)
-  from jax.experimental.pallas import triton as pltriton
   words = jax.lax.bitcast_convert_type(shifted, jnp.int32)  # the asm takes signed words
   (v,) = pltriton.elementwise_inline_asm(pair_ptx(dtype, minus), args=[words], constraints="=r,r", pack=1,
                                          result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.int32)])
@@ -270,7 +271,6 @@ def _nf4_pair(words, pair: int, dtype, interpret: bool):
   if interpret:  # the select tree's float32 values rounded to `dtype`: nf4_prmt.table16, without a captured table
     value = lambda shift: nf4_values(((words >> shift) & 0xF).astype(jnp.int32)).astype(dtype)
     return value(4 * pair), value(16 + 4 * pair)
-  from jax.experimental.pallas import triton as pltriton
   signed = jax.lax.bitcast_convert_type(words, jnp.int32)  # the asm takes signed words
   (v,) = pltriton.elementwise_inline_asm(nf4_prmt.ptx_kmajor(dtype, pair), args=[signed], constraints="=r,r",
                                          pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(signed.shape, jnp.int32)])
@@ -329,5 +329,5 @@ def kernel(xt_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, s
   o_ref[...] = acc.reshape(o_ref.shape)
 
 
-__all__ = ["AFFINE_FORMATS", "FORMATS", "KMajor", "as_qtensor", "check", "kernel", "magic_word", "nibble_order", "pack_kmajor",
-           "pair_constants", "pair_ptx", "prepare_x", "to_kmajor", "unpack_kmajor"]
+__all__ = ["AFFINE_FORMATS", "FORMATS", "KMajor", "as_qtensor", "check", "kernel", "magic_word", "nibble_order",
+           "pack_kmajor", "pair_constants", "pair_ptx", "prepare_x", "to_kmajor", "unpack_kmajor"]

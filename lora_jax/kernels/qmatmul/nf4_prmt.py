@@ -1,4 +1,5 @@
-"""NF4 codes to 16-bit floats by byte permutes: the lookup of ``BlockSizes(lookup="prmt")`` on NVIDIA GPUs.
+"""NF4 codes to 16-bit floats by byte permutes: the lookup of ``BlockSizes(lookup="prmt")`` on NVIDIA GPUs, and
+of the K-major kernel's NF4 weights (`KMAJOR_PROGRAM`, `ptx_kmajor`; `kmajor.py`).
 
 A packed code byte holds two NF4 codes (low nibble: an even row of K, high nibble: the next odd row). The 16
 table values, rounded to bfloat16 (or float16), are 32 bytes: their low bytes in four 32-bit words and their high
@@ -201,5 +202,5 @@ def _emit(program, operand: dict[str, str], table: dict[str, int]) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["CONSTRAINTS", "INPUTS", "KMAJOR_OUTPUTS", "KMAJOR_PROGRAM", "OUTPUTS", "PROGRAM", "REGISTER_WORDS", "lookup",
-           "ptx", "ptx_kmajor", "run", "table16", "table_words"]
+__all__ = ["CONSTRAINTS", "INPUTS", "KMAJOR_OUTPUTS", "KMAJOR_PROGRAM", "OUTPUTS", "PROGRAM", "REGISTER_WORDS",
+           "lookup", "ptx", "ptx_kmajor", "run", "table16", "table_words"]
