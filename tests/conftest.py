@@ -90,3 +90,14 @@ def make_tiny_folder(folder, *, max_position_embeddings=64, **overrides):
 @pytest.fixture
 def tiny_folder(tmp_path):
   return make_tiny_folder(tmp_path / "tiny")
+
+
+def sm90_or_skip_version_skew(compile_fn, *args):
+  """compile_fn(*args) (a `triton_compile` sm_90 compile), skipping the test when the triton package cannot read
+  this jax's IR: only for a (jax, triton) pair outside `IR_COMPATIBLE` (for CI's pair that is a failure:
+  tests/kernels/test_qmatmul.py::test_sm90_compile_skips_only_for_an_untested_version_pair)."""
+  from lora_jax.kernels.qmatmul import triton_compile as tc
+  try:
+    return compile_fn(*args)
+  except tc.IRVersionMismatch as e:
+    pytest.skip(str(e))

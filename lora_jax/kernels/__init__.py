@@ -84,8 +84,10 @@ def _backend() -> str:
 def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
   _check_impl(impl)
   backend = _backend()
-  if isinstance(w, KMajor):
-    return _choose_kmajor(x, w, impl, backend, interpret)
+  qtensor_layout = not isinstance(w, KMajor)  # the CPU kernel and small_m read a QTensor's (K/2, N) codes
+  if impl in ("cpu", "small_m") and not qtensor_layout:
+    raise LoraJaxError(f"the {impl} qmatmul path reads a QTensor's (K/2, N) codes, not a K-major weight "
+                       f"(unpack_kmajor turns it back)")
   if impl in ("reference", "small_m"):
     return impl
   if impl == "cpu":
@@ -109,41 +111,18 @@ def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
   rows = int(np.prod(x.shape[:-1]))
   if on_gpu and ok and 0 < rows <= PALLAS_M_MAX[w.fmt]:  # no rows: XLA's path handles the empty product
     return "pallas"
-  if rows <= CPU_M_MAX and backend == "cpu" and _cpu.supports(x, w)[0]:
+  if qtensor_layout and rows <= CPU_M_MAX and backend == "cpu" and _cpu.supports(x, w)[0]:
     built, why = _cpu.available()
     if built:
       return "cpu"
     _log_once(why)
   # NF4's code-to-value select tree costs more than the bytes it saves (benchmarks/results/int4_matmul_cpu.json)
-  if rows <= SMALL_M_MAX and backend == "cpu" and w.fmt != "nf4":
+  if qtensor_layout and rows <= SMALL_M_MAX and backend == "cpu" and w.fmt != "nf4":
     return "small_m"
   if not on_gpu:
     _log_once(f"backend {backend}")
   elif not ok:
     _log_once(why)
-  return "reference"
-
-
-def _choose_kmajor(x, w: KMajor, impl: str, backend: str, interpret: bool) -> str:
-  """A K-major weight runs the Pallas kernel on a GPU and the reference elsewhere: the CPU kernel and small_m read
-  the (K/2, N) layout (`unpack_kmajor` turns the weight back)."""
-  if impl in ("cpu", "small_m"):
-    raise LoraJaxError(f"the {impl} qmatmul path reads a QTensor's (K/2, N) codes, not a K-major weight "
-                       f"(unpack_kmajor turns it back)")
-  if impl == "reference":
-    return impl
-  ok, why = supports(x, w)
-  if impl == "pallas":
-    if not (backend == "gpu" or interpret):
-      raise LoraJaxError(f"the Pallas qmatmul kernel needs a GPU (backend is {backend}); use impl='auto' or "
-                         f"'reference'")
-    if not ok:
-      raise LoraJaxError(f"the Pallas qmatmul kernel does not support this call: {why}")
-    return "pallas"
-  rows = int(np.prod(x.shape[:-1]))
-  if backend == "gpu" and ok and 0 < rows <= PALLAS_M_MAX[w.fmt]:
-    return "pallas"
-  _log_once(why if backend == "gpu" and not ok else f"a K-major weight on backend {backend}")
   return "reference"
 
 

@@ -39,11 +39,49 @@ NF4_TABLE = np.array([
 
 FORMATS = ("nf4", "int4_sym", "int4_asym", "q4_0", "q4_1")
 DQ_GROUP = 256  # blocks per second-level scale (double quantization), as bitsandbytes
+OFFSET_FORMATS = ("int4_asym", "q4_1")
+
+
+class Blocks4bit:
+  """What a 4-bit kernel's layouts share (`QTensor`; `kernels.KMajor`, the same codes moved): the children codes,
+  scale, offset, dq_scale, dq_offset and the aux data fmt, block_size, shape, dtype; the pytree plumbing; the
+  checks of the block parameters; the byte count."""
+
+  _CHILDREN = ("codes", "scale", "offset", "dq_scale", "dq_offset")
+  _AUX = ("fmt", "block_size", "shape", "dtype")
+
+  def tree_flatten(self):
+    return (tuple(getattr(self, f) for f in self._CHILDREN),
+            (self.fmt, self.block_size, self.shape, jnp.dtype(self.dtype).name))
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    obj = object.__new__(cls)  # skip validation: leaves may be tracers, sliced layer stacks or sentinels
+    for f, v in zip(cls._CHILDREN + cls._AUX, (*children, *aux)):
+      object.__setattr__(obj, f, v)
+    return obj
+
+  def _check_block_params(self, shape: tuple[int, int], owner: str = "") -> None:
+    """ValueError unless scale (and offset) end in `shape` and offsets are there exactly for the offset formats."""
+    for name in ("scale", "offset"):
+      v = getattr(self, name)
+      if v is not None and _shape(v)[-2:] != shape:
+        raise ValueError(f"{owner}{name} must have shape (..., {shape[0]}, {shape[1]}), got {_shape(v)}")
+    if (self.offset is None) != (self.fmt not in OFFSET_FORMATS):
+      raise ValueError(f"{owner}format {self.fmt} {'needs' if self.offset is None else 'takes no'} offsets")
+
+  @property
+  def double_quantized(self) -> bool:
+    return self.dq_scale is not None
+
+  def nbytes(self) -> int:
+    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+               for a in (getattr(self, f) for f in self._CHILDREN) if a is not None)
 
 
 @jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)
-class QTensor:
+class QTensor(Blocks4bit):
   """A quantized (K, N) kernel. Children: arrays; aux data: format, block size, shape, dtype."""
 
   codes: Any                   # uint8 (K/2, N)
@@ -65,30 +103,7 @@ class QTensor:
     if _shape(self.codes)[-2:] != (k // 2, n) or _dtype(self.codes) not in (None, np.uint8):
       raise ValueError(f"codes must be uint8 of shape (..., {k // 2}, {n}), got {_dtype(self.codes)} "
                        f"{_shape(self.codes)}")
-    nb = (k // self.block_size, n)
-    for name in ("scale", "offset"):
-      v = getattr(self, name)
-      if v is not None and _shape(v)[-2:] != nb:
-        raise ValueError(f"{name} must have shape (..., {nb[0]}, {nb[1]}), got {_shape(v)}")
-    if (self.offset is None) != (self.fmt not in ("int4_asym", "q4_1")):
-      raise ValueError(f"format {self.fmt} {'needs' if self.offset is None else 'takes no'} offsets")
-
-  def tree_flatten(self):
-    return ((self.codes, self.scale, self.offset, self.dq_scale, self.dq_offset),
-            (self.fmt, self.block_size, self.shape, jnp.dtype(self.dtype).name))
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    obj = object.__new__(cls)  # skip validation: leaves may be tracers, sliced layer stacks or sentinels
-    for f, v in zip(("codes", "scale", "offset", "dq_scale", "dq_offset"), children):
-      object.__setattr__(obj, f, v)
-    for f, v in zip(("fmt", "block_size", "shape", "dtype"), aux):
-      object.__setattr__(obj, f, v)
-    return obj
-
-  @property
-  def double_quantized(self) -> bool:
-    return self.dq_scale is not None
+    self._check_block_params((k // self.block_size, n))
 
   def block_scales(self):
     """Per-block scales as float32 (K/B, N), undoing double quantization."""
@@ -105,10 +120,6 @@ class QTensor:
   def linear(self, x):
     from ..kernels import qmatmul
     return qmatmul(x, self)
-
-  def nbytes(self) -> int:
-    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
-               for a in (self.codes, self.scale, self.offset, self.dq_scale, self.dq_offset) if a is not None)
 
   def bits_per_parameter(self) -> float:
     return 8 * self.nbytes() / (self.shape[0] * self.shape[1])

@@ -13,6 +13,7 @@ from lora_jax.kernels import (KMAJOR, BlockSizes, KMajor, _choose, default_block
 from lora_jax.kernels.qmatmul.kmajor import nibble_order
 from lora_jax.peft._lora import LoRAWeight
 from lora_jax.testing import assert_allclose, random_qtensor
+from tests.conftest import sm90_or_skip_version_skew
 
 AFFINE = [("int4_sym", 64), ("int4_asym", 32), ("q4_0", 32), ("q4_1", 32), ("int4_sym", 128)]
 ALL = AFFINE + [("nf4", 64), ("nf4_dq", 64)]  # nf4_dq: double-quantized, as --quantize nf4 makes it
@@ -188,20 +189,12 @@ def test_to_kmajor_converts_the_affine_qtensors_of_a_tree():
   assert_allclose(out["lora"].linear(x), lora.linear(x), "f32_composite")
 
 
-def _or_skip_version_skew(compile_fn, *args):
-  from lora_jax.kernels.qmatmul import triton_compile as tc
-  try:
-    return compile_fn(*args)
-  except tc.IRVersionMismatch as e:
-    pytest.skip(str(e))
-
-
 def _sm90(fmt, m, blocks, block=64, kmajor=True, k=4096, n=4096):
   from lora_jax.kernels.qmatmul import triton_compile as tc
   w = jax.eval_shape(lambda: _q(fmt, k, n, block))
   if kmajor:
     w = jax.eval_shape(pack_kmajor, w)
-  return _or_skip_version_skew(tc.qmatmul_sm90, m, w, blocks)
+  return sm90_or_skip_version_skew(tc.qmatmul_sm90, m, w, blocks)
 
 
 def test_sm90_machine_code_of_the_kmajor_kernel():

@@ -14,6 +14,7 @@ from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, _choose, qmatmul, qmatmul_
 from lora_jax.kernels.qmatmul import cpu
 from lora_jax.quant import quantize
 from lora_jax.testing import assert_allclose, random_qtensor
+from tests.conftest import sm90_or_skip_version_skew
 
 
 def _q(fmt, k, n, block):
@@ -254,28 +255,17 @@ def test_pallas_compiles_for_sm90(m, k, n, fmt, block, dt):
                    (lambda x, w, low, b: qmatmul_lora_pallas(x, w, low, b),
                     (x, w, jax.ShapeDtypeStruct((m, rank), jnp.float32), jax.ShapeDtypeStruct((rank, n), dt)))):
     (kernel,) = tc.triton_kernels(fn, *args)
-    r = _or_skip_version_skew(tc.compile_sm90, kernel)
+    r = sm90_or_skip_version_skew(tc.compile_sm90, kernel)
     assert r["arch"].startswith("sm_90"), r
     assert 0 < r["shared_bytes"] <= tc.SM90_SHARED_BYTES and r["registers"] <= tc.SM90_REGISTERS, r
     assert r["spill_bytes"] == 0, r
     assert 0 < r["loop_instructions"] < r["instructions"], r  # the K loop was found in the machine code
 
 
-def _or_skip_version_skew(compile_fn, *args):
-  """compile_fn(*args), skipping the test when the triton package cannot read this jax's IR: only for a (jax,
-  triton) pair outside `IR_COMPATIBLE` (for CI's pair that is a failure:
-  test_sm90_compile_skips_only_for_an_untested_version_pair)."""
-  from lora_jax.kernels.qmatmul import triton_compile as tc
-  try:
-    return compile_fn(*args)
-  except tc.IRVersionMismatch as e:
-    pytest.skip(str(e))
-
-
 def _sm90_loop(fmt, m, blocks, k=4096, n=4096):
   """`qmatmul_sm90` of one policy (resources, K-loop instructions per weight) at (m, k, n) in blocks of 64."""
   from lora_jax.kernels.qmatmul import triton_compile as tc
-  return _or_skip_version_skew(tc.qmatmul_sm90, m, _abstract_q(fmt, k, n, 64), blocks)
+  return sm90_or_skip_version_skew(tc.qmatmul_sm90, m, _abstract_q(fmt, k, n, 64), blocks)
 
 
 @pytest.mark.parametrize("m", [2, 4, 8])

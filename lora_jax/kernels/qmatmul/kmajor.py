@@ -47,12 +47,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from ...quant._qtensor import DQ_GROUP, QTensor, nf4_values, pack, unpack
+from ...quant._qtensor import DQ_GROUP, OFFSET_FORMATS, Blocks4bit, QTensor, nf4_values, pack, unpack
 from . import nf4_prmt
 
 AFFINE_FORMATS = ("int4_sym", "int4_asym", "q4_0", "q4_1")
 FORMATS = AFFINE_FORMATS + ("nf4",)
-_OFFSET_FORMATS = ("int4_asym", "q4_1")
 DTYPES = (jnp.bfloat16, jnp.float16)
 # Per 16-bit dtype: the bits of `base` and base, whose ulp is 1: a nibble ORed into the low mantissa bits is the
 # value's integer part; and the PTX type of a pair of them.
@@ -61,7 +60,7 @@ _MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0, "bf16x2"), jnp.dtype(jnp.floa
 
 @jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)
-class KMajor:
+class KMajor(Blocks4bit):
   """A 4-bit (K, N) kernel in the K-major layout (module docstring), made by `pack_kmajor`
   from a `QTensor` and turned back by `unpack_kmajor`, exactly. Children: arrays; aux data: format, block size,
   shape (K, N), dtype of the dequantized kernel, as `QTensor`, which it stands in for in a parameter tree: it has
@@ -92,28 +91,7 @@ class KMajor:
     if tuple(self.codes.shape)[-2:] != (n, k // 8) or jnp.dtype(self.codes.dtype) != jnp.uint32:
       raise ValueError(f"KMajor: codes must be uint32 of shape (..., {n}, {k // 8}), got {self.codes.dtype} "
                        f"{tuple(self.codes.shape)}")
-    for name in ("scale", "offset"):
-      v = getattr(self, name)
-      if v is not None and tuple(v.shape)[-2:] != (n, k // b):
-        raise ValueError(f"KMajor: {name} must have shape (..., {n}, {k // b}), got {tuple(v.shape)}")
-    if (self.offset is None) != (self.fmt not in _OFFSET_FORMATS):
-      raise ValueError(f"KMajor: format {self.fmt} {'needs' if self.offset is None else 'takes no'} offsets")
-
-  def tree_flatten(self):
-    return ((self.codes, self.scale, self.offset, self.dq_scale, self.dq_offset),
-            (self.fmt, self.block_size, self.shape, jnp.dtype(self.dtype).name))
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    obj = object.__new__(cls)  # skip validation: leaves may be tracers, sliced layer stacks or sentinels
-    names = ("codes", "scale", "offset", "dq_scale", "dq_offset", "fmt", "block_size", "shape", "dtype")
-    for f, v in zip(names, (*children, *aux)):
-      object.__setattr__(obj, f, v)
-    return obj
-
-  @property
-  def double_quantized(self) -> bool:
-    return self.dq_scale is not None
+    self._check_block_params((n, k // b), owner="KMajor: ")
 
   def dequantize(self):
     """The (K, N) kernel in `self.dtype` (through `unpack_kmajor`: the reference every kernel is tested against)."""
@@ -122,10 +100,6 @@ class KMajor:
   def linear(self, x):
     from .. import qmatmul
     return qmatmul(x, self)
-
-  def nbytes(self) -> int:
-    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
-               for a in (self.codes, self.scale, self.offset, self.dq_scale, self.dq_offset) if a is not None)
 
 
 def nibble_order(block: int) -> np.ndarray:
@@ -223,7 +197,7 @@ def prepare_x(x2, p: KMajor, rows: int):
   the offset formats, the float32 sums of x over each block, (K/B, rows)."""
   m = x2.shape[0]
   xt = jnp.pad(x2.T, ((0, 0), (0, rows - m)))
-  if p.fmt not in _OFFSET_FORMATS:
+  if p.fmt not in OFFSET_FORMATS:
     return xt, None
   sums = jnp.sum(x2.astype(jnp.float32).reshape(m, -1, p.block_size), axis=-1)
   return xt, jnp.pad(sums.T, ((0, 0), (0, rows - m)))
@@ -284,7 +258,7 @@ def kernel(xt_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, s
   registers, a tensor-core dot with xᵀ's (B × bm) rows, the product scaled per column (module docstring); the
   transposed tile stored at the end. ``lora_tile(low_ref, b_ref)`` gives the LoRA term's (bm × bn) tile."""
   rest = list(refs)
-  offset_ref, sums_ref = (rest.pop(0), rest.pop(0)) if fmt in _OFFSET_FORMATS else (None, None)
+  offset_ref, sums_ref = (rest.pop(0), rest.pop(0)) if fmt in OFFSET_FORMATS else (None, None)
   dq_ref, dq_offset_ref = (rest.pop(0), rest.pop(0)) if dq else (None, None)
   low_ref, b_ref = (rest.pop(0), rest.pop(0)) if lora else (None, None)
   (o_ref,) = rest

@@ -53,11 +53,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from ...quant._qtensor import DQ_GROUP, NF4_TABLE, QTensor, nf4_values
+from ...quant._qtensor import DQ_GROUP, NF4_TABLE, OFFSET_FORMATS, QTensor, nf4_values
 from . import kmajor as _kmajor
 from . import nf4_prmt
-
-_OFFSET_FORMATS = ("int4_asym", "q4_1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +299,7 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
     x_even = lambda g: x_ref[:, pl.ds(g * block, half, stride=2)]
     x_odd = lambda g: x_ref[:, pl.ds(g * block + 1, half, stride=2)]
   codes_ref, scale_ref = rest.pop(0), rest.pop(0)
-  offset_ref = rest.pop(0) if fmt in _OFFSET_FORMATS else None
+  offset_ref = rest.pop(0) if fmt in OFFSET_FORMATS else None
   dq_ref, dq_offset_ref = (rest.pop(0), rest.pop(0)) if dq else (None, None)
   table_ref = rest.pop(0) if gather else None
   words_ref = rest.pop(0) if prmt is not None else None
@@ -479,7 +477,7 @@ def _words_inputs(x2, fmt: str, block: int):
   x = x2.astype(jnp.float32)
   x_even, x_odd = x[:, 0::2], x[:, 1::2]
   rows = jnp.stack([x_even, x_odd / 16, 256.0 * (x_even + x_odd / 16) + _minus(fmt) * (x_even + x_odd)], axis=1)
-  if fmt not in _OFFSET_FORMATS:
+  if fmt not in OFFSET_FORMATS:
     return rows, None
   return rows, jnp.sum(x.reshape(x.shape[0], -1, block), axis=-1)
 
