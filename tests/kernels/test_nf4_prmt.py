@@ -1,8 +1,9 @@
 """The NF4 byte-permute lookup (`lora_jax.kernels.qmatmul.nf4_prmt`): its program, run by the numpy model of the
 PTX it emits, against the 16-bit table over every code byte; the model's permute against PTX's definition; the
-emitted PTX's operands. (Its machine code and the kernel's values with it: tests/kernels/test_qmatmul.py; on a GPU:
-test_qmatmul_gpu.py.)"""
+emitted PTX text, executed by a model of the PTX subset it uses, and its operands. (Its machine code and the
+kernel's values with it: tests/kernels/test_qmatmul.py; on a GPU: test_qmatmul_gpu.py.)"""
 
+import functools
 import re
 
 import jax.numpy as jnp
@@ -61,16 +62,69 @@ def test_permute_model_follows_the_ptx_definition():
   assert prmt(a, b, np.uint32(0x12345)) == prmt(a, b, np.uint32(0x2345))  # only the low 16 bits select
 
 
+def _execute_ptx(text: str, operands: dict[str, np.ndarray], lane: int) -> dict[str, np.ndarray]:
+  """Runs the PTX text that `nf4_prmt` emits, statement by statement, on uint32 arrays for one lane of a warp: the
+  subset it uses (mov, and, or, xor, shr, prmt, lop3 on b32; %lanemask_eq / %lanemask_lt), each instruction by its
+  PTX definition (prmt by the model checked above). Returns every register and operand by name."""
+  regs = {k: np.asarray(v, np.uint32) for k, v in operands.items()}
+  special = {"%lanemask_eq": np.uint32(1 << lane), "%lanemask_lt": np.uint32((1 << lane) - 1)}
+  value = lambda v: regs[v] if v in regs else special[v] if v in special else np.uint32(int(v, 0))
+  lop3 = lambda a, b, c, lut: functools.reduce(np.bitwise_or, [  # lut bit i: the minterm (a, b, c) = bits of i
+      (a if i & 4 else ~a) & (b if i & 2 else ~b) & (c if i & 1 else ~c) for i in range(8) if lut >> i & 1],
+      np.uint32(0))
+  ops = {"mov": lambda a: a, "and": np.bitwise_and, "or": np.bitwise_or, "xor": np.bitwise_xor,
+         "shr": lambda a, b: a >> b, "prmt": nf4_prmt._prmt, "lop3": lambda a, b, c, lut: lop3(a, b, c, int(lut))}
+  for statement in text.replace("{", ";").replace("}", ";").split(";"):
+    statement = statement.strip()
+    if not statement or statement.startswith(".reg"):
+      continue
+    op, args = statement.split(None, 1)
+    name, kind = op.split(".", 1)
+    assert kind == "b32", statement
+    dst, *srcs = [a.strip() for a in args.split(",")]
+    regs[dst] = np.asarray(ops[name](*(value(v) for v in srcs)), np.uint32)
+  return regs
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("lane", [0, 1, 17, 31])
+def test_emitted_ptx_looks_up_every_code(dtype, lane):
+  """The PTX text itself, executed (not only the program it is emitted from): `ptx` on every code byte at every
+  position of a word, with the register words as the kernel passes them; `ptx_kmajor` on every code at every
+  nibble. The table words set from the per-lane zero are the table's in every lane."""
+  codes = np.concatenate([np.roll(np.arange(256, dtype=np.uint8), r) for r in range(4)])
+  words = codes.reshape(-1, 4).astype(np.uint32) @ (np.uint32(1) << (8 * np.arange(4, dtype=np.uint32)))
+  even, odd = nf4_prmt.lookup(codes, dtype)
+  expect = {"even": even.view(np.uint16).reshape(-1, 4), "odd": odd.view(np.uint16).reshape(-1, 4)}
+  table_words = nf4_prmt.table_words(dtype)
+  arguments = {f"${3 + 4 * i}": table_words[name] for i, name in enumerate(nf4_prmt.REGISTER_WORDS)}
+  for half in ("even", "odd"):
+    out = _execute_ptx(nf4_prmt.ptx(dtype, half), {"$2": words, **arguments}, lane)
+    got = np.stack([out["$0"] & 0xFFFF, out["$0"] >> 16, out["$1"] & 0xFFFF, out["$1"] >> 16], -1)
+    np.testing.assert_array_equal(got, expect[half])
+    assert all(int(out["%" + k]) == v for k, v in table_words.items())
+  kwords = np.arange(16, dtype=np.uint32)[:, None] * (np.uint32(0x11111111) >> (4 * np.arange(8, dtype=np.uint32)))
+  kwords = (kwords ^ np.uint32(0x9E3779B9)).ravel()  # code c at every nibble, beside other codes
+  table = nf4_prmt.table16(dtype).view(np.uint16)
+  for p in range(4):
+    out = _execute_ptx(nf4_prmt.ptx_kmajor(dtype, p), {"$1": kwords}, lane)
+    np.testing.assert_array_equal(out["$0"] & 0xFFFF, table[(kwords >> (4 * p)) & 0xF])
+    np.testing.assert_array_equal(out["$0"] >> 16, table[(kwords >> (16 + 4 * p)) & 0xF])
+    assert all(int(out["%" + k]) == v for k, v in table_words.items())
+
+
 @pytest.mark.parametrize("half", ["even", "odd"])
 def test_ptx_operands(half):
   """One result (two words, $0 $1), the codes word ($2), and the register table words: the first of each
-  argument's four operands ($3, $7, $11, $15); every program line emitted, every scratch register declared."""
+  argument's four operands ($3, $7, $11, $15), set from the per-lane zero; every scratch register declared."""
   text = nf4_prmt.ptx(jnp.bfloat16, half)
   used = sorted({int(n) for n in re.findall(r"\$(\d+)", text)})
   assert used == [0, 1, 2, 3, 7, 11, 15]
   assert nf4_prmt.CONSTRAINTS.count("=r") == 2 and nf4_prmt.CONSTRAINTS.count(",r") == 1 + 16
   assert len(re.findall(r"\b(and|or|xor|shr|mov|prmt|lop3)\.b32 ", text)) >= len(nf4_prmt.PROGRAM)
   declared = set(re.findall(r"%(\w+)", text.split(";")[0]))
-  assert {v[1:] for v in re.findall(r"%[a-z_0-9]+", text)} - {"imm0", "imm1", "imm2"} <= declared
+  scoped = {"imm0", "imm1", "imm2", "eq", "lt", "lanemask_eq", "lanemask_lt"}
+  assert {v[1:] for v in re.findall(r"%[a-z_0-9]+", text)} - scoped <= declared
+  assert set(re.findall(r"xor\.b32 %(\w+), %zero, \$", text)) == set(nf4_prmt.REGISTER_WORDS)
   other = "odd" if half == "even" else "even"
   assert f"%{other}0" in text and f"%{half}0" not in text  # the other half stays in scratch registers

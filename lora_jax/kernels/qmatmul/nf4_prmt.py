@@ -8,9 +8,17 @@ bytes in four more. PTX's byte permute ``prmt.b32 d, a, b, c`` builds each byte 
 its fourth bit picks the half. The permute reads its four selectors from the low 16 bits of c, which for a word
 of four code bytes are exactly the four codes of its first two bytes: the selectors need only masking to their
 low 3 bits (a set fourth bit would make the permute replicate a sign). For 8 codes (4 bytes) the program below is
-29 integer instructions (3.6 per weight), against 15 selects per weight for NF4's select tree and a load per
-weight for its table gather; compiled into the kernel's loop for sm_90, ptxas adds register moves around it (about
-6.8 instructions per weight for the lookup in all: benchmarks/results/pallas_compile_sm90.json).
+27 integer instructions (3.4 per weight), against 15 selects per weight for NF4's select tree and a load per
+weight for its table gather.
+
+A permute's first data operand must be a register in the machine code (its second may be an immediate). A
+constant table word, or one loaded once by the kernel, is uniform across the warp, and ptxas keeps such words
+in uniform registers and copies one into a register before every permute that reads it (about 10 moves per word
+of 8 codes in the K-major kernel's loop). So the words permutes take first (`REGISTER_WORDS`) are emitted as
+``zero ^ word``, where ``zero = %lanemask_eq & %lanemask_lt`` is 0 in every lane (a lane's own bit and the bits
+below it are disjoint) but is a per-lane value ptxas does not fold: it computes the four words once, outside the
+loop, and keeps them in ordinary registers (the K-major NF4 loop for sm_90: 6.30 -> 5.34 instructions per weight;
+benchmarks/results/pallas_compile_sm90.json).
 
 The program is written once (`PROGRAM`) as straight-line three-address code over 32-bit words, and is both
 emitted as PTX (`ptx`, for ``pallas.triton.elementwise_inline_asm``) and executed by a numpy model of the same
@@ -35,9 +43,8 @@ _HALF = (
     ("and", "sel", ("{s}", 0x7777)),                      # each code's low 3 bits: the byte within a half table
     ("and", "b3", ("{s}", 0x8888)),                       # each code's fourth bit
     ("shr", "b3s", ("b3", 1)),
-    ("xor", "b3s", ("b3s", 0x4444)),
-    ("or", "msel", ("b3", "b3s")),                         # per code: 8 (fourth bit set) or 4 (not)
-    ("prmt", "mask", (0x80, 0, "msel")),                  # 8: replicate the sign of 0x80 -> 0xFF; 4: byte 4 = 0x00
+    ("or", "msel", ("b3", "b3s")),                         # per code: 0xC (fourth bit set) or 0 (not)
+    ("prmt", "mask", (0, 0x80, "msel")),                  # 0xC: byte 4 (0x80), its sign replicated -> 0xFF; 0: 0x00
     ("prmt", "lo_a", ("t_lo0", "t_lo1", "sel")),          # low bytes of entries 0-7 ...
     ("prmt", "lo_b", ("t_lo2", "t_lo3", "sel")),          # ... and of entries 8-15
     ("prmt", "hi_a", ("t_hi0", "t_hi1", "sel")),
@@ -67,7 +74,7 @@ OUTPUTS = ("even0", "even1", "odd0", "odd1")
 def _kmajor_program():
   """The lookup for a word of the K-major layout (`kmajor.nibble_order`): its 8 codes are 4 register pairs of the
   dot's operand, pair p the codes at bits 4p-4p+3 and 16+4p-16+4p+3. The table bytes of the low and the high four
-  codes are looked up as in PROGRAM, then interleaved into the 4 pairs by 8 permutes (33 instructions per word)."""
+  codes are looked up as in PROGRAM, then interleaved into the 4 pairs by 8 permutes (31 instructions per word)."""
   out = [("shr", "codes_hi", ("codes", 16))]
   lookup = [step for step in _HALF if not step[1].startswith("{")]  # PROGRAM's steps up to the byte planes
   for src, tag in (("codes", "_a"), ("codes_hi", "_b")):
@@ -149,43 +156,51 @@ def lookup(codes: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
   return even, odd
 
 
-# The table words each permute takes as its first operand: passed in registers (the kernel loads them once, before
-# its loop); the other four are immediates, which the permute takes in its second operand. (Written as immediates
-# all, ptxas keeps them in uniform registers and copies one into a register before every permute.)
+# The table words the lookup's permutes take as their first operand, which must be a register; the other four
+# are immediates, which the permute takes in its second operand. Set as ``zero ^ word`` (module docstring), so
+# that ptxas keeps them in registers for the whole loop instead of copying each from a uniform register before
+# every permute.
 REGISTER_WORDS = ("t_lo0", "t_lo2", "t_hi0", "t_hi2")
-CONSTRAINTS = "=r,=r,r" + ",r" * 4 * len(REGISTER_WORDS)  # 2 result words; the code bytes (4 in one word); 4
-# copies of each register word (a 32-bit argument of a pack-4 instance comes as 4 operands, one per element)
+CONSTRAINTS = "=r,=r,r" + ",r" * 4 * len(REGISTER_WORDS)  # `ptx`: 2 result words; the code bytes (4 in one word);
+# 4 copies of each register word (a 32-bit argument of a pack-4 instance comes as 4 operands, one per element)
 
 
 @functools.lru_cache(maxsize=None)  # traced once per block and loop step: the text is the same each time
 def ptx(dtype, half: str) -> str:
   """PROGRAM as PTX for ``elementwise_inline_asm(pack=4)`` with one result: the `half` ("even" or "odd") values in
   operands $0, $1; $2 holds the four code bytes, then come the REGISTER_WORDS (each as 4 operands, of which the
-  first is used); the other table words are immediates, the other half's values stay in scratch registers. (One
-  result per instance: JAX 0.10's lowering of the primitive mishandles several. Two instances on the same codes
-  repeat the same instructions up to their last two, which ptxas can share.)"""
-  operand = {f"{half}0": "$0", f"{half}1": "$1", "codes": "$2",
-             **{name: f"${3 + 4 * i}" for i, name in enumerate(REGISTER_WORDS)}}
-  table = {k: v for k, v in table_words(dtype).items() if k not in REGISTER_WORDS}
-  return _emit(PROGRAM, operand, table)
+  first is used; the kernel loads them once), the other table words are immediates; the other half's values stay
+  in scratch registers. (The register words come in as arguments because, as immediates, Triton gives the asm a
+  layout that reads the codes from shared memory byte by byte: 0.8 shared loads per weight instead of 0.33,
+  compiled for sm_90. One result per instance: JAX 0.10's lowering of the primitive mishandles several. Two
+  instances on the same codes repeat the same instructions up to their last two, which ptxas shares.)"""
+  operand = {f"{half}0": "$0", f"{half}1": "$1", "codes": "$2"}
+  arguments = {name: f"${3 + 4 * i}" for i, name in enumerate(REGISTER_WORDS)}
+  return _emit(PROGRAM, operand, table_words(dtype), arguments)
 
 
 @functools.lru_cache(maxsize=None)
 def ptx_kmajor(dtype, pair: int) -> str:
   """KMAJOR_PROGRAM as PTX for ``elementwise_inline_asm(pack=1)`` on 32-bit words of codes: register pair `pair`
-  (0-3) in $0, the word in $1, the table words as immediates. (The layout needs every operand of the lookup to
-  be a constant or derived from the loaded words: table words loaded at run time stop Triton from loading the
-  words in the dot's layout. One result per instance, as for `ptx`: the four instances on a word repeat the same
+  (0-3) in $0, the word in $1, the table words as immediates. (Here every operand of the lookup must be a
+  constant or derived from the loaded words: table words loaded at run time stop Triton from loading the words in
+  the dot's layout. One result per instance, as for `ptx`: the four instances on a word repeat the same
   instructions up to their last permute, which ptxas shares: 18 permutes per word in the compiled loop.)"""
   return _emit(KMAJOR_PROGRAM, {f"pair{pair}": "$0", "codes": "$1"}, table_words(dtype))
 
 
-def _emit(program, operand: dict[str, str], table: dict[str, int]) -> str:
-  """`program` as one PTX block: `operand` maps names to asm operands ($i), `table` names to immediates moved
-  into scratch registers; every other name is a scratch register."""
-  temps = sorted({dst for _, dst, _ in program if dst not in operand} | set(table))
-  lines = ["{", f"  .reg .b32 {', '.join('%' + t for t in temps)};"]
-  lines += [f"  mov.b32 %{name}, {value:#010x};" for name, value in table.items()]
+def _emit(program, operand: dict[str, str], table: dict[str, int], arguments: dict[str, str] | None = None) -> str:
+  """`program` as one PTX block: `operand` maps names to asm operands ($i); `table` gives the table words'
+  values, set in scratch registers as immediates, or from the asm operands in `arguments`; the `REGISTER_WORDS`
+  among them as ``zero ^ word`` with ``zero = %lanemask_eq & %lanemask_lt``, a per-lane 0 (module docstring).
+  Every other name is a scratch register."""
+  arguments = arguments or {}
+  temps = sorted({dst for _, dst, _ in program if dst not in operand} | set(table) | {"zero"})
+  lines = ["{", f"  .reg .b32 {', '.join('%' + t for t in temps)};",
+           "  { .reg .b32 %eq, %lt; mov.b32 %eq, %lanemask_eq; mov.b32 %lt, %lanemask_lt; and.b32 %zero, %eq, %lt; }"]
+  for name, value in table.items():
+    source = arguments.get(name, f"{value:#010x}")
+    lines.append(f"  xor.b32 %{name}, %zero, {source};" if name in REGISTER_WORDS else f"  mov.b32 %{name}, {source};")
   reg = lambda v: (operand.get(v) or f"%{v}") if isinstance(v, str) else f"{v:#x}"
   for op, dst, srcs in program:
     if op == "bitsel":  # (b & m) | (a & ~m): lop3's truth table for m ? b : a with (m, b, a) = (0xF0, 0xCC, 0xAA)
