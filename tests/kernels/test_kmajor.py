@@ -23,22 +23,24 @@ def _q(fmt, k, n, block):
   return random_qtensor(fmt.removesuffix("_dq"), k, n, block, double_quant=fmt == "nf4_dq")
 
 
+@pytest.mark.parametrize("fmt", ["int4_sym", "nf4"])
 @pytest.mark.parametrize("block", [32, 64, 128])
-def test_nibble_order_puts_each_threads_register_pairs_in_its_words(block):
+def test_nibble_order_puts_each_threads_register_pairs_in_its_words(block, fmt):
   """The order is a permutation of the block's rows, and it is what the kernel's speed rests on: word w' of
-  thread t (word t·B/32 + w' of the block) holds, at bits 0-3 / 16-19, rows (r, r + 1) with r = 16·2w' + 2t, the
-  pair that thread holds in a 16-row step of a Hopper register-operand dot; at bits 4-7 / 20-23 the pair 8 rows
-  on; shifted by 8, the same for the next 16-row step."""
-  order = nibble_order(block)
+  thread t (word t·B/32 + w' of the block) holds rows (r, r + 1) with r = 16·2w' + 2t, the pair that thread holds
+  in a 16-row step of a Hopper register-operand dot, as its pair 0; the pair 8 rows on as pair 1; the same for
+  the next 16-row step as pairs 2 and 3. Pair p is at bits 4p / 16 + 4p for the affine formats (a shift and a
+  mask give it), at bits 8p / 8p + 4 for NF4 (each half-word's lookup gives two pairs)."""
+  order = nibble_order(block, fmt)
   assert sorted(order.tolist()) == list(range(block))
   row = lambda word, bit: order[8 * word + bit // 4]  # slot i of the block: bits 4·(i mod 8) of word i // 8
+  bits = (lambda p: (8 * p, 8 * p + 4)) if fmt == "nf4" else (lambda p: (4 * p, 16 + 4 * p))
   for t in range(4):
     for w in range(block // 32):
       word = t * (block // 32) + w
-      for shift, step in ((0, 2 * w), (8, 2 * w + 1)):
-        for hi_rows in (0, 8):
-          r = 16 * step + 2 * t + hi_rows
-          assert (row(word, shift + hi_rows // 2), row(word, shift + 16 + hi_rows // 2)) == (r, r + 1)
+      for p, (step, hi_rows) in enumerate([(2 * w, 0), (2 * w, 8), (2 * w + 1, 0), (2 * w + 1, 8)]):
+        r = 16 * step + 2 * t + hi_rows
+        assert tuple(row(word, bit) for bit in bits(p)) == (r, r + 1)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
@@ -216,14 +218,15 @@ def test_sm90_machine_code_of_the_kmajor_kernel():
   assert ops.get("HGMMA", 0) > 0 and all(ops.get(op, 0) < 0.05 for op in moves), ops
   assert 0.45 < ops.get("LOP3", 0) < 0.55 and 0.45 < ops.get("HFMA2", 0) < 0.55, ops
   # NF4 (double-quantized): the byte-permute lookup per word (nf4_prmt.ptx_kmajor), still no data movement:
-  # under 0.7x the best QTensor NF4 policy's instructions (prmt + partial, 9.3 at 16 rows), and the table words
-  # in registers for the whole loop (nf4_prmt.REGISTER_WORDS: without the per-lane zero, ptxas copies them from
-  # uniform registers before every permute, 1.3 IMAD per weight)
+  # under 0.6x the best QTensor NF4 policy's instructions (prmt + partial, 9.3 at 16 rows); the table words in
+  # registers for the whole loop (nf4_prmt.REGISTER_WORDS: without the per-lane zero, ptxas copies them from
+  # uniform registers before every permute, 1.3 IMAD per weight); 14 permutes per word of 8 codes
+  # (kmajor.NF4_WORD_SLOTS: with the affine formats' slots the interleave took 4 more)
   nf4 = _sm90("nf4_dq", 16, KMAJOR)
   nf4_best = _sm90("nf4_dq", 16, BlockSizes(lookup="prmt", rescale="partial"), kmajor=False)
-  assert nf4["per_weight"] < 0.7 * nf4_best["per_weight"] and nf4["spill_bytes"] == 0, (nf4, nf4_best)
+  assert nf4["per_weight"] < 0.6 * nf4_best["per_weight"] and nf4["spill_bytes"] == 0, (nf4, nf4_best)
   assert all(nf4["per_weight_ops"].get(op, 0) < 0.05 for op in ("SHFL", "STS", "STSM", "FSEL")), nf4
-  assert nf4["per_weight_ops"].get("IMAD", 0) < 0.3 and 2 < nf4["per_weight_ops"].get("PRMT", 0) < 2.5, nf4
+  assert nf4["per_weight_ops"].get("IMAD", 0) < 0.3 and abs(nf4["per_weight_ops"].get("PRMT", 0) - 14 / 8) < 0.05, nf4
   for fmt in ("q4_0", "q4_1"):  # blocks of 32: compiled within the chip's limits
     r = _sm90(fmt, 1, KMAJOR, block=32)
     assert r["spill_bytes"] == 0 and r["registers"] <= 255 and r["per_weight"] < best_mma["per_weight"], r

@@ -30,7 +30,7 @@ def test_program_looks_up_every_code_byte(dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_kmajor_program_looks_up_every_code_at_every_position(dtype):
-  """KMAJOR_PROGRAM on words of 8 codes: pair p holds the values of the codes at bits 4p and 16 + 4p, as 16-bit
+  """KMAJOR_PROGRAM on words of 8 codes: pair p holds the values of the codes at bits 8p and 8p + 4, as 16-bit
   halves; every code at every one of the 8 positions, beside random neighbours."""
   rng = np.random.default_rng(0)
   words = rng.integers(0, 2 ** 32, (8, 16, 64), dtype=np.uint64).astype(np.uint32)
@@ -42,11 +42,11 @@ def test_kmajor_program_looks_up_every_code_at_every_position(dtype):
   table = nf4_prmt.table16(dtype).view(np.uint16)
   for p in range(4):
     pair = out[f"pair{p}"]
-    np.testing.assert_array_equal(pair & 0xFFFF, table[(words >> (4 * p)) & 0xF])
-    np.testing.assert_array_equal(pair >> 16, table[(words >> (16 + 4 * p)) & 0xF])
+    np.testing.assert_array_equal(pair & 0xFFFF, table[(words >> (8 * p)) & 0xF])
+    np.testing.assert_array_equal(pair >> 16, table[(words >> (8 * p + 4)) & 0xF])
   text = nf4_prmt.ptx_kmajor(dtype, 2)
   assert sorted({int(n) for n in re.findall(r"\$(\d+)", text)}) == [0, 1] and "%pair2" not in text
-  assert len(re.findall(r"\bprmt\.b32 ", text)) == sum(op == "prmt" for op, _, _ in nf4_prmt.KMAJOR_PROGRAM) == 18
+  assert len(re.findall(r"\bprmt\.b32 ", text)) == sum(op == "prmt" for op, _, _ in nf4_prmt.KMAJOR_PROGRAM) == 14
 
 
 def test_permute_model_follows_the_ptx_definition():
@@ -108,8 +108,8 @@ def test_emitted_ptx_looks_up_every_code(dtype, lane):
   table = nf4_prmt.table16(dtype).view(np.uint16)
   for p in range(4):
     out = _execute_ptx(nf4_prmt.ptx_kmajor(dtype, p), {"$1": kwords}, lane)
-    np.testing.assert_array_equal(out["$0"] & 0xFFFF, table[(kwords >> (4 * p)) & 0xF])
-    np.testing.assert_array_equal(out["$0"] >> 16, table[(kwords >> (16 + 4 * p)) & 0xF])
+    np.testing.assert_array_equal(out["$0"] & 0xFFFF, table[(kwords >> (8 * p)) & 0xF])
+    np.testing.assert_array_equal(out["$0"] >> 16, table[(kwords >> (8 * p + 4)) & 0xF])
     assert all(int(out["%" + k]) == v for k, v in table_words.items())
 
 

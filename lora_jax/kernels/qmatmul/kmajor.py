@@ -30,10 +30,11 @@ stops Triton from loading the words in the dot's layout.) Not yet timed on a GPU
 
 NF4 (plain or double-quantized, whose int8 scale codes are formed into floats per block and column): the table
 has no affine map, so each word's 8 codes are looked up by byte permutes over the table held in registers
-(`nf4_prmt.KMAJOR_PROGRAM`, emitted by `nf4_prmt.ptx_kmajor`: 31 instructions per word, 18 of them permutes,
-the table words kept in registers for the whole loop), the table rounded once to the 16-bit type as the QTensor
-kernel's "prmt" lookup does: 5.34 instructions per weight at 1 or 16 rows, against 8.95-9.25 for the best QTensor
-NF4 policy (prmt + partial) and 11.3 / 27.3 for the defaults.
+(`nf4_prmt.KMAJOR_PROGRAM`, emitted by `nf4_prmt.ptx_kmajor`: 27 instructions per word, 14 of them permutes,
+the table words kept in registers for the whole loop; each register pair's two codes adjacent in the word,
+`NF4_WORD_SLOTS`), the table rounded once to the 16-bit type as the QTensor kernel's "prmt" lookup does: 4.84
+instructions per weight at 1 or 16 rows, against 8.95-9.25 for the best QTensor NF4 policy (prmt + partial) and
+11.3 / 27.3 for the defaults.
 Float32 activations are not taken (the register operand is 16-bit; rounding x would lose precision).
 """
 
@@ -103,7 +104,12 @@ class KMajor(Blocks4bit):
     return qmatmul(x, self)
 
 
-def nibble_order(block: int) -> np.ndarray:
+# Where an NF4 word keeps its four register pairs: slot q of the word holds what slot NF4_WORD_SLOTS[q] holds in
+# the affine formats' words, so pair p is nibbles 2p and 2p + 1 (bits 8p to 8p + 7) instead of p and p + 4.
+NF4_WORD_SLOTS = (0, 4, 1, 5, 2, 6, 3, 7)
+
+
+def nibble_order(block: int, fmt: str = "int4_sym") -> np.ndarray:
   """Where each code of a block is stored: slot i (byte i // 2, low nibble when i is even) holds the code of row
   ``order[i]`` of the block's B rows of K.
 
@@ -114,7 +120,11 @@ def nibble_order(block: int) -> np.ndarray:
   ``t·B/32 + w'`` of the block): byte b of word w' holds, in its low nibble, row ``16·(2w' + b mod 2) + 2t + b//2``
   and in its high nibble the row 8 after that. Then the word's bits 0-3 and 16-19 are a register pair (rows 2t
   and 2t+1 of step 2w'), bits 4-7 and 20-23 the pair 8 rows on, and the word shifted by 8 the same for step
-  2w' + 1: a shift and two instructions per pair (`pair_ptx`), no byte permutes."""
+  2w' + 1: a shift and two instructions per pair (`pair_ptx`), no byte permutes.
+
+  NF4 (``fmt="nf4"``) keeps the same four pairs in each word, each pair's two codes adjacent (`NF4_WORD_SLOTS`:
+  pair p in bits 8p to 8p + 7): its byte-permute lookup takes four codes at a time, from the low or the high
+  half-word, and then gives two pairs with one permute each (`nf4_prmt.KMAJOR_PROGRAM`) instead of two."""
   order = np.empty(block, np.int32)
   for t in range(4):
     for w in range(block // 32):
@@ -122,6 +132,8 @@ def nibble_order(block: int) -> np.ndarray:
         byte = (t * (block // 32) + w) * 4 + b
         for nu in range(2):
           order[2 * byte + nu] = (2 * w + b % 2) * 16 + nu * 8 + 2 * t + b // 2
+  if fmt == "nf4":
+    order = order.reshape(-1, 8)[:, list(NF4_WORD_SLOTS)].reshape(-1)
   return order
 
 
@@ -151,7 +163,7 @@ def pack_kmajor(w: QTensor) -> KMajor:
   if why:
     raise ValueError(f"pack_kmajor: {why}")
   t = lambda a: None if a is None else jnp.swapaxes(a, -1, -2)
-  return KMajor(_reorder(w.codes, w.block_size, nibble_order(w.block_size)), t(w.scale), t(w.offset), w.dq_scale,
+  return KMajor(_reorder(w.codes, w.block_size, nibble_order(w.block_size, w.fmt)), t(w.scale), t(w.offset), w.dq_scale,
                 w.dq_offset, fmt=w.fmt, block_size=w.block_size, shape=w.shape, dtype=w.dtype)
 
 
@@ -159,7 +171,7 @@ def unpack_kmajor(p: KMajor) -> QTensor:
   """The `QTensor` whose codes `p` holds (`pack_kmajor`'s inverse, exactly)."""
   *lead, n, k8 = p.codes.shape
   q = (p.codes[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 0xF  # (..., N, K/8, 8): slot order
-  inverse = np.argsort(nibble_order(p.block_size))
+  inverse = np.argsort(nibble_order(p.block_size, p.fmt))
   q = q.reshape(*lead, n, k8 * 8 // p.block_size, p.block_size)[..., inverse].reshape(*lead, n, k8 * 8)
   t = lambda a: None if a is None else jnp.swapaxes(a, -1, -2)
   return QTensor(pack(jnp.swapaxes(q, -1, -2)), t(p.scale), t(p.offset), p.dq_scale, p.dq_offset, fmt=p.fmt,
@@ -241,11 +253,11 @@ def _pair(shifted, dtype, minus: float, interpret: bool):
 
 def _nf4_pair(words, pair: int, dtype, interpret: bool):
   """The NF4 values (rounded to `dtype`) of register pair `pair` of each uint32 word of codes: the codes at bits
-  4·pair and 16 + 4·pair. On a GPU by `nf4_prmt.ptx_kmajor` (byte permutes over the table held in the asm's
-  registers); in interpret mode by indexing the same 16-bit table."""
+  8·pair and 8·pair + 4 (`NF4_WORD_SLOTS`). On a GPU by `nf4_prmt.ptx_kmajor` (byte permutes over the table
+  held in the asm's registers); in interpret mode by indexing the same 16-bit table."""
   if interpret:  # the select tree's float32 values rounded to `dtype`: nf4_prmt.table16, without a captured table
     value = lambda shift: nf4_values(((words >> shift) & 0xF).astype(jnp.int32)).astype(dtype)
-    return value(4 * pair), value(16 + 4 * pair)
+    return value(8 * pair), value(8 * pair + 4)
   signed = jax.lax.bitcast_convert_type(words, jnp.int32)  # the asm takes signed words
   (v,) = pltriton.elementwise_inline_asm(nf4_prmt.ptx_kmajor(dtype, pair), args=[signed], constraints="=r,r",
                                          pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(signed.shape, jnp.int32)])
@@ -304,5 +316,5 @@ def kernel(xt_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, s
   o_ref[...] = acc.reshape(o_ref.shape)
 
 
-__all__ = ["AFFINE_FORMATS", "FORMATS", "KMajor", "as_qtensor", "check", "kernel", "magic_word", "nibble_order",
-           "pack_kmajor", "pair_constants", "pair_ptx", "prepare_x", "to_kmajor", "unpack_kmajor"]
+__all__ = ["AFFINE_FORMATS", "FORMATS", "KMajor", "NF4_WORD_SLOTS", "as_qtensor", "check", "kernel", "magic_word",
+           "nibble_order", "pack_kmajor", "pair_constants", "pair_ptx", "prepare_x", "to_kmajor", "unpack_kmajor"]

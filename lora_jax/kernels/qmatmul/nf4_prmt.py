@@ -72,19 +72,19 @@ OUTPUTS = ("even0", "even1", "odd0", "odd1")
 
 
 def _kmajor_program():
-  """The lookup for a word of the K-major layout (`kmajor.nibble_order`): its 8 codes are 4 register pairs of the
-  dot's operand, pair p the codes at bits 4p-4p+3 and 16+4p-16+4p+3. The table bytes of the low and the high four
-  codes are looked up as in PROGRAM, then interleaved into the 4 pairs by 8 permutes (31 instructions per word)."""
+  """The lookup for a word of NF4 codes in the K-major layout (`kmajor.nibble_order`): its 8 codes are 4 register
+  pairs of the dot's operand, pair p the codes at bits 8p-8p+3 and 8p+4-8p+7 (`kmajor.NF4_WORD_SLOTS`). The table
+  bytes of the low and the high four codes are looked up as in PROGRAM, then each half-word's low and high bytes
+  are interleaved into its 2 pairs by 2 permutes (27 instructions per word)."""
   out = [("shr", "codes_hi", ("codes", 16))]
   lookup = [step for step in _HALF if not step[1].startswith("{")]  # PROGRAM's steps up to the byte planes
   for src, tag in (("codes", "_a"), ("codes_hi", "_b")):
     rename = lambda v: v.format(s=src) if v.startswith("{") else (v if v.startswith("t_") else v + tag)
     for op, dst, srcs in lookup:
       out.append((op, rename(dst), tuple(rename(v) if isinstance(v, str) else v for v in srcs)))
-  out += [("prmt", "x01", ("lo_a", "hi_a", 0x5140)), ("prmt", "x23", ("lo_a", "hi_a", 0x7362)),  # (lo, hi) bytes
-          ("prmt", "y01", ("lo_b", "hi_b", 0x5140)), ("prmt", "y23", ("lo_b", "hi_b", 0x7362)),  # of codes 0-3, 4-7
-          ("prmt", "pair0", ("x01", "y01", 0x5410)), ("prmt", "pair1", ("x01", "y01", 0x7632)),
-          ("prmt", "pair2", ("x23", "y23", 0x5410)), ("prmt", "pair3", ("x23", "y23", 0x7632))]
+  # lo_a / hi_a: the low / high bytes of the values of codes 0-3 (pairs 0 and 1); lo_b / hi_b: codes 4-7
+  out += [("prmt", "pair0", ("lo_a", "hi_a", 0x5140)), ("prmt", "pair1", ("lo_a", "hi_a", 0x7362)),
+          ("prmt", "pair2", ("lo_b", "hi_b", 0x5140)), ("prmt", "pair3", ("lo_b", "hi_b", 0x7362))]
   return tuple(out)
 
 
@@ -184,8 +184,8 @@ def ptx_kmajor(dtype, pair: int) -> str:
   """KMAJOR_PROGRAM as PTX for ``elementwise_inline_asm(pack=1)`` on 32-bit words of codes: register pair `pair`
   (0-3) in $0, the word in $1, the table words as immediates. (Here every operand of the lookup must be a
   constant or derived from the loaded words: table words loaded at run time stop Triton from loading the words in
-  the dot's layout. One result per instance, as for `ptx`: the four instances on a word repeat the same
-  instructions up to their last permute, which ptxas shares: 18 permutes per word in the compiled loop.)"""
+  the dot's layout. One result per instance, as for `ptx`: the two instances on
+  each half-word of codes repeat its lookup, which ptxas shares: 14 permutes per word in the compiled loop.)"""
   return _emit(KMAJOR_PROGRAM, {f"pair{pair}": "$0", "codes": "$1"}, table_words(dtype))
 
 
