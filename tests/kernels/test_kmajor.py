@@ -218,7 +218,7 @@ def test_sm90_machine_code_of_the_kmajor_kernel():
   assert ops.get("HGMMA", 0) > 0 and all(ops.get(op, 0) < 0.05 for op in moves), ops
   assert 0.45 < ops.get("LOP3", 0) < 0.55 and 0.45 < ops.get("HFMA2", 0) < 0.55, ops
   # NF4 (double-quantized): the byte-permute lookup per word (nf4_prmt.ptx_kmajor), still no data movement:
-  # under 0.6x the best QTensor NF4 policy's instructions (prmt + partial, 9.3 at 16 rows); the table words in
+  # under 0.6x the best QTensor NF4 policy's instructions (prmt + partial, 9.0 at 16 rows); the table words in
   # registers for the whole loop (nf4_prmt.REGISTER_WORDS: without the per-lane zero, ptxas copies them from
   # uniform registers before every permute, 1.3 IMAD per weight); 14 permutes per word of 8 codes
   # (kmajor.NF4_WORD_SLOTS: with the affine formats' slots the interleave took 4 more)

@@ -30,11 +30,11 @@ stops Triton from loading the words in the dot's layout.) Not yet timed on a GPU
 
 NF4 (plain or double-quantized, whose int8 scale codes are formed into floats per block and column): the table
 has no affine map, so each word's 8 codes are looked up by byte permutes over the table held in registers
-(`nf4_prmt.KMAJOR_PROGRAM`, emitted by `nf4_prmt.ptx_kmajor`: 27 instructions per word, 14 of them permutes,
+(`nf4_prmt.KMAJOR_PROGRAM`, emitted by `nf4_prmt.ptx_kmajor`: 24 instructions per word, 14 of them permutes,
 the table words kept in registers for the whole loop; each register pair's two codes adjacent in the word,
-`NF4_WORD_SLOTS`), the table rounded once to the 16-bit type as the QTensor kernel's "prmt" lookup does: 4.84
-instructions per weight at 1 or 16 rows, against 8.95-9.25 for the best QTensor NF4 policy (prmt + partial) and
-11.3 / 27.3 for the defaults.
+`NF4_WORD_SLOTS`), the table rounded once to the 16-bit type as the QTensor kernel's "prmt" lookup does:
+4.56-4.59 instructions per weight at 1 or 16 rows, against 8.70-9.00 for the best QTensor NF4 policy
+(prmt + partial) and 11.3 / 27.3 for the defaults.
 Float32 activations are not taken (the register operand is 16-bit; rounding x would lose precision).
 """
 

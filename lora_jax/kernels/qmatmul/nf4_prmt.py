@@ -8,7 +8,7 @@ bytes in four more. PTX's byte permute ``prmt.b32 d, a, b, c`` builds each byte 
 its fourth bit picks the half. The permute reads its four selectors from the low 16 bits of c, which for a word
 of four code bytes are exactly the four codes of its first two bytes: the selectors need only masking to their
 low 3 bits (a set fourth bit would make the permute replicate a sign). For 8 codes (4 bytes) the program below is
-27 integer instructions (3.4 per weight), against 15 selects per weight for NF4's select tree and a load per
+24 integer instructions (3 per weight), against 15 selects per weight for NF4's select tree and a load per
 weight for its table gather.
 
 A permute's first data operand must be a register in the machine code (its second may be an immediate). A
@@ -17,8 +17,8 @@ in uniform registers and copies one into a register before every permute that re
 of 8 codes in the K-major kernel's loop). So the words permutes take first (`REGISTER_WORDS`) are emitted as
 ``zero ^ word``, where ``zero = %lanemask_eq & %lanemask_lt`` is 0 in every lane (a lane's own bit and the bits
 below it are disjoint) but is a per-lane value ptxas does not fold: it computes the four words once, outside the
-loop, and keeps them in ordinary registers (the K-major NF4 loop for sm_90: 6.30 -> 5.34 instructions per weight;
-benchmarks/results/pallas_compile_sm90.json).
+loop, and keeps them in ordinary registers (compiled for sm_90, that removed 1.3 of the K-major NF4 loop's then
+6.3 instructions per weight; benchmarks/pallas_compile_sm90.py counts them).
 
 The program is written once (`PROGRAM`) as straight-line three-address code over 32-bit words, and is both
 emitted as PTX (`ptx`, for ``pallas.triton.elementwise_inline_asm``) and executed by a numpy model of the same
@@ -35,60 +35,52 @@ import numpy as np
 from ...quant._qtensor import NF4_TABLE
 
 # Straight-line code over 32-bit words: (op, destination, sources). Sources are names or integer immediates.
-# Inputs: "codes" (four code bytes); "t_lo0".."t_lo3", "t_hi0".."t_hi3" (the table's low / high bytes, four
-# entries per word: word j holds entries 4j..4j+3). Outputs: "even0", "even1" (the low nibbles' values: bytes
-# 0, 1 then 2, 3, two 16-bit values per word, the first in the low half) and "odd0", "odd1" (the high nibbles').
-_HALF = (
-    # selectors s: four codes (nibbles), from the low 16 bits of `src`
-    ("and", "sel", ("{s}", 0x7777)),                      # each code's low 3 bits: the byte within a half table
-    ("and", "b3", ("{s}", 0x8888)),                       # each code's fourth bit
+# Inputs: "codes" (eight codes: four code bytes); "t_lo0".."t_lo3", "t_hi0".."t_hi3" (the table's low / high
+# bytes, four entries per word: word j holds entries 4j..4j+3).
+#
+# The selectors, for all eight codes at once: a permute reads its four selectors from the low 16 bits of its
+# third operand, so the low half-word's codes are looked up from these words as they are and the high half-word's
+# from them shifted by 16.
+_SELECTORS = (
+    ("and", "sel", ("codes", 0x77777777)),             # each code's low 3 bits: the byte within a half table
+    ("and", "b3", ("codes", 0x88888888)),              # each code's fourth bit
     ("shr", "b3s", ("b3", 1)),
-    ("or", "msel", ("b3", "b3s")),                         # per code: 0xC (fourth bit set) or 0 (not)
-    ("prmt", "mask", (0, 0x80, "msel")),                  # 0xC: byte 4 (0x80), its sign replicated -> 0xFF; 0: 0x00
-    ("prmt", "lo_a", ("t_lo0", "t_lo1", "sel")),          # low bytes of entries 0-7 ...
-    ("prmt", "lo_b", ("t_lo2", "t_lo3", "sel")),          # ... and of entries 8-15
-    ("prmt", "hi_a", ("t_hi0", "t_hi1", "sel")),
-    ("prmt", "hi_b", ("t_hi2", "t_hi3", "sel")),
-    ("bitsel", "lo", ("mask", "lo_b", "lo_a")),          # mask ? b : a, bit by bit
-    ("bitsel", "hi", ("mask", "hi_b", "hi_a")),
-    # lo / hi hold the four values' low / high bytes in code order: (byte 0 even, byte 0 odd, byte 1 even, odd)
-    ("prmt", "{even}", ("lo", "hi", 0x6240)),             # even codes of bytes 0 and 1 as two 16-bit values
-    ("prmt", "{odd}", ("lo", "hi", 0x7351)),              # odd codes
+    ("or", "msel", ("b3", "b3s")),                      # per code: 0xC (fourth bit set) or 0 (not)
+    ("shr", "sel_hi", ("sel", 16)),
+    ("shr", "msel_hi", ("msel", 16)),
 )
 
 
-def _program():
-  out = [("shr", "codes_hi", ("codes", 16))]  # the word's last two bytes' codes, in the low 16 bits
-  for src, even, odd in (("codes", "even0", "odd0"), ("codes_hi", "even1", "odd1")):
-    for op, dst, srcs in _HALF:
-      fill = lambda v: v.format(s=src, even=even, odd=odd) if isinstance(v, str) else v
-      out.append((op, fill(dst), tuple(fill(v) for v in srcs)))
-  return tuple(out)
+def _lookup(sel: str, msel: str, tag: str) -> tuple:
+  """The table bytes of the four codes whose selectors are the low 16 bits of `sel` / `msel`: "lo<tag>" and
+  "hi<tag>" hold the four values' low / high bytes, in code order."""
+  return (
+      ("prmt", f"mask{tag}", (0, 0x80, msel)),             # 0xC: byte 4 (0x80), its sign replicated -> 0xFF; 0: 0x00
+      ("prmt", f"lo_a{tag}", ("t_lo0", "t_lo1", sel)),     # low bytes of entries 0-7 ...
+      ("prmt", f"lo_b{tag}", ("t_lo2", "t_lo3", sel)),     # ... and of entries 8-15
+      ("prmt", f"hi_a{tag}", ("t_hi0", "t_hi1", sel)),
+      ("prmt", f"hi_b{tag}", ("t_hi2", "t_hi3", sel)),
+      ("bitsel", f"lo{tag}", (f"mask{tag}", f"lo_b{tag}", f"lo_a{tag}")),  # mask ? b : a, bit by bit
+      ("bitsel", f"hi{tag}", (f"mask{tag}", f"hi_b{tag}", f"hi_a{tag}")),
+  )
 
 
-PROGRAM = _program()
+# A QTensor's code bytes hold an even row of K in the low nibble and the next odd row in the high one. Outputs:
+# "even0", "even1" (the low nibbles' values: bytes 0, 1 then 2, 3, two 16-bit values per word, the first in the
+# low half) and "odd0", "odd1" (the high nibbles'). 24 instructions for 8 codes.
+PROGRAM = (_SELECTORS + _lookup("sel", "msel", "0")
+           + (("prmt", "even0", ("lo0", "hi0", 0x6240)), ("prmt", "odd0", ("lo0", "hi0", 0x7351)))
+           + _lookup("sel_hi", "msel_hi", "1")
+           + (("prmt", "even1", ("lo1", "hi1", 0x6240)), ("prmt", "odd1", ("lo1", "hi1", 0x7351))))
 INPUTS = ("codes",) + tuple(f"t_{part}{j}" for part in ("lo", "hi") for j in range(4))
 OUTPUTS = ("even0", "even1", "odd0", "odd1")
 
-
-def _kmajor_program():
-  """The lookup for a word of NF4 codes in the K-major layout (`kmajor.nibble_order`): its 8 codes are 4 register
-  pairs of the dot's operand, pair p the codes at bits 8p-8p+3 and 8p+4-8p+7 (`kmajor.NF4_WORD_SLOTS`). The table
-  bytes of the low and the high four codes are looked up as in PROGRAM, then each half-word's low and high bytes
-  are interleaved into its 2 pairs by 2 permutes (27 instructions per word)."""
-  out = [("shr", "codes_hi", ("codes", 16))]
-  lookup = [step for step in _HALF if not step[1].startswith("{")]  # PROGRAM's steps up to the byte planes
-  for src, tag in (("codes", "_a"), ("codes_hi", "_b")):
-    rename = lambda v: v.format(s=src) if v.startswith("{") else (v if v.startswith("t_") else v + tag)
-    for op, dst, srcs in lookup:
-      out.append((op, rename(dst), tuple(rename(v) if isinstance(v, str) else v for v in srcs)))
-  # lo_a / hi_a: the low / high bytes of the values of codes 0-3 (pairs 0 and 1); lo_b / hi_b: codes 4-7
-  out += [("prmt", "pair0", ("lo_a", "hi_a", 0x5140)), ("prmt", "pair1", ("lo_a", "hi_a", 0x7362)),
-          ("prmt", "pair2", ("lo_b", "hi_b", 0x5140)), ("prmt", "pair3", ("lo_b", "hi_b", 0x7362))]
-  return tuple(out)
-
-
-KMAJOR_PROGRAM = _kmajor_program()
+# A word of NF4 codes in the K-major layout (`kmajor.nibble_order`): its 8 codes are 4 register pairs of the dot's
+# operand, pair p the codes at bits 8p-8p+3 and 8p+4-8p+7 (`kmajor.NF4_WORD_SLOTS`). Each half-word's low and high
+# bytes are interleaved into its 2 pairs by one permute each: 24 instructions per word, 14 of them permutes.
+_KMAJOR_PAIRS = (("prmt", "pair0", ("lo0", "hi0", 0x5140)), ("prmt", "pair1", ("lo0", "hi0", 0x7362)),
+                 ("prmt", "pair2", ("lo1", "hi1", 0x5140)), ("prmt", "pair3", ("lo1", "hi1", 0x7362)))
+KMAJOR_PROGRAM = _SELECTORS + _lookup("sel", "msel", "0") + _lookup("sel_hi", "msel_hi", "1") + _KMAJOR_PAIRS
 KMAJOR_OUTPUTS = ("pair0", "pair1", "pair2", "pair3")
 
 

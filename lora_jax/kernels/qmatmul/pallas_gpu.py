@@ -26,7 +26,7 @@ splits its even and odd columns:
 
 A weight in the K-major layout (`kmajor.KMajor`) runs that module's kernel instead, over the same grid
 and `BlockSizes` (its tiling fields; default `KMAJOR`): the weight tile as the register operand of a warpgroup
-dot, no weight through shared memory, ~2.8 machine instructions per weight for int4 and ~4.8 for NF4 at any row
+dot, no weight through shared memory, ~2.8 machine instructions per weight for int4 and ~4.6 for NF4 at any row
 count up to 16 (not yet timed on a GPU).
 
 Measured on an H200 (benchmarks/results/int4_matmul_gpu*.json, README): correct in every format and in every
