@@ -375,7 +375,7 @@ def floor(args, result, shapes, interp, gib, t_end):
   int4's default with a distinct activation per weight copy, so that the op's padding and column split of x run
   per call as in a model, int4's default with K split 2 ways, the H200 runs' split at 4096 x 4096 before a padded
   tile stored fewer rows, and `SEED_POLICIES`, the variants with the fewest instructions per weight or none on
-  the conversion pipe), XLA's dequantize + dot and a bf16 dot, the "stream" and "empty" Pallas kernels of
+  the conversion pipe, for both layouts), XLA's dequantize + dot and a bf16 dot, the "stream" and "empty" Pallas kernels of
   `stream_kernels` on the default tiling and on a wide one (int4_sym codes), "stream" again on the default tiling
   with each program's codes contiguous (`code_slabs`), and XLA's sum over the same codes. Each is timed (wall / C,
   as the main table) and profiled once (`device_trace`): kernels per op, device time, device span; GB/s of the
@@ -428,7 +428,8 @@ def floor(args, result, shapes, interp, gib, t_end):
     # what the budget runs first: the ops and the kernels that bound them, then the op's other rows (stable sort)
     ops.sort(key=lambda op: FLOOR_FIRST.index(op[0]) if op[0] in FLOOR_FIRST else len(FLOOR_FIRST))
     ops += [(f"op, {fmt} ({seed_name(p)})", seed_op(p), q, q[0].nbytes(), dataclasses.asdict(p.for_shape(1, n, k, 64)))
-            for fmt, q in (("int4_sym", qs), ("nf4", qn)) for p in SEED_POLICIES[fmt]]  # last: the sweep times them too
+            for fmt, q in (("int4_sym", qs), ("nf4", qn), ("int4_sym" + KMAJOR, km), ("nf4" + KMAJOR, kmn))
+            for p in SEED_POLICIES[fmt]]  # last: the sweep times most of them too
     shape_end = time.perf_counter() + (t_end - time.perf_counter()) / (len(shapes) - shapes.index((k, n)))
     xs = [jax.random.normal(jax.random.key(2 + i), (1, k), jnp.bfloat16) for i in range(len(qs))]
     for what, fn, ws, nbytes, tiling in ops:
@@ -469,7 +470,9 @@ SEED_POLICIES = {"nf4": (BlockSizes(lookup="gather", rescale="partial"),
                  "int4_sym": (BlockSizes(convert="magic", rescale="partial"),
                               BlockSizes(convert="magic16", rescale="partial"),
                               BlockSizes(dot="words", bn=256), BlockSizes(dot="words", bn=128)),
-                 "int4_sym" + KMAJOR: (BlockSizes(bn=256), BlockSizes(bn=128, bk=4))}
+                 "int4_sym" + KMAJOR: (BlockSizes(bn=256), BlockSizes(bn=128, bk=4)),
+                 "nf4" + KMAJOR: (BlockSizes(bn=256),)}  # 4.1 instructions per weight against KMAJOR's 4.6, at 166
+# registers (the floor times it; the sweep has no NF4 K-major class)
 
 
 def seed_name(p):
@@ -477,7 +480,8 @@ def seed_name(p):
   base = BlockSizes()
   if p.dot == "words":
     return f"words, bn {p.bn}"
-  return " + ".join(str(getattr(p, f)) for f in ("lookup", "convert", "rescale") if getattr(p, f) != getattr(base, f))
+  changed = [str(getattr(p, f)) for f in ("lookup", "convert", "rescale") if getattr(p, f) != getattr(base, f)]
+  return " + ".join(changed + [f"{f} {getattr(p, f)}" for f in ("bn", "bk") if getattr(p, f) != getattr(base, f)])
 
 
 def policy_fields(fmt, m):
