@@ -371,14 +371,14 @@ FLOOR_FIRST = ("op, int4_sym (default policy)", "op, nf4 (default policy)", "op,
 
 
 def floor(args, result, shapes, interp, gib, t_end):
-  """Where the one-row time goes: per (K, N), at M = 1, the whole op for int4_sym and nf4 (default policies,
-  int4's default with a distinct activation per weight copy, so that the op's padding and column split of x run
-  per call as in a model, int4's default with K split 2 ways, the H200 runs' split at 4096 x 4096 before a padded
-  tile stored fewer rows, and `SEED_POLICIES`, the variants with the fewest instructions per weight or none on
-  the conversion pipe, for both layouts), XLA's dequantize + dot and a bf16 dot, the "stream" and "empty" Pallas kernels of
-  `stream_kernels` on the default tiling and on a wide one (int4_sym codes), "stream" again on the default tiling
-  with each program's codes contiguous (`code_slabs`), and XLA's sum over the same codes. Each is timed (wall / C,
-  as the main table) and profiled once (`device_trace`): kernels per op, device time, device span; GB/s of the
+  """Where the one-row time goes: per (K, N), at M = 1, the whole op for int4_sym and nf4 (default policies, in
+  both layouts; int4's default with a distinct activation per weight copy, so that the op's padding and column
+  split of x run per call as in a model; int4's default with K split 2 ways, the H200 runs' split at 4096 x 4096
+  before a padded tile stored fewer rows; and `SEED_POLICIES`, the variants with the fewest instructions per
+  weight or none on the conversion pipe, in both layouts), XLA's dequantize + dot and a bf16 dot, the "stream"
+  and "empty" Pallas kernels of `stream_kernels` on the default tiling and on a wide one (int4_sym codes), "stream"
+  again on the default tiling with each program's codes contiguous (`code_slabs`), and XLA's sum over the same
+  codes. Each is timed (wall / C, as the main table) and profiled once (`device_trace`): kernels per op, device time, device span; GB/s of the
   bytes the op must read, over each.
   Each shape gets an equal share of the time left until `t_end`, spent on `FLOOR_FIRST` first, then the op's other
   rows and the wide tiling, then the seeded variants; ops that would start after their shape's share are recorded

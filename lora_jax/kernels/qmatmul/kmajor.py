@@ -163,8 +163,9 @@ def pack_kmajor(w: QTensor) -> KMajor:
   if why:
     raise ValueError(f"pack_kmajor: {why}")
   t = lambda a: None if a is None else jnp.swapaxes(a, -1, -2)
-  return KMajor(_reorder(w.codes, w.block_size, nibble_order(w.block_size, w.fmt)), t(w.scale), t(w.offset), w.dq_scale,
-                w.dq_offset, fmt=w.fmt, block_size=w.block_size, shape=w.shape, dtype=w.dtype)
+  codes = _reorder(w.codes, w.block_size, nibble_order(w.block_size, w.fmt))
+  return KMajor(codes, t(w.scale), t(w.offset), w.dq_scale, w.dq_offset, fmt=w.fmt, block_size=w.block_size,
+                shape=w.shape, dtype=w.dtype)
 
 
 def unpack_kmajor(p: KMajor) -> QTensor:

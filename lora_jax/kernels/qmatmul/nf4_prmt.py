@@ -176,8 +176,8 @@ def ptx_kmajor(dtype, pair: int) -> str:
   """KMAJOR_PROGRAM as PTX for ``elementwise_inline_asm(pack=1)`` on 32-bit words of codes: register pair `pair`
   (0-3) in $0, the word in $1, the table words as immediates. (Here every operand of the lookup must be a
   constant or derived from the loaded words: table words loaded at run time stop Triton from loading the words in
-  the dot's layout. One result per instance, as for `ptx`: the two instances on
-  each half-word of codes repeat its lookup, which ptxas shares: 14 permutes per word in the compiled loop.)"""
+  the dot's layout. One result per instance, as for `ptx`: the two instances on each half-word of codes repeat
+  its lookup, which ptxas shares: 14 permutes per word in the compiled loop.)"""
   return _emit(KMAJOR_PROGRAM, {f"pair{pair}": "$0", "codes": "$1"}, table_words(dtype))
 
 
