@@ -19,9 +19,9 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
     (`BlockSizes`: dot mma|fma|words, NF4 lookup select|gather|prmt, bn, bk, num_warps, num_stages, min_programs,
     which sets split_k, prefetch 0|1, convert i2f|magic|magic16, rescale weight|partial) for nf4 at M = 1 and
     M = 16, int4_sym at M = 1 and int4_sym in the K-major layout at M = 16 ("int4_sym/kmajor": bn, bk, warps,
-    stages, min_programs; the one class for 1-16 rows, which its dot pads to 16): the default, the format's SEED_POLICIES entries, 31 random policies, two rounds
-    of every one-field change of the best, on (K, N) = (4096, 14336); the best three and the default again on
-    (14336, 4096); least total time wins. Policies are compiled 16 at a time on a thread pool, then timed.
+    stages, min_programs; the one class for 1-16 rows, which its dot pads to 16): the default, the format's
+    SEED_POLICIES entries, 31 random policies, two rounds of every one-field change of the best, on (K, N) =
+    (4096, 14336); the best three and the default again on (14336, 4096); least total time wins. Policies are compiled 16 at a time on a thread pool, then timed.
   * the main table's Pallas column uses the sweep's winners (M = 1: its format's M = 1 class; M <= 16: its M = 16
     class; a class not swept, or M above 16: `default_blocks`); the row records the resolved BlockSizes. Every
     row also times the same weights in the K-major layout (packed once, outside the timing) under its format's
@@ -89,12 +89,17 @@ GPU_MS, CPU_MS = (1, 8, 16, 64, 128, 256, 4096), (1, 8, 64, 256)
 GPU_SHAPES = {"all": ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)), "small": ((4096, 4096), (4096, 14336))}
 CPU_SHAPES = ((576, 1536), (1536, 576), (576, 576), (4096, 4096))
 FORMATS, TOL = ("nf4", "int4_sym"), 2e-2
-KMAJOR = "/kmajor"  # a format name with this suffix: its weights in the K-major layout (`kernels.pack_kmajor`)
+KMAJOR_SUFFIX = "/kmajor"  # a format name with this suffix: its weights in the K-major layout (`pack_kmajor`)
 
 
 def layout_of(fmt):
   """("int4_sym", True) for "int4_sym/kmajor": the QTensor format and whether the weights are K-major."""
-  return fmt.removesuffix(KMAJOR), fmt.endswith(KMAJOR)
+  return fmt.removesuffix(KMAJOR_SUFFIX), fmt.endswith(KMAJOR_SUFFIX)
+
+
+def kmajor_copies(qs):
+  """The QTensor copies `qs` in the K-major layout, packed here, once, outside any timing."""
+  return [jax.block_until_ready(pack_kmajor(q)) for q in qs]
 
 
 def default_for(m, fmt):
@@ -195,7 +200,7 @@ def gpu_weights(args, k, n, fmt, gib):
   w = jax.random.normal(jax.random.key(0), (k, n), jnp.float32).astype(jnp.bfloat16) * 0.02
   base, kmajor = layout_of(fmt)
   qs = copies_of(quantize(w, base, block_size=64, double_quant=base == "nf4"), c)
-  return copies_of(w, c), [jax.block_until_ready(pack_kmajor(q)) for q in qs] if kmajor else qs
+  return copies_of(w, c), kmajor_copies(qs) if kmajor else qs
 
 
 def run_gpu(args, result):
@@ -223,7 +228,7 @@ def run_gpu(args, result):
         continue
       try:
         wb, qs = gpu_weights(args, k, n, fmt, gib)
-        km = [jax.block_until_ready(pack_kmajor(q)) for q in qs] if fmt in KMAJOR_FORMATS else None
+        km = kmajor_copies(qs) if fmt in KMAJOR_FORMATS else None
       except Exception as e:
         result["rows"].append({"K": k, "N": n, "fmt": fmt, "error": err_text(e)})
         continue
@@ -238,7 +243,7 @@ def run_gpu(args, result):
         ops = [("pallas", pallas(blocks), qs, nbytes), ("reference", qmatmul_reference, qs, nbytes),
                ("bf16_dot", bf16_dot, wb, 2 * k * n)]
         if km:  # the same weights in the K-major layout, its kernel under its own (swept or default) policy
-          km_blocks = tuned_for(tuned, fmt + KMAJOR, m)
+          km_blocks = tuned_for(tuned, fmt + KMAJOR_SUFFIX, m)
           row["kmajor_blocks"] = dataclasses.asdict(km_blocks.for_shape(m, n, k, 64))
           ops.insert(1, ("pallas_kmajor", pallas(km_blocks), km, nbytes))
         for name, op, ws, nb in ops:
@@ -378,8 +383,8 @@ def floor(args, result, shapes, interp, gib, t_end):
   weight or none on the conversion pipe, in both layouts), XLA's dequantize + dot and a bf16 dot, the "stream"
   and "empty" Pallas kernels of `stream_kernels` on the default tiling and on a wide one (int4_sym codes), "stream"
   again on the default tiling with each program's codes contiguous (`code_slabs`), and XLA's sum over the same
-  codes. Each is timed (wall / C, as the main table) and profiled once (`device_trace`): kernels per op, device time, device span; GB/s of the
-  bytes the op must read, over each.
+  codes. Each is timed (wall / C, as the main table) and profiled once (`device_trace`): kernels per op, device
+  time, device span; GB/s of the bytes the op must read, over each.
   Each shape gets an equal share of the time left until `t_end`, spent on `FLOOR_FIRST` first, then the op's other
   rows and the wide tiling, then the seeded variants; ops that would start after their shape's share are recorded
   as skipped."""
@@ -392,8 +397,7 @@ def floor(args, result, shapes, interp, gib, t_end):
     wb, qs = gpu_weights(args, k, n, "int4_sym", gib)
     _, qn = gpu_weights(args, k, n, "nf4", gib)
     codes = [q.codes for q in qs]
-    km = [jax.block_until_ready(pack_kmajor(q)) for q in qs]
-    kmn = [jax.block_until_ready(pack_kmajor(q)) for q in qn]
+    km, kmn = kmajor_copies(qs), kmajor_copies(qn)
     x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
     d = default_blocks(1, "int4_sym").for_shape(1, n, k, 64)
     op = lambda x, w: qmatmul_pallas(x, w, interpret=interp)
@@ -402,9 +406,9 @@ def floor(args, result, shapes, interp, gib, t_end):
            ("op, nf4 (default policy)", op, qn, qn[0].nbytes(),
             dataclasses.asdict(default_blocks(1, "nf4").for_shape(1, n, k, 64))),
            ("op, int4_sym K-major (default policy)", op, km, km[0].nbytes(),
-            dataclasses.asdict(default_for(1, "int4_sym" + KMAJOR).for_shape(1, n, k, 64))),
+            dataclasses.asdict(default_for(1, "int4_sym" + KMAJOR_SUFFIX).for_shape(1, n, k, 64))),
            ("op, nf4 K-major (default policy)", op, kmn, kmn[0].nbytes(),
-            dataclasses.asdict(default_for(1, "nf4" + KMAJOR).for_shape(1, n, k, 64))),
+            dataclasses.asdict(default_for(1, "nf4" + KMAJOR_SUFFIX).for_shape(1, n, k, 64))),
            ("op, int4_sym (default), an x per copy", op, qs, qs[0].nbytes(), dataclasses.asdict(d)),
            ("op, int4_sym (split_k 2, the runs' split)",
             lambda x, w: qmatmul_pallas(x, w, blocks=BlockSizes(split_k=2), interpret=interp), qs, qs[0].nbytes(),
@@ -428,7 +432,8 @@ def floor(args, result, shapes, interp, gib, t_end):
     # what the budget runs first: the ops and the kernels that bound them, then the op's other rows (stable sort)
     ops.sort(key=lambda op: FLOOR_FIRST.index(op[0]) if op[0] in FLOOR_FIRST else len(FLOOR_FIRST))
     ops += [(f"op, {fmt} ({seed_name(p)})", seed_op(p), q, q[0].nbytes(), dataclasses.asdict(p.for_shape(1, n, k, 64)))
-            for fmt, q in (("int4_sym", qs), ("nf4", qn), ("int4_sym" + KMAJOR, km), ("nf4" + KMAJOR, kmn))
+            for fmt, q in (("int4_sym", qs), ("nf4", qn), ("int4_sym" + KMAJOR_SUFFIX, km),
+                           ("nf4" + KMAJOR_SUFFIX, kmn))
             for p in SEED_POLICIES[fmt]]  # last: the sweep times most of them too
     shape_end = time.perf_counter() + (t_end - time.perf_counter()) / (len(shapes) - shapes.index((k, n)))
     xs = [jax.random.normal(jax.random.key(2 + i), (1, k), jnp.bfloat16) for i in range(len(qs))]
@@ -459,7 +464,7 @@ def floor(args, result, shapes, interp, gib, t_end):
 POLICY_FIELDS = {"dot": ("fma", "mma", "words"), "lookup": ("select", "gather", "prmt"), "bn": (32, 64, 128), "bk": (1, 2, 4),
                  "num_warps": (2, 4, 8), "num_stages": (2, 3, 4), "min_programs": (132, 264, 528, 1056),
                  "prefetch": (0, 1), "convert": ("i2f", "magic", "magic16"), "rescale": ("weight", "partial")}
-SWEEP_CLASSES = (("nf4", 1), ("nf4", 16), ("int4_sym", 1), ("int4_sym" + KMAJOR, 16))  # (format, M): M = 1
+SWEEP_CLASSES = (("nf4", 1), ("nf4", 16), ("int4_sym", 1), ("int4_sym" + KMAJOR_SUFFIX, 16))  # (format, M): M = 1
 # decode, M = 16 a few rows; the K-major kernel pads any row count up to 16 to one 16-column dot, so its one class
 # Timed right after each class's default: the variants with the fewest machine instructions per weight in the
 # K loop as compiled for sm_90 (benchmarks/pallas_compile_sm90.py's "variants"; not yet timed on a GPU), and for
@@ -470,9 +475,9 @@ SEED_POLICIES = {"nf4": (BlockSizes(lookup="gather", rescale="partial"),
                  "int4_sym": (BlockSizes(convert="magic", rescale="partial"),
                               BlockSizes(convert="magic16", rescale="partial"),
                               BlockSizes(dot="words", bn=256), BlockSizes(dot="words", bn=128)),
-                 "int4_sym" + KMAJOR: (BlockSizes(bn=256), BlockSizes(bn=128, bk=4)),
-                 "nf4" + KMAJOR: (BlockSizes(bn=256),)}  # 4.1 instructions per weight against KMAJOR's 4.6, at 166
-# registers (the floor times it; the sweep has no NF4 K-major class)
+                 "int4_sym" + KMAJOR_SUFFIX: (BlockSizes(bn=256), BlockSizes(bn=128, bk=4)),
+                 "nf4" + KMAJOR_SUFFIX: (BlockSizes(bn=256),)}  # 4.1 instructions per weight against the
+# default's (`kernels.KMAJOR`) 4.6, at 166 registers (the floor times it; the sweep has no NF4 K-major class)
 
 
 def seed_name(p):

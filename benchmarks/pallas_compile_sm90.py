@@ -10,7 +10,8 @@ bound that implies on an H200 (132 SMs x 128 thread-instructions per clock x 1.9
     double-quantized and int4_sym, group 64; and both in the K-major layout, "nf4/kmajor", "int4_sym/kmajor");
   * variants: the default and its `convert` / `rescale` / `lookup` / `dot="words"` variants at M = 1 and 16 (words:
     M = 1 only), and both formats in the K-major layout (`kernels.pack_kmajor`; fmt "<fmt>/kmajor") under
-    `KMAJOR` and at bn 256, at (4096, 14336): how many instructions each weight costs (`BlockSizes` says what the variants do);
+    `KMAJOR` and at bn 256, at (4096, 14336): how many instructions each weight costs (`BlockSizes` says what
+    the variants do);
   * swept: every policy the GPU policy sweep timed (benchmarks/results/int4_matmul_gpu.json), at its shape, M and
     format, next to its measured time: which fast policies spill or crowd the register file, and how well the
     issue bound tracks the measured times, over all and per (format, M, dot) class ("swept_issue_fit").
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from int4_matmul import GPU_SHAPES, default_for, err_text, layout_of, save  # noqa: E402
+from int4_matmul import GPU_SHAPES, KMAJOR_SUFFIX, default_for, err_text, layout_of, save  # noqa: E402
 
 from lora_jax.kernels import KMAJOR, BlockSizes, default_blocks, pack_kmajor  # noqa: E402
 from lora_jax.kernels.qmatmul import triton_compile as tc  # noqa: E402
@@ -120,7 +121,7 @@ def main():
   t0 = time.perf_counter()
   print(f"defaults\n{'M':>5} {'K':>5} {'N':>5} {'fmt':8s} {'policy':40s} {'smem KiB':>8} {'regs':>4} {'spill B':>7} {'i/w':>6} {'issue us':>7}")
   for k, n in GPU_SHAPES["all"]:
-    for fmt in FORMATS + ("nf4/kmajor", "int4_sym/kmajor"):
+    for fmt in FORMATS + tuple(f + KMAJOR_SUFFIX for f in FORMATS):
       for m in MS:
         d = default_for(m, fmt).for_shape(m, n, k, 64)
         row = compile_row({"M": m, "K": k, "N": n, "fmt": fmt, "blocks": dataclasses.asdict(d)}, d, m, k, n, fmt)
@@ -141,7 +142,7 @@ def main():
         if change.get("dot") == "words" and m > 2:
           continue  # one multiply-add per weight and row: for one or two rows
         change = dict(change)
-        wfmt = fmt + "/kmajor" if change.pop("kmajor", False) else fmt
+        wfmt = fmt + KMAJOR_SUFFIX if change.pop("kmajor", False) else fmt
         base = KMAJOR if wfmt != fmt else default_blocks(m, fmt)
         if base.dot == "fma" and change.get("rescale") == "partial":
           base = BlockSizes()  # partial scaling needs tensor-core dots: their default policy

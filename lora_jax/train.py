@@ -63,9 +63,9 @@ def batch_loss(adapter, frozen, batch, *, model_cfg: ModelConfig, lora_cfg: Lora
 def resolve_remat(remat: bool | str, frozen=None, *, quantized: bool | None = None) -> bool | str:
   """`remat`, with ``"auto"`` resolved: ``"full"`` (keep each layer's input only) for a quantized base, ``"dots"``
   (keep the projection outputs) otherwise. Whether the base is quantized is read from the `frozen` tree (any
-  `QTensor` or `KMajor` leaf) unless `quantized` says it. Memory is why one quantizes: on SmolLM2 at 4x256 tokens an NF4 base
-  takes 462 MiB of XLA temporaries and 2.83 s per step with "full", against 1616 MiB and 2.41 s with "dots"
-  (fp32 LoRA with "dots": 1616 MiB, 2.51 s)."""
+  `QTensor` or `KMajor` leaf) unless `quantized` says it. Memory is why one quantizes: on SmolLM2 at 4x256 tokens
+  an NF4 base takes 462 MiB of XLA temporaries and 2.83 s per step with "full", against 1616 MiB and 2.41 s with
+  "dots" (fp32 LoRA with "dots": 1616 MiB, 2.51 s)."""
   if remat != "auto":
     return remat
   if quantized is None:

@@ -139,7 +139,7 @@ def test_hub_id_offline_says_what_to_do(capsys, monkeypatch):
   _one_line_error(code, err, "someorg/some-model-that-is-not-cached", "pass its path with --model")
 
 
-def test_kmajor_layout_gives_the_same_perplexity_and_needs_an_affine_format(capsys, tmp_path):
+def test_kmajor_layout_gives_the_same_perplexity_and_needs_quantization(capsys, tmp_path):
   """--kmajor keeps --quantize int4's (and nf4's) weights in the K-major layout: the same perplexity (here the
   reference path instead of the C++ kernel: the same sums in another order); without quantization it is
   refused."""
