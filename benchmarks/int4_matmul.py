@@ -19,7 +19,7 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
     (`BlockSizes`: dot mma|fma|words, NF4 lookup select|gather|prmt, bn, bk, num_warps, num_stages, min_programs,
     which sets split_k, prefetch 0|1, convert i2f|magic|magic16, rescale weight|partial) for nf4 at M = 1 and
     M = 16, int4_sym at M = 1 and int4_sym in the K-major layout at M = 16 ("int4_sym/kmajor": bn, bk, warps,
-    stages, min_programs; the one class for 1-16 rows, which its dot pads to 16): the default, the format's
+    stages, min_programs, prefetch; the one class for 1-16 rows, which its dot pads to 16): the default, the format's
     SEED_POLICIES entries, 31 random policies, two rounds of every one-field change of the best, on (K, N) =
     (4096, 14336); the best three and the default again on (14336, 4096); least total time wins. Policies are compiled 16 at a time on a thread pool, then timed.
   * the main table's Pallas column uses the sweep's winners (M = 1: its format's M = 1 class; M <= 16: its M = 16
@@ -475,9 +475,12 @@ SEED_POLICIES = {"nf4": (BlockSizes(lookup="gather", rescale="partial"),
                  "int4_sym": (BlockSizes(convert="magic", rescale="partial"),
                               BlockSizes(convert="magic16", rescale="partial"),
                               BlockSizes(dot="words", bn=256), BlockSizes(dot="words", bn=128)),
-                 "int4_sym" + KMAJOR_SUFFIX: (BlockSizes(bn=256), BlockSizes(bn=128, bk=4)),
-                 "nf4" + KMAJOR_SUFFIX: (BlockSizes(bn=256),)}  # 4.1 instructions per weight against the
-# default's (`kernels.KMAJOR`) 4.6, at 166 registers (the floor times it; the sweep has no NF4 K-major class)
+                 "int4_sym" + KMAJOR_SUFFIX: (BlockSizes(bn=256), BlockSizes(bn=128, bk=4),
+                                              BlockSizes(bn=128, prefetch=1)),
+                 "nf4" + KMAJOR_SUFFIX: (BlockSizes(bn=256), BlockSizes(bn=128, prefetch=1))}
+# K-major: bn 256 has fewer instructions per weight (int4 2.4, NF4 4.1, against the default's 2.8 / 4.6) at 168
+# registers; prefetch 1 loads each block's scales a loop step ahead (the one load in the loop Triton does not
+# pipeline), the same instruction count. The floor times them all (the sweep has no NF4 K-major class).
 
 
 def seed_name(p):
@@ -486,7 +489,8 @@ def seed_name(p):
   if p.dot == "words":
     return f"words, bn {p.bn}"
   changed = [str(getattr(p, f)) for f in ("lookup", "convert", "rescale") if getattr(p, f) != getattr(base, f)]
-  return " + ".join(changed + [f"{f} {getattr(p, f)}" for f in ("bn", "bk") if getattr(p, f) != getattr(base, f)])
+  return " + ".join(changed + [f"{f} {getattr(p, f)}" for f in ("bn", "bk", "prefetch")
+                               if getattr(p, f) != getattr(base, f)])
 
 
 def policy_fields(fmt, m):
@@ -495,7 +499,7 @@ def policy_fields(fmt, m):
   for the formats that convert integers."""
   f = dict(POLICY_FIELDS)
   if layout_of(fmt)[1]:  # the K-major kernel: tensor cores, its own code-to-value step; warpgroup dots need 4 warps
-    return {**f, "dot": ("mma",), "lookup": ("select",), "prefetch": (0,), "convert": ("i2f",),
+    return {**f, "dot": ("mma",), "lookup": ("select",), "convert": ("i2f",),
             "rescale": ("weight",), "bn": (64, 128, 256), "num_warps": (4, 8)}
   if m > 1:
     f["dot"] = ("mma",)

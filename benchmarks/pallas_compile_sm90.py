@@ -10,8 +10,8 @@ bound that implies on an H200 (132 SMs x 128 thread-instructions per clock x 1.9
     double-quantized and int4_sym, group 64; and both in the K-major layout, "nf4/kmajor", "int4_sym/kmajor");
   * variants: the default and its `convert` / `rescale` / `lookup` / `dot="words"` variants at M = 1 and 16 (words:
     M = 1 only), and both formats in the K-major layout (`kernels.pack_kmajor`; fmt "<fmt>/kmajor") under
-    `KMAJOR` and at bn 256, at (4096, 14336): how many instructions each weight costs (`BlockSizes` says what
-    the variants do);
+    `KMAJOR` and at bn 256, and GGUF's q4_1 (blocks of 32) under `KMAJOR`, at (4096, 14336): how many
+    instructions each weight costs (`BlockSizes` says what the variants do);
   * swept: every policy the GPU policy sweep timed (benchmarks/results/int4_matmul_gpu.json), at its shape, M and
     format, next to its measured time: which fast policies spill or crowd the register file, and how well the
     issue bound tracks the measured times, over all and per (format, M, dot) class ("swept_issue_fit").
@@ -62,11 +62,11 @@ def abstract_weight(fmt, k, n, block=64):
   return jax.eval_shape(pack_kmajor, w) if kmajor else w
 
 
-def compile_row(row, blocks, m, k, n, fmt):
+def compile_row(row, blocks, m, k, n, fmt, block=64):
   """Compiles `blocks` at (m, k, n, fmt) for sm_90 into `row` (`triton_compile.qmatmul_sm90`): resources, the K
   loop's instructions per weight by opcode, and the issue bound."""
   try:
-    row.update(tc.qmatmul_sm90(m, abstract_weight(fmt, k, n), blocks))
+    row.update(tc.qmatmul_sm90(m, abstract_weight(fmt, k, n, block), blocks))
     row["fits"] = row["shared_bytes"] <= tc.SM90_SHARED_BYTES and row["spill_bytes"] == 0
     del row["loop_ops"]  # kept per weight
     row["per_weight_ops"] = {op: round(c, 3) for op, c in row["per_weight_ops"].items()}
@@ -152,6 +152,13 @@ def main():
         result["variants"].append(row)
         top = " ".join(f"{op}:{c:.2f}" for op, c in list(row.get("per_weight_ops", {}).items())[:6])
         print(f"{m:5d} {fmt:8s} {name:26s} {describe(row)}  {top}", flush=True)
+  for m in (1, 16):  # GGUF's Q4_1 as stored (blocks of 32, an offset: the kernel sums x per block itself)
+    name = "K-major (KMAJOR), q4_1 block 32"
+    row = compile_row({"M": m, "K": 4096, "N": 14336, "fmt": "q4_1" + KMAJOR_SUFFIX, "variant": name, "block": 32,
+                       "blocks": dataclasses.asdict(KMAJOR)}, KMAJOR, m, 4096, 14336, "q4_1" + KMAJOR_SUFFIX, 32)
+    result["variants"].append(row)
+    top = " ".join(f"{op}:{c:.2f}" for op, c in list(row.get("per_weight_ops", {}).items())[:6])
+    print(f"{m:5d} {'q4_1':8s} {name:26s} {describe(row)}  {top}", flush=True)
   if os.path.exists(args.sweep):
     with open(args.sweep) as f:
       sweep = json.load(f).get("sweep", [])

@@ -6,7 +6,7 @@
 # the K-major kernel), the main table with the sweep's winners (int4 rows also time the K-major kernel; M <= 16
 # Pallas rows profiled too: --profile), and fused vs split LoRA. Uses the machine's own python3 and packages (no
 # install); writes gpu_check.log, gpu_tests.xml and int4_matmul_gpu.json under $OUT (default benchmarks/results).
-# Budgets (tests 210 s: 100 tests, the 63 of the last run took 104 s; floor 90 s, sweep 100 s, main table 90 s, fused
+# Budgets (tests 210 s: 102 tests, the 63 of the last run took 104 s; floor 90 s, sweep 100 s, main table 90 s, fused
 # LoRA 10 s; each stops starting new work when spent) keep the command within about 9 minutes, inside the device's
 # 10-minute limit per command (the H200 run of 2026-11-30, with no floor and a 150 s sweep, took 5.3 minutes). The
 # floor comes first: it is what the next run most needs.

@@ -80,7 +80,7 @@ def test_int4_matmul_gpu_dry_run(tmp_path):
   assert timed and all("time_s" in t and t["pass"] for t in timed), result["sweep"]
   assert result["tuned"] and all(entry["winner"] for entry in result["sweep"]), result["sweep"]
   floor = result["floor"]
-  assert len(floor) == 23 and all("time_s" in row for row in floor), floor  # 14 rows + SEED_POLICIES' 9
+  assert len(floor) == 25 and all("time_s" in row for row in floor), floor  # 14 rows + SEED_POLICIES' 11
   assert {"op, nf4/kmajor (bn 256)", "op, int4_sym/kmajor (bn 128 + bk 4)"} <= {row["what"] for row in floor}, floor
   assert {f"op, {f} K-major (default policy)" for f in ("int4_sym", "nf4")} <= {row["what"] for row in floor}, floor
   # every row also times the K-major layout's kernel, checked against the reference too

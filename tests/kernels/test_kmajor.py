@@ -83,7 +83,8 @@ def test_pack_kmajor_round_trips_exactly(fmt, block):
 KERNEL_SHAPES = [(1, 512, 256, jnp.bfloat16, None), (5, 576, 384, jnp.float16, None),
                  (16, 512, 256, jnp.bfloat16, None), (40, 256, 128, jnp.float16, None),
                  (3, 1024, 256, jnp.bfloat16, BlockSizes(bn=64, bk=1, split_k=4)),
-                 (2, 1024, 512, jnp.bfloat16, BlockSizes(bn=256, bk=2, split_k=2, num_warps=8))]
+                 (2, 1024, 512, jnp.bfloat16, BlockSizes(bn=256, bk=2, split_k=2, num_warps=8)),
+                 (7, 1024, 256, jnp.float16, BlockSizes(bn=128, bk=2, split_k=2, prefetch=1))]
 
 
 def _reference16(x, w, dtype):
@@ -123,6 +124,33 @@ def test_kmajor_kernel_with_fused_lora(fmt, m, r):
   with jax.default_matmul_precision("highest"):
     want = qmatmul_reference(x.astype(jnp.float32), w) + low @ b
   assert_allclose(got, want, "f32_composite")
+
+
+@pytest.mark.parametrize("fmt,block", [("int4_sym", 64), ("q4_1", 32), ("nf4_dq", 64)])
+def test_a_kmajor_call_is_one_kernel(fmt, block):
+  """Lowered for CUDA, a K-major call is the Triton kernel and nothing else: no XLA op pads or transposes x, sums
+  it per block (the offset formats) or slices the padding off the result; with split_k > 1, one reduction adds
+  the partial tiles. Rows that do not fill a tile are masked in the kernel's Triton IR: x's loads and the
+  result's store take a mask (the rows past m are never read or written: on a GPU that memory is not x's). (A
+  double-quantized NF4's scalar second-level offset is reshaped to one element: a bitcast, no op on a GPU.)"""
+  import re
+
+  from lora_jax.kernels.qmatmul import triton_compile as tc
+  w = jax.eval_shape(lambda: pack_kmajor(_q(fmt, 1024, 256, block)))
+  for m, split in ((1, 1), (5, 1), (16, 1), (40, 1), (5, 2)):
+    x = jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16)
+    call = lambda x, w: qmatmul_pallas(x, w, blocks=BlockSizes(bn=128, split_k=split))
+    (kernel,) = tc.triton_kernels(call, x, w)
+    text = jax.jit(lambda x, w: call(x, w)).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    scalar_to_1d = re.findall(r"stablehlo\.reshape .*: \(tensor<f32>\) -> tensor<1xf32>", text)  # a bitcast
+    ops = set(re.findall(r"stablehlo\.(\w+)", text)) - {"constant"} - ({"reshape"} if scalar_to_1d else set())
+    assert text.count("stablehlo.reshape") == len(scalar_to_1d), text
+    assert ops == ({"custom_call"} if split == 1 else {"custom_call", "reduce", "add"}), (m, split, ops)
+    x_loads = re.findall(r"tt\.load (.*) : tensor<\d+x\d+x!tt\.ptr<bf16>>", kernel["ir"])
+    stores = re.findall(r"tt\.store (.*) :", kernel["ir"])
+    partial = m % (16 if m <= 16 else 64) != 0
+    assert x_loads and all((a.count(",") == 2) == partial for a in x_loads), (m, x_loads)  # ptr, mask, other
+    assert len(stores) == 1 and (stores[0].count(",") == 2) == partial, (m, stores)  # ptr, value, mask
 
 
 def test_kmajor_refuses_what_it_cannot_take():

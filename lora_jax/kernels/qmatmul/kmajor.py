@@ -7,8 +7,12 @@ shared-memory loads; `benchmarks/pallas_compile_sm90.py`). `KMajor` holds the sa
 words: each column's codes contiguous along K, and within each quantization block in the order in which the
 threads of a Hopper warpgroup dot hold a register operand (`nibble_order`). The kernel computes the transposed
 product ``yᵀ = Wᵀ xᵀ`` with the weight tile as the dot's first operand, from registers (wgmma with a register A
-operand): Triton loads each thread's words with vector loads straight into that operand's layout, and no weight
-passes through shared memory or a shuffle. Only the small activation (K × 16 or more columns, bf16 / f16) does.
+operand): Triton stages the packed words through shared memory with asynchronous copies (its software pipeline)
+and each thread reads its own words back with 64-bit loads already in that operand's layout; no dequantized
+weight passes through shared memory or a shuffle. Only the small activation (bf16 / f16), the dot's other
+operand, does: its m rows as the caller holds them, the rows that pad a tile to 16 or more masked off on load and
+on store, so a call is the one kernel (and, with split_k > 1, the sum of its partial tiles), with no XLA op to
+pad, transpose or slice.
 
 Codes to values, for the affine formats (int4_sym, int4_asym, q4_0, q4_1): each word holds four register pairs
 of the operand. ``((word >> s) & 0x000F000F) | magic`` (s = 0, 4, 8, 12) has as its two halves the 16-bit floats
@@ -17,12 +21,12 @@ is 1, so a nibble in the low mantissa bits is the value's integer part), and one
 ``· 1 − (base + minus)`` (minus = 8 for int4_sym / q4_0, else 0), gives ``q − minus`` exactly (integers below
 16 in magnitude). On a GPU that is two instructions per pair of weights in inline PTX (`pair_ptx`); interpret
 mode runs the same operations in jnp. The (bn × bm) product of each quantization block is scaled once per column
-(and the offset formats add ``offset · Σx`` over the block, from sums of x formed outside), as
+(and the offset formats add ``offset · Σx`` over the block, x summed in the kernel by a dot with ones), as
 ``rescale="partial"`` does for the (K/2, N) layout. So the weights are exact in the 16-bit dot; the products and
 sums are float32.
 
-Compiled for sm_90, int4 in blocks of 64 at 1 or 16 rows (4096 × 14336): 2.84 instructions per weight under
-`pallas_gpu.KMAJOR` (bn 128), 2.40 at bn 256, against 6.56-6.95 for magic16 + partial and 3.68 for the one-row
+Compiled for sm_90, int4 in blocks of 64 at 1 or 16 rows (4096 × 14336): 2.84-2.87 instructions per weight under
+`pallas_gpu.KMAJOR` (bn 128), 2.39-2.41 at bn 256, against 6.56-6.95 for magic16 + partial and 3.68 for the one-row
 ``dot="words"`` kernel (benchmarks/results/pallas_compile_sm90.json, variants "K-major"): half a LOP3 and half an
 HFMA2 per weight, 0.38 shifts, a quarter FFMA for the block scale. (Written as jnp operations the mask and the OR
 with two constants compile to two LOP3s, 3.33 per weight; a magic passed at run time, which folds them into one,
@@ -33,7 +37,7 @@ has no affine map, so each word's 8 codes are looked up by byte permutes over th
 (`nf4_prmt.KMAJOR_PROGRAM`, emitted by `nf4_prmt.ptx_kmajor`: 24 instructions per word, 14 of them permutes,
 the table words kept in registers for the whole loop; each register pair's two codes adjacent in the word,
 `NF4_WORD_SLOTS`), the table rounded once to the 16-bit type as the QTensor kernel's "prmt" lookup does:
-4.56-4.59 instructions per weight at 1 or 16 rows, against 8.70-9.00 for the best QTensor NF4 policy
+4.59-4.62 instructions per weight at 1 or 16 rows, against 8.70-9.00 for the best QTensor NF4 policy
 (prmt + partial) and 11.3 / 27.3 for the defaults.
 Float32 activations are not taken (the register operand is 16-bit; rounding x would lose precision).
 """
@@ -206,17 +210,6 @@ def magic_word(dtype) -> int:
   return bits << 16 | bits
 
 
-def prepare_x(x2, p: KMajor, rows: int):
-  """The activation as the kernel reads it: xᵀ (K, rows) in x's dtype, zero-padded to `rows` columns, and, for
-  the offset formats, the float32 sums of x over each block, (K/B, rows)."""
-  m = x2.shape[0]
-  xt = jnp.pad(x2.T, ((0, 0), (0, rows - m)))
-  if p.fmt not in OFFSET_FORMATS:
-    return xt, None
-  sums = jnp.sum(x2.astype(jnp.float32).reshape(m, -1, p.block_size), axis=-1)
-  return xt, jnp.pad(sums.T, ((0, 0), (0, rows - m)))
-
-
 def pair_constants(dtype, minus: float) -> tuple[int, int, int]:
   """The 32-bit words the code-to-value step uses, each a pair of 16-bit halves: the magic (base's bits), one
   (1.0) and the negated offset, -(base + minus)."""
@@ -266,24 +259,47 @@ def _nf4_pair(words, pair: int, dtype, interpret: bool):
   return half(v & 0xFFFF), half(v >> 16)
 
 
-def kernel(xt_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, steps: int, dtype, lora: bool,
-           lora_tile, n: int = 0, dq: bool = False, interpret: bool = False):
+def kernel(x_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, steps: int, dtype, lora: bool,
+           lora_tile, m: int, n: int = 0, dq: bool = False, prefetch: bool = False, interpret: bool = False):
   """One (bn × bm) tile of ``yᵀ``: per quantization block, the codes (bn × B/2 bytes) to 16-bit value pairs in
-  registers, a tensor-core dot with xᵀ's (B × bm) rows, the product scaled per column (module docstring); the
-  transposed tile stored at the end. ``lora_tile(low_ref, b_ref)`` gives the LoRA term's (bm × bn) tile."""
+  registers, a tensor-core dot with the transposed (bm × B) tile of x, the product scaled per column (module
+  docstring); the transposed tile stored at the end. ``lora_tile(low_ref, b_ref)`` gives the LoRA term's (bm × bn)
+  tile.
+
+  x is read as the caller holds it, (m, K) rows: the rows of a tile beyond the m-th are masked off on load (read
+  as zeros, never fetched) and on store (never written), so the call needs no XLA op to pad or transpose x, nor
+  one to slice the padding off the result. The offset formats sum each block's x tile in the kernel, for
+  ``offset · Σx``, by a second tensor-core dot: a (bn × B) tile of ones times the x tile. Compiled for sm_90
+  (4096 × 14336, 1 or 16 rows), q4_1 in blocks of 32 takes 5.2 instructions per weight that way, against 5.8 with
+  a reduction of the x tile across threads and 4.8 with the sums formed by an XLA op before the call (one more
+  kernel per call); in blocks of 64, 4.4, 4.1 and 3.6.
+
+  ``prefetch``: each loop step's block parameters (scale, offset; a double-quantized NF4's scale formed from its
+  code) are loaded a step ahead and carried in registers. Triton pipelines the codes' and x's loads through
+  shared memory, not these narrow per-column loads, which otherwise are issued in the step that uses them."""
   rest = list(refs)
-  offset_ref, sums_ref = (rest.pop(0), rest.pop(0)) if fmt in OFFSET_FORMATS else (None, None)
+  offset_ref = rest.pop(0) if fmt in OFFSET_FORMATS else None
   dq_ref, dq_offset_ref = (rest.pop(0), rest.pop(0)) if dq else (None, None)
   low_ref, b_ref = (rest.pop(0), rest.pop(0)) if lora else (None, None)
   (o_ref,) = rest
-  half = block // 2
-  bn, bm = codes_ref.shape[0], xt_ref.shape[1]
+  bn, bm = codes_ref.shape[0], x_ref.shape[0]
   minus = 8.0 if fmt in ("int4_sym", "q4_0") else 0.0
   first = pl.program_id(2) * steps
+  valid = m - pl.program_id(0) * bm  # rows of this tile that hold rows of x: all bm but in a last, partial tile
+  masked = m % bm != 0
+  row_mask = lambda cols: jax.lax.broadcasted_iota(jnp.int32, (bm, cols), 0) < valid
   if dq:  # column indices, for the flat index (block · N + column) of each scale's second-level group
     cols = pl.program_id(1) * bn + jax.lax.broadcasted_iota(jnp.int32, (bn, 1), 0)
 
-  def add_block(g, acc):
+  def block_params(g):
+    """Block g's per-column scale (formed from its int8 code for a double-quantized NF4) and offset (None: none),
+    float32 (bn, 1)."""
+    sc = scale_ref[:, pl.ds(g, 1)].astype(jnp.float32)
+    if dq:  # double-quantized NF4: the scale from its int8 code and its group's second-level scale
+      sc = sc * dq_ref[(g * n + cols) // DQ_GROUP] + dq_offset_ref[0]
+    return sc, offset_ref[:, pl.ds(g, 1)].astype(jnp.float32) if offset_ref is not None else None
+
+  def add_block(g, acc, params):
     word = codes_ref[:, pl.ds(g * (block // 8), block // 8)].reshape(bn, 4, block // 32)  # thread t's words
 
     def pair(shift):  # one register pair per word: rows (r, r + 1) as (low half, high half), minus subtracted
@@ -294,28 +310,43 @@ def kernel(xt_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, s
     step_of = lambda s: jnp.stack([pair(s), pair(s + 4)], axis=-1)  # (..., 2 e, 2 nu): +8 rows in the high nibble
     w = jnp.stack([step_of(0), step_of(8)], axis=-1)  # (bn, t, w', e, nu, b mod 2)
     w = w.transpose(0, 2, 5, 4, 1, 3).reshape(bn, block)  # row 16·(2w' + b mod 2) + 8·nu + 2t + e
-    part = jnp.dot(w, xt_ref[pl.ds(g * block, block), :], preferred_element_type=jnp.float32)
-    sc = scale_ref[:, pl.ds(g, 1)].astype(jnp.float32)
-    if dq:  # double-quantized NF4: the scale from its int8 code and its group's second-level scale
-      sc = sc * dq_ref[(g * n + cols) // DQ_GROUP] + dq_offset_ref[0]
+    x_tile = x_ref.at[:, pl.ds(g * block, block)]
+    xt = (pltriton.load(x_tile, mask=row_mask(block), other=0) if masked else x_tile[...]).T  # (B, bm)
+    part = jnp.dot(w, xt, preferred_element_type=jnp.float32)
+    sc, off = params() if callable(params) else params
     acc = acc + part * sc
-    if offset_ref is not None:  # sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k
-      acc = acc + offset_ref[:, pl.ds(g, 1)].astype(jnp.float32) * sums_ref[pl.ds(g, 1), :]
+    if off is not None:  # sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k
+      # Σx over the block for each row of x, as a (bn × bm) tile (every row alike), from the tensor cores
+      sums = jnp.dot(jnp.ones((bn, block), dtype), xt, preferred_element_type=jnp.float32)
+      acc = acc + off * sums
     return acc
 
-  def step(t, acc):
-    for u in range(bk):
-      acc = add_block((first + t) * bk + u, acc)
+  blocks_of = lambda t: [(first + t) * bk + u for u in range(bk)]
+
+  def step(t, acc):  # each block's parameters loaded where they are used
+    for g in blocks_of(t):
+      acc = add_block(g, acc, lambda g=g: block_params(g))
     return acc
 
-  acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bn, bm), jnp.float32)).T
+  def prefetched_step(t, carry):  # step t on parameters loaded a step earlier; then step t + 1's, loaded now
+    acc, params = carry
+    for g, p in zip(blocks_of(t), params):
+      acc = add_block(g, acc, p)
+    return acc, [block_params(g) for g in blocks_of(jnp.minimum(t + 1, steps - 1))]  # the last reloads itself
+
+  acc = jnp.zeros((bn, bm), jnp.float32)
+  if prefetch:
+    acc, _ = jax.lax.fori_loop(0, steps, prefetched_step, (acc, [block_params(g) for g in blocks_of(0)]))
+  else:
+    acc = jax.lax.fori_loop(0, steps, step, acc)
+  acc = acc.T
   if lora:
     acc += lora_tile(low_ref, b_ref)
-  rows = o_ref.shape[-2]
-  if rows < bm:  # the first `stored_rows` rows only: the rest is padding
-    acc = jnp.split(acc, bm // rows, axis=0)[0]
-  o_ref[...] = acc.reshape(o_ref.shape)
+  if masked:
+    pltriton.store(o_ref, acc, mask=row_mask(bn))
+  else:
+    o_ref[...] = acc
 
 
 __all__ = ["AFFINE_FORMATS", "FORMATS", "KMajor", "NF4_WORD_SLOTS", "as_qtensor", "check", "kernel", "magic_word",
-           "nibble_order", "pack_kmajor", "pair_constants", "pair_ptx", "prepare_x", "to_kmajor", "unpack_kmajor"]
+           "nibble_order", "pack_kmajor", "pair_constants", "pair_ptx", "to_kmajor", "unpack_kmajor"]

@@ -27,7 +27,9 @@ splits its even and odd columns:
 A weight in the K-major layout (`kmajor.KMajor`) runs that module's kernel instead, over the same grid
 and `BlockSizes` (its tiling fields; default `KMAJOR`): the weight tile as the register operand of a warpgroup
 dot, no weight through shared memory, ~2.8 machine instructions per weight for int4 and ~4.6 for NF4 at any row
-count up to 16 (not yet timed on a GPU).
+count up to 16 (not yet timed on a GPU). It reads x as the caller holds it and stores the m rows of the result,
+masking the rest of a partial tile, and sums x per block itself (offset formats): no XLA op around the call but,
+with split_k > 1, the sum of the partial tiles.
 
 Measured on an H200 (benchmarks/results/int4_matmul_gpu*.json, README): correct in every format and in every
 variant run there (prefetch, convert and rescale came later);
@@ -84,6 +86,8 @@ class BlockSizes:
   * ``num_warps``, ``num_stages``: Triton's warps per program and software-pipelining depth.
   * ``prefetch``: 1 issues each loop step's loads one step ahead, carried in registers (Triton pipelines loads
     that feed a dot through shared memory, but not those of the multiply-reduce path; not yet timed on a GPU).
+    In the K-major kernel, whose codes and activation Triton pipelines, it loads each block's scale (and
+    offset) a step ahead: the one load in its loop that Triton leaves in place, two bytes per column and block.
   * ``convert``: int4 / GGUF codes to floats by "i2f" (an int-to-float conversion instruction: on sm_90 a
     quarter-rate or slower pipe, one per weight) or "magic" (OR the code into the mantissa of 2^23 and subtract:
     an integer OR and a float subtraction, on pipes 4-8x faster than I2F's; the same values exactly) or "magic16"
@@ -173,7 +177,7 @@ DECODE_NF4 = BlockSizes(bn=128, bk=1, num_warps=4, num_stages=2, min_programs=10
 
 # A weight in the K-major layout (`kmajor`), up to 16 rows: tensor-core tiles of 128 columns, 128 rows of K per loop
 # step (bk resolved: 2 blocks of 64). Chosen by the sm_90 machine code (benchmarks/pallas_compile_sm90.py): 2.84
-# instructions per weight for int4 in blocks of 64 at 96 registers; bn 256 has fewer (2.40) but 168 registers and
+# instructions per weight for int4 in blocks of 64 at 96 registers; bn 256 has fewer (2.39-2.41) but 168 registers and
 # half the column tiles to spread over the SMs. Not yet timed on a GPU.
 KMAJOR = BlockSizes(bn=128)
 # Above 16 rows (tiles of 64 rows): the (128 x 64) float32 accumulator takes 8 warps' registers (with 4: 255
@@ -540,13 +544,13 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
     raise ValueError(f"bk={bk} x split_k={split} must divide the {nb} quantization blocks along K")
   steps = nb // (bk * split)
   mp = -(-m // bs.bm) * bs.bm
+  whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
+  if kmajor:  # reads x as it is: its kernel masks the rows of a partial tile
+    return _pallas_kmajor(x2, w, low, b, bs, m, mp, split, lead, steps, whole, interpret)
   if mp != m:
     x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
   tile = lambda rows: pl.BlockSpec((rows, bs.bn), lambda i, j, s: (0, j))
-  whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
   rows = lambda cols: pl.BlockSpec((bs.bm, cols), lambda i, j, s: (i, 0))
-  if kmajor:
-    return _pallas_kmajor(x2, w, low, b, bs, m, mp, split, lead, steps, whole, interpret)
   if bs.dot == "words":
     if w.fmt == "nf4":
       raise ValueError(f"dot='words' turns codes into floats by an affine map: it takes int4 and GGUF formats, "
@@ -598,32 +602,35 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
 
 
 def _pallas_kmajor(x2, w: _kmajor.KMajor, low, b, bs: BlockSizes, m, mp, split, lead, steps, whole, interpret):
-  """`_pallas` for a weight in the K-major layout (`kmajor`): its own kernel, over the same grid and launch."""
-  if (bs.dot, bs.lookup, bs.convert, bs.rescale, bs.prefetch) != ("mma", "select", "i2f", "weight", 0):
+  """`_pallas` for a weight in the K-major layout (`kmajor`): its own kernel, over the same grid and launch, with x
+  read as it is and the result stored unpadded (the kernel masks a partial tile's rows): no XLA op around the call
+  but, with split_k > 1, the sum of the partial tiles."""
+  if (bs.dot, bs.lookup, bs.convert, bs.rescale) != ("mma", "select", "i2f", "weight"):
     raise ValueError("BlockSizes: the K-major kernel has one code-to-value step (16-bit pairs, scaled per block) "
-                     "on tensor cores: dot, lookup, convert, rescale and prefetch must keep their defaults")
+                     "on tensor cores: dot, lookup, convert and rescale must keep their defaults")
   k, n = w.shape
   nb = k // w.block_size
-  xt, sums = _kmajor.prepare_x(x2, w, mp)
   cols = lambda width: pl.BlockSpec((bs.bn, width), lambda i, j, s: (j, 0))
-  in_specs = [pl.BlockSpec((k, bs.bm), lambda i, j, s: (0, i)), cols(k // 8), cols(nb)]
-  args = [xt, w.codes, w.scale]
+  in_specs = [pl.BlockSpec((bs.bm, k), lambda i, j, s: (i, 0)), cols(k // 8), cols(nb)]
+  args = [x2, w.codes, w.scale]
   if w.offset is not None:
-    in_specs += [cols(nb), pl.BlockSpec((nb, bs.bm), lambda i, j, s: (0, i))]
-    args += [w.offset, sums]
+    in_specs.append(cols(nb))
+    args.append(w.offset)
   if w.double_quantized:  # int8 scale codes, formed into floats in the kernel (as for a QTensor)
     dq_args = [w.dq_scale.astype(jnp.float32), jnp.reshape(w.dq_offset, (1,)).astype(jnp.float32)]
     in_specs += [whole(a) for a in dq_args]
     args += dq_args
   kernel = functools.partial(_kmajor.kernel, fmt=w.fmt, block=w.block_size, bk=bs.bk or 1, steps=steps,
                              dtype=x2.dtype, lora=low is not None, lora_tile=functools.partial(_lora_tile, dot="mma"),
-                             n=n, dq=w.double_quantized, interpret=interpret)
-  return _launch(kernel, w, low, b, bs, in_specs, args, m, mp, split, lead, interpret)
+                             m=m, n=n, dq=w.double_quantized, prefetch=bool(bs.prefetch), interpret=interpret)
+  return _launch(kernel, w, low, b, bs, in_specs, args, m, mp, split, lead, interpret, exact_rows=True)
 
 
-def _launch(kernel, w: QTensor, low, b, bs: BlockSizes, in_specs, args, m, mp, split, lead, interpret):
+def _launch(kernel, w: QTensor, low, b, bs: BlockSizes, in_specs, args, m, mp, split, lead, interpret,
+            exact_rows: bool = False):
   """The pallas_call over the (row tiles, column tiles, split_k) grid: the LoRA term's inputs appended to the
-  kernel's, the output tiles stored (`stored_rows`), the split partial tiles summed."""
+  kernel's, the output tiles stored (`stored_rows`; ``exact_rows``: the kernel stores only the m rows, into an
+  (m, N) result), the split partial tiles summed."""
   n = w.shape[1]
   in_specs, args = list(in_specs), list(args)
   lora = low is not None
@@ -634,8 +641,9 @@ def _launch(kernel, w: QTensor, low, b, bs: BlockSizes, in_specs, args, m, mp, s
     in_specs += [pl.BlockSpec((bs.bm, rp), lambda i, j, s: (i, 0)),
                  pl.BlockSpec((rp, bs.bn), lambda i, j, s: (0, j))]
     args += [low2, jnp.pad(b.astype(jnp.float32), ((0, rp - r), (0, 0)))]
-  rows = stored_rows(m, bs.bm)
-  mo = mp // bs.bm * rows  # rows of the output: m, padded to a power of two within one tile, or to tiles of bm
+  rows = bs.bm if exact_rows else stored_rows(m, bs.bm)
+  # rows of the output: m, padded to a power of two within one tile, or to tiles of bm (exact_rows: m)
+  mo = m if exact_rows else mp // bs.bm * rows
   if split == 1:
     out_shape, out_spec = (mo, n), pl.BlockSpec((rows, bs.bn), lambda i, j, s: (i, j))
   else:  # one float32 partial tile per split, summed below
