@@ -32,8 +32,9 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
   * time: Pallas kernel, reference (dequantize + dot), and ``x @ w_bf16``. One timed call runs the op on C distinct
     copies of the weight inside one jit (C x weights >= 1 GiB of bf16, so nothing is served from L2 and the Python
     dispatch is amortised); time per op = wall / C, median of --reps calls after warm-up. All copies share one x,
-    so work the op does on x alone (the tensor-core path pads it and splits its columns) runs once per timed call,
-    not per op: the floor's "an x per copy" row shows what it adds.
+    so work the op does on x alone by XLA ops (now only the multiply-reduce's padding of a few rows and the words
+    kernel's preparation; the tensor-core kernels read x as it is) runs once per timed call, not per op: the
+    floor's "an x per copy" row shows what it adds.
   * weight GB/s = QTensor.nbytes() (bf16: 2KN) / time, vs the measured copy bandwidth (jitted ``a + 1`` on a 1 GiB
     f32 array, read + write bytes / time); TFLOP/s = 2MKN / time vs a measured 8192^3 bf16 dot.
   * fused LoRA: `qmatmul_lora_pallas` (the LoRA term inside the Pallas kernel, r = 16) vs the kernel followed by
@@ -377,9 +378,9 @@ FLOOR_FIRST = ("op, int4_sym (default policy)", "op, nf4 (default policy)", "op,
 
 def floor(args, result, shapes, interp, gib, t_end):
   """Where the one-row time goes: per (K, N), at M = 1, the whole op for int4_sym and nf4 (default policies, in
-  both layouts; int4's default with a distinct activation per weight copy, so that the op's padding and column
-  split of x run per call as in a model; int4's default with K split 2 ways, the H200 runs' split at 4096 x 4096
-  before a padded tile stored fewer rows; and `SEED_POLICIES`, the variants with the fewest instructions per
+  both layouts; int4's default with a distinct activation per weight copy, so that any XLA op on x alone runs per
+  call as in a model (none since the kernel reads x as it is: that row should match the shared-x one); int4's
+  default with K split 2 ways, the H200 runs' split at 4096 x 4096 before a tile stored only the call's rows; and `SEED_POLICIES`, the variants with the fewest instructions per
   weight or none on the conversion pipe, in both layouts), XLA's dequantize + dot and a bf16 dot, the "stream"
   and "empty" Pallas kernels of `stream_kernels` on the default tiling and on a wide one (int4_sym codes), "stream"
   again on the default tiling with each program's codes contiguous (`code_slabs`), and XLA's sum over the same

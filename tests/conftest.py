@@ -101,3 +101,23 @@ def sm90_or_skip_version_skew(compile_fn, *args):
     return compile_fn(*args)
   except tc.IRVersionMismatch as e:
     pytest.skip(str(e))
+
+
+def cuda_ops_and_masks(call, x, w):
+  """``call(x, w)`` lowered for CUDA on this machine: the StableHLO ops of the program around its one Triton kernel
+  (constants left out, and the bitcast-like reshape of a scalar to one element), and, in that kernel's Triton IR,
+  whether each load of a 16-bit tile of x and the result's store take a mask (`lora_jax/kernels/qmatmul/_rows.py`)."""
+  import re
+
+  from lora_jax.kernels.qmatmul import triton_compile as tc
+  (kernel,) = tc.triton_kernels(call, x, w)
+  text = jax.jit(lambda x, w: call(x, w)).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+  scalar_to_1d = re.findall(r"stablehlo\.reshape .*: \(tensor<f32>\) -> tensor<1xf32>", text)
+  assert text.count("stablehlo.reshape") >= len(scalar_to_1d)
+  ops = set(re.findall(r"stablehlo\.(\w+)", text)) - {"constant"}
+  if text.count("stablehlo.reshape") == len(scalar_to_1d):
+    ops.discard("reshape")
+  dtype = {"bfloat16": "bf16", "float16": "f16"}[str(x.dtype)]
+  x_loads = re.findall(rf"tt\.load (.*) : tensor<\d+x\d+x!tt\.ptr<{dtype}>>", kernel["ir"])
+  stores = re.findall(r"tt\.store (.*) :", kernel["ir"])
+  return ops, [a.count(",") == 2 for a in x_loads], [a.count(",") == 2 for a in stores]  # ptr, mask, other / value

@@ -14,7 +14,7 @@ from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, _choose, qmatmul, qmatmul_
 from lora_jax.kernels.qmatmul import cpu
 from lora_jax.quant import quantize
 from lora_jax.testing import assert_allclose, random_qtensor
-from tests.conftest import sm90_or_skip_version_skew
+from tests.conftest import cuda_ops_and_masks, sm90_or_skip_version_skew
 
 
 def _q(fmt, k, n, block):
@@ -238,6 +238,28 @@ def test_pallas_lowers_to_triton_for_cuda(m, k, n, fmt, block, dt):
     assert calls == {"__gpu$xla.gpu.triton"}, calls
 
 
+@pytest.mark.parametrize("fmt,block", [("int4_sym", 64), ("q4_1", 32), ("nf4_dq", 64)])
+def test_a_tensor_core_call_is_one_kernel(fmt, block):
+  """Lowered for CUDA, a tensor-core call is the Triton kernel and nothing else: x is read as the caller holds it
+  (a partial tile's rows masked; each block's even and odd columns split in registers), the result stored in its
+  m rows, so no XLA op pads x, splits its columns or slices the result; with split_k > 1, one reduction adds the
+  partial tiles. The multiply-reduce (``dot="fma"``) reads x with strided loads, which take no mask in interpret
+  mode: one row is one kernel, a few rows pad x first."""
+  from lora_jax.kernels import BlockSizes
+  w = _abstract_q(fmt, 1024, 256, block)
+  x = lambda m: jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16)
+  for m, split in ((1, 1), (5, 1), (16, 1), (40, 1), (5, 2)):
+    ops, loads, stores = cuda_ops_and_masks(lambda x, w: qmatmul_pallas(x, w, blocks=BlockSizes(split_k=split)),
+                                            x(m), w)
+    assert ops == ({"custom_call"} if split == 1 else {"custom_call", "reduce", "add"}), (m, split, ops)
+    partial = m % (16 if m <= 16 else 64) != 0
+    assert loads and all(masked == partial for masked in loads + stores) and len(stores) == 1, (m, loads, stores)
+  for m in (1, 3):
+    ops, _, stores = cuda_ops_and_masks(lambda x, w: qmatmul_pallas(x, w, blocks=BlockSizes(dot="fma", split_k=1)),
+                                        x(m), w)
+    assert (ops == {"custom_call"} if m == 1 else {"custom_call", "pad"} <= ops) and stores == [m == 3], (m, ops)
+
+
 COMPILE_CASES = [c for c in LOWER_CASES if c[0] != 300 or c[3] in ("nf4", "q4_1")]
 
 
@@ -269,8 +291,8 @@ def _sm90_loop(fmt, m, blocks, k=4096, n=4096):
 
 
 @pytest.mark.parametrize("m", [2, 4, 8])
-def test_sm90_compiles_a_padded_tile_storing_fewer_rows(m):
-  """Tensor-core tiles of 16 rows that store 2, 4 or 8 (`stored_rows`: the split of the accumulator lowers)."""
+def test_sm90_compiles_a_partial_tile(m):
+  """Tensor-core tiles of 16 rows holding 2, 4 or 8 rows of x: the masked loads and store compile."""
   pytest.importorskip("triton", reason="the triton package (test extra) is not installed")
   from lora_jax.kernels import BlockSizes
   r = _sm90_loop("int4_asym", m, BlockSizes(rescale="partial", split_k=2))
@@ -437,11 +459,10 @@ def test_pallas_conversion_and_rescale_variants(fmt, lookup, convert, rescale, d
 
 @pytest.mark.parametrize("fmt,m,dt,prefetch", [("q4_1", 17, jnp.float16, 1), ("nf4_dq", 2, jnp.float16, 0),
                                                ("int4_asym", 33, jnp.float32, 1), ("int4_sym", 8, jnp.float32, 0)])
-def test_partial_rescale_with_fused_lora_prefetch_and_stored_rows(fmt, m, dt, prefetch):
-  """rescale="partial" with the fused LoRA term, loads a step ahead, f16 activations, and row counts that store a
-  power of two below the padded tile (2, 8, 17 -> 32 of 64) or whole tiles (33 -> 64)."""
+def test_partial_rescale_with_fused_lora_prefetch_and_partial_tiles(fmt, m, dt, prefetch):
+  """rescale="partial" with the fused LoRA term, loads a step ahead, f16 activations, and row counts that leave a
+  partial tile (2 and 8 of 16, 17 of 32, 33 of 64: its rows masked on load and store)."""
   from lora_jax.kernels import BlockSizes
-  from lora_jax.kernels.qmatmul.pallas_gpu import stored_rows
   block = 64 if fmt.startswith("nf4") or fmt == "int4_asym" else 32
   w = random_qtensor(fmt.removesuffix("_dq"), 1024, 128, block, double_quant=fmt == "nf4_dq")
   x = jax.random.normal(jax.random.key(m), (m, 1024))
@@ -449,7 +470,7 @@ def test_partial_rescale_with_fused_lora_prefetch_and_stored_rows(fmt, m, dt, pr
   b = jax.random.normal(jax.random.key(8), (8, 128)) * 0.1
   blocks = BlockSizes(bk=2, split_k=2, convert="magic", rescale="partial", prefetch=prefetch)
   bm = blocks.for_shape(m, 128, 1024, block).bm
-  assert stored_rows(m, bm) == {2: 2, 8: 8, 17: 32, 33: 64}[m]
+  assert bm == {2: 16, 8: 16, 17: 32, 33: 64}[m]
   with jax.default_matmul_precision("highest"):
     want = qmatmul_reference(x, w) + low @ b
     got = qmatmul_lora_pallas(x.astype(dt), w, low, b, blocks=blocks, interpret=True)

@@ -2,7 +2,7 @@
 
 A `QTensor` stores its codes as (K/2, N) bytes: a column's codes lie N bytes apart. A tensor-core kernel over that
 layout moves every dequantized weight tile through shared memory into the dot's register layout (on sm_90 the
-best such variant, magic16 + partial scaling, takes 6.6-7.0 machine instructions per weight, 0.8 of them
+best such variant, magic16 + partial scaling, takes 6.3 machine instructions per weight, 0.7 of them
 shared-memory loads; `benchmarks/pallas_compile_sm90.py`). `KMajor` holds the same codes as (N, K/8) uint32
 words: each column's codes contiguous along K, and within each quantization block in the order in which the
 threads of a Hopper warpgroup dot hold a register operand (`nibble_order`). The kernel computes the transposed
@@ -26,7 +26,7 @@ mode runs the same operations in jnp. The (bn × bm) product of each quantizatio
 sums are float32.
 
 Compiled for sm_90, int4 in blocks of 64 at 1 or 16 rows (4096 × 14336): 2.84-2.87 instructions per weight under
-`pallas_gpu.KMAJOR` (bn 128), 2.39-2.41 at bn 256, against 6.56-6.95 for magic16 + partial and 3.68 for the one-row
+`pallas_gpu.KMAJOR` (bn 128), 2.39-2.41 at bn 256, against 6.33-6.34 for magic16 + partial and 3.68 for the one-row
 ``dot="words"`` kernel (benchmarks/results/pallas_compile_sm90.json, variants "K-major"): half a LOP3 and half an
 HFMA2 per weight, 0.38 shifts, a quarter FFMA for the block scale. (Written as jnp operations the mask and the OR
 with two constants compile to two LOP3s, 3.33 per weight; a magic passed at run time, which folds them into one,
@@ -37,8 +37,8 @@ has no affine map, so each word's 8 codes are looked up by byte permutes over th
 (`nf4_prmt.KMAJOR_PROGRAM`, emitted by `nf4_prmt.ptx_kmajor`: 24 instructions per word, 14 of them permutes,
 the table words kept in registers for the whole loop; each register pair's two codes adjacent in the word,
 `NF4_WORD_SLOTS`), the table rounded once to the 16-bit type as the QTensor kernel's "prmt" lookup does:
-4.59-4.62 instructions per weight at 1 or 16 rows, against 8.70-9.00 for the best QTensor NF4 policy
-(prmt + partial) and 11.3 / 27.3 for the defaults.
+4.59-4.62 instructions per weight at 1 or 16 rows, against 8.27-8.33 for the best QTensor NF4 policy
+(prmt + partial) and 11.3 / 26.7 for the defaults.
 Float32 activations are not taken (the register operand is 16-bit; rounding x would lose precision).
 """
 
@@ -54,7 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from ...quant._qtensor import DQ_GROUP, OFFSET_FORMATS, Blocks4bit, QTensor, nf4_values, pack, unpack
-from . import nf4_prmt
+from . import _rows, nf4_prmt
 
 AFFINE_FORMATS = ("int4_sym", "int4_asym", "q4_0", "q4_1")
 FORMATS = AFFINE_FORMATS + ("nf4",)
@@ -266,9 +266,8 @@ def kernel(x_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, st
   docstring); the transposed tile stored at the end. ``lora_tile(low_ref, b_ref)`` gives the LoRA term's (bm × bn)
   tile.
 
-  x is read as the caller holds it, (m, K) rows: the rows of a tile beyond the m-th are masked off on load (read
-  as zeros, never fetched) and on store (never written), so the call needs no XLA op to pad or transpose x, nor
-  one to slice the padding off the result. The offset formats sum each block's x tile in the kernel, for
+  x is read as the caller holds it, (m, K) rows, the rows of a partial tile masked on load and store (`_rows`),
+  so the call needs no XLA op to pad or transpose x, nor one to slice the padding off the result. The offset formats sum each block's x tile in the kernel, for
   ``offset · Σx``, by a second tensor-core dot: a (bn × B) tile of ones times the x tile. Compiled for sm_90
   (4096 × 14336, 1 or 16 rows), q4_1 in blocks of 32 takes 5.2 instructions per weight that way, against 5.8 with
   a reduction of the x tile across threads and 4.8 with the sums formed by an XLA op before the call (one more
@@ -283,11 +282,9 @@ def kernel(x_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, st
   low_ref, b_ref = (rest.pop(0), rest.pop(0)) if lora else (None, None)
   (o_ref,) = rest
   bn, bm = codes_ref.shape[0], x_ref.shape[0]
+  rows = _rows.Rows(m, bm)  # the rows of a partial tile masked on load and store
   minus = 8.0 if fmt in ("int4_sym", "q4_0") else 0.0
   first = pl.program_id(2) * steps
-  valid = m - pl.program_id(0) * bm  # rows of this tile that hold rows of x: all bm but in a last, partial tile
-  masked = m % bm != 0
-  row_mask = lambda cols: jax.lax.broadcasted_iota(jnp.int32, (bm, cols), 0) < valid
   if dq:  # column indices, for the flat index (block · N + column) of each scale's second-level group
     cols = pl.program_id(1) * bn + jax.lax.broadcasted_iota(jnp.int32, (bn, 1), 0)
 
@@ -310,8 +307,7 @@ def kernel(x_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, st
     step_of = lambda s: jnp.stack([pair(s), pair(s + 4)], axis=-1)  # (..., 2 e, 2 nu): +8 rows in the high nibble
     w = jnp.stack([step_of(0), step_of(8)], axis=-1)  # (bn, t, w', e, nu, b mod 2)
     w = w.transpose(0, 2, 5, 4, 1, 3).reshape(bn, block)  # row 16·(2w' + b mod 2) + 8·nu + 2t + e
-    x_tile = x_ref.at[:, pl.ds(g * block, block)]
-    xt = (pltriton.load(x_tile, mask=row_mask(block), other=0) if masked else x_tile[...]).T  # (B, bm)
+    xt = rows.load(x_ref.at[:, pl.ds(g * block, block)]).T  # (B, bm)
     part = jnp.dot(w, xt, preferred_element_type=jnp.float32)
     sc, off = params() if callable(params) else params
     acc = acc + part * sc
@@ -342,10 +338,7 @@ def kernel(x_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, st
   acc = acc.T
   if lora:
     acc += lora_tile(low_ref, b_ref)
-  if masked:
-    pltriton.store(o_ref, acc, mask=row_mask(bn))
-  else:
-    o_ref[...] = acc
+  rows.store(o_ref, acc)
 
 
 __all__ = ["AFFINE_FORMATS", "FORMATS", "KMajor", "NF4_WORD_SLOTS", "as_qtensor", "check", "kernel", "magic_word",

@@ -5,8 +5,9 @@ that share `bk` quantization blocks per loop step: for each block it loads the p
 the per-block scale (and offset) row, unpacks the low and high nibbles (even and odd rows of K), maps codes to
 values in registers, and accumulates ``x_even · W_even + x_odd · W_odd`` in float32. Everything a call needs
 happens in the one kernel, plus, with split_k > 1, one XLA reduction that sums the float32 partial tiles
-(deterministic, unlike atomics), and, for tensor-core dots, one XLA op that pads the activation to bm rows and
-splits its even and odd columns:
+(deterministic, unlike atomics). The kernel reads x as the caller holds it, (m, K), and stores the m rows of the
+result: the rows of a partial row tile are masked on load and store (`_rows`), so no XLA op pads x or slices the
+result (but for the CUDA-core paths' few rows below):
 
 * double-quantized NF4 scales are formed per block from their int8 codes and second-level scales (a gather of one
   float per 256 blocks), so the call reads 1 byte per scale, not a float32 copy made by a separate XLA op;
@@ -15,14 +16,17 @@ splits its even and odd columns:
   formats are an affine map, their codes turned into floats by a conversion instruction or by bit operations
   (`BlockSizes.convert`); the scale multiplies each weight or, with tensor-core dots, each block's partial
   product (`BlockSizes.rescale`);
-* the products run on tensor cores (``dot="mma"``: bm >= 16, M padded to it; the activation's even and odd
-  columns split outside, the layout of the first H200 run, where int4 at M = 16 ran 1.2-1.5x faster than the
-  second run's strided loads in the kernel, though under different tile policies) or, for a few rows, as a
-  multiply-reduce on the CUDA cores (``dot="fma"``: bm = M rounded up to a power of two, no 16-row padding of the
-  activation or of the partial tiles; x read with strided loads; W stays float32), or, for one or two rows of
-  an int4 / GGUF weight, as multiply-adds over whole 32-bit words of codes (``dot="words"``, `_words_kernel`:
-  each code a float by one masked OR, ~3.7 machine instructions per weight at one row against 6.5 for the best
-  tensor-core variant; not yet timed on a GPU).
+* the products run on tensor cores (``dot="mma"``: bm >= 16; each block's x tile loaded in one piece and its
+  even and odd columns split in registers. The first H200 run split them with XLA ops before the call and ran
+  int4 at M = 16 1.2-1.5x faster than the second run's strided loads in the kernel, though under different tile
+  policies; the split in registers has not run on a GPU: on sm_90 it takes fewer machine instructions than
+  either, 8.7 per weight for int4's default against 9.1-9.4 with the split outside) or, for a few rows, as a
+  multiply-reduce on the CUDA cores (``dot="fma"``: bm = M rounded up to a power of two, x read with strided
+  loads, which take no mask in interpret mode, so x is padded to bm rows when M is not a power of two; W stays
+  float32), or, for one or two rows of an int4 / GGUF weight, as multiply-adds over whole 32-bit words of codes
+  (``dot="words"``, `_words_kernel`: each code a float by one masked OR, ~3.7 machine instructions per weight at
+  one row against 6.3 for the best tensor-core variant; its activation prepared by XLA ops; not yet timed on a
+  GPU).
 
 A weight in the K-major layout (`kmajor.KMajor`) runs that module's kernel instead, over the same grid
 and `BlockSizes` (its tiling fields; default `KMAJOR`): the weight tile as the register operand of a warpgroup
@@ -56,8 +60,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from ...quant._qtensor import DQ_GROUP, NF4_TABLE, OFFSET_FORMATS, QTensor, nf4_values
+from . import _rows, nf4_prmt
 from . import kmajor as _kmajor
-from . import nf4_prmt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +76,8 @@ class BlockSizes:
     to reach its bandwidth).
   * ``split_k``: programs along K, whose float32 partial tiles are summed afterwards (None: doubled while there are
     fewer than `min_programs` programs, each keeps >= 4 steps, and the partial sums' traffic, written and read
-    back, 8·split_k·R·N bytes, stays within 1/8 of the packed codes' K·N/2; R = the rows stored, `stored_rows`).
+    back, 8·split_k·R·N bytes, stays within 1/8 of the packed codes' K·N/2; R = the rows stored: M, or for
+    ``dot="words"`` M padded to whole tiles).
   * ``dot``: "mma" (tensor cores) or "fma" (multiply-reduce on CUDA cores; for one or a few rows: its float32
     accumulator holds bm·B/2·bn values; Triton 3.5 spills at 64 per thread, e.g. one row, bn 128, 2 warps) or
     "words" (multiply-add on CUDA cores over whole 32-bit words of codes, for one or a few rows of an affine
@@ -153,7 +158,8 @@ class BlockSizes:
     if split is None:
       row_tiles = -(-m // self.bm)
       programs = row_tiles * (n // self.bn)
-      rows = row_tiles * stored_rows(m, self.bm)
+      rows = row_tiles * self.bm if self.dot == "words" else m  # rows of each partial result: the words kernel's
+      # activation is padded to whole tiles, the others store m
       split = 1
       while (programs * split < self.min_programs and steps % (2 * split) == 0 and steps // (2 * split) >= 4
              and 8 * (2 * split) * rows <= k // 2 // 8):  # partial sums' bytes <= 1/8 of the packed codes'
@@ -190,19 +196,13 @@ def default_blocks(m: int, fmt: str, block_size: int = 64, kmajor: bool = False)
   in blocks of 64, else tensor-core dots with `BlockSizes`' defaults: the first H200 run's configuration (29-77 us
   for int4 at M = 1 on the benchmark's shapes). For int4 at one row the second run's sweep found no clear winner:
   its best (tensor cores, bn 128, bk 4) took 0.90x the then-default multiply-reduce's total time, and longer on
-  one of the two shapes. Since those runs, a tile padded to 16 rows stores only m rounded up to a power of two
-  (`stored_rows`), so the partial-sum bound lets a few rows split K further than the runs did (8 ways instead of 2
-  at 4096 x 4096 for one row: 512 programs on 132 SMs instead of 128); not yet timed. A K-major weight
+  one of the two shapes. Since those runs, a tile stores only the call's rows (the rest of a 16-row tile is
+  masked), so the partial-sum bound lets a few rows split K further than the runs did (8 ways instead of 2 at
+  4096 x 4096 for one row: 512 programs on 132 SMs instead of 128); not yet timed. A K-major weight
   (``kmajor``) gets `KMAJOR`, above 16 rows `KMAJOR_ROWS`."""
   if kmajor:
     return KMAJOR if m <= 16 else KMAJOR_ROWS
   return DECODE_NF4 if (m, fmt, block_size) == (1, "nf4", 64) else BlockSizes()
-
-
-def stored_rows(m: int, bm: int) -> int:
-  """Output rows each program stores for m rows in tiles of bm: bm, or, when one tile holds all m rows (tensor-core
-  dots pad up to 16 of them), m rounded up to a power of two: the padding rows are never written to memory."""
-  return min(bm, _pow2_at_least(m))
 
 
 def _pow2_divisor(n: int, at_most: int) -> int:
@@ -290,18 +290,33 @@ def _lora_tile(low_ref, b_ref, dot: str):
   return jnp.where(pl.program_id(2) == 0, tile, jnp.zeros_like(tile))
 
 
-def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, gather: bool, lora: bool,
-            dot: str, prefetch: bool, convert: str, rescale: str, prmt=None, interpret: bool = False):
+def _kernel(*refs, fmt: str, block: int, m: int, x_rows: int, n: int, bk: int, steps: int, dq: bool, gather: bool,
+            lora: bool, dot: str, prefetch: bool, convert: str, rescale: str, prmt=None, interpret: bool = False):
+  """One (bm × bn) tile of the m-row result over its share of K (module docstring). x has `x_rows` rows: m as the
+  caller holds it (tensor-core dots: a partial tile's rows masked, `_rows`), or m padded to whole tiles (the
+  multiply-reduce, whose strided loads take no mask in interpret mode); the result's m rows are stored."""
   rest = list(refs)
   half = block // 2
-  if dot == "mma":  # the even and odd columns of x, split outside
-    xe_ref, xo_ref = rest.pop(0), rest.pop(0)
-    x_even = lambda g: xe_ref[:, pl.ds(g * half, half)]
-    x_odd = lambda g: xo_ref[:, pl.ds(g * half, half)]
-  else:  # x as it is, read with strided loads
-    x_ref = rest.pop(0)
-    x_even = lambda g: x_ref[:, pl.ds(g * block, half, stride=2)]
-    x_odd = lambda g: x_ref[:, pl.ds(g * block + 1, half, stride=2)]
+  x_ref = rest.pop(0)
+  bm = x_ref.shape[0]
+  rows, x_tile = _rows.Rows(m, bm), _rows.Rows(x_rows, bm)
+
+  def x_columns(g):
+    """Thunks for block g's even and odd columns of x, (bm, B/2) each: for tensor-core dots one contiguous load
+    (made by whichever thunk runs first), its columns split in registers; for the multiply-reduce one strided
+    load each, made where its values are first needed."""
+    if dot != "mma":
+      return (lambda: x_tile.load(x_ref.at[:, pl.ds(g * block, half, stride=2)]),
+              lambda: x_tile.load(x_ref.at[:, pl.ds(g * block + 1, half, stride=2)]))
+    split = []
+
+    def column(i):
+      if not split:
+        t = x_tile.load(x_ref.at[:, pl.ds(g * block, block)]).reshape(bm, half, 2)
+        split.extend(v.reshape(bm, half) for v in jax.lax.split(t, (1, 1), axis=2))
+      return split[i]
+    return (lambda: column(0)), (lambda: column(1))
+
   codes_ref, scale_ref = rest.pop(0), rest.pop(0)
   offset_ref = rest.pop(0) if fmt in OFFSET_FORMATS else None
   dq_ref, dq_offset_ref = (rest.pop(0), rest.pop(0)) if dq else (None, None)
@@ -321,11 +336,10 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
 
   def loads(g):
     """Block g's loads, each deferred (a thunk): its packed codes, scale row, second-level scales, offset row, and
-    the activation's even and odd columns (None: not in this format)."""
+    the activation's even and odd columns (None: not in this format; `x_columns`)."""
     return (lambda: codes_ref[pl.ds(g * half, half), :], lambda: scale_ref[pl.ds(g, 1), :],
             (lambda: dq_ref[(g * n + cols) // DQ_GROUP]) if dq else None,
-            (lambda: offset_ref[pl.ds(g, 1), :]) if offset_ref is not None else None,
-            lambda: x_even(g), lambda: x_odd(g))
+            (lambda: offset_ref[pl.ds(g, 1), :]) if offset_ref is not None else None, *x_columns(g))
 
   def add_block(acc, codes, scale, dq_scale, offset, xe, xo):
     """acc + one block's product. Each load happens where its value is first needed (for `step`, the order the
@@ -369,7 +383,6 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
       acc = add_block(acc, *((lambda v=v: v) if v is not None else None for v in values))
     return acc, issue(jnp.minimum(t + 1, steps - 1))  # the last step reloads itself
 
-  bm = x_ref.shape[0] if dot == "fma" else xe_ref.shape[0]
   acc = jnp.zeros((bm, half, bn) if dot == "fma" else (bm, bn), jnp.float32)
   if prefetch:
     acc, _ = jax.lax.fori_loop(0, steps, prefetched_step, (acc, issue(0)))
@@ -379,10 +392,7 @@ def _kernel(*refs, fmt: str, block: int, n: int, bk: int, steps: int, dq: bool, 
     acc = jnp.sum(acc, axis=1)
   if lora:
     acc += _lora_tile(low_ref, b_ref, dot)
-  rows = o_ref.shape[-2]
-  if rows < bm:  # the first `stored_rows` rows only: the rest is padding
-    acc = jnp.split(acc, bm // rows, axis=0)[0]
-  o_ref[...] = acc.reshape(o_ref.shape)
+  rows.store(o_ref, acc)
 
 
 _WORDS_MAGIC = 0x43800000  # float32 bits of 256.0: its ulp is 2^-15, so mantissa bits 15-22 hold integers
@@ -423,7 +433,7 @@ def _words_kernel(x_ref, codes_ref, scale_ref, *refs, block: int, bk: int, steps
   ``t = x_even·(256 + q_lo) + (x_odd/16)·(256 + 16·q_hi) - c = x_even·(q_lo - minus) + x_odd·(q_hi - minus)``
   (two FFMAs), scaled per column into an elementwise accumulator (a third), which is reduced over rows once,
   after the loop; the offset formats add each block's ``offset · Σx`` once per column. Compiled for sm_90 that is
-  about 3.6 machine instructions per weight at one row (`benchmarks/pallas_compile_sm90.py`), against 6.5 for the
+  about 3.7 machine instructions per weight at one row (`benchmarks/pallas_compile_sm90.py`), against 6.3 for the
   best tensor-core variant. Float32 throughout: bf16 / f16 activations are widened outside. The magic's offset
   cancels in float32 arithmetic whose operands are ~256/8 times the weights' codes, which costs about 5 bits of
   the sum's 24 (the interpret-mode tests hold it to the composite tolerance)."""
@@ -545,17 +555,15 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
   steps = nb // (bk * split)
   mp = -(-m // bs.bm) * bs.bm
   whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
-  if kmajor:  # reads x as it is: its kernel masks the rows of a partial tile
+  if kmajor:
     return _pallas_kmajor(x2, w, low, b, bs, m, mp, split, lead, steps, whole, interpret)
-  if mp != m:
-    x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
   tile = lambda rows: pl.BlockSpec((rows, bs.bn), lambda i, j, s: (0, j))
   rows = lambda cols: pl.BlockSpec((bs.bm, cols), lambda i, j, s: (i, 0))
   if bs.dot == "words":
     if w.fmt == "nf4":
       raise ValueError(f"dot='words' turns codes into floats by an affine map: it takes int4 and GGUF formats, "
                        f"not {w.fmt} (use dot='fma' or 'mma')")
-    xw, x_blocks = _words_inputs(x2, w.fmt, w.block_size)
+    xw, x_blocks = _words_inputs(jnp.pad(x2, ((0, mp - m), (0, 0))) if mp != m else x2, w.fmt, w.block_size)
     in_specs = [pl.BlockSpec((bs.bm,) + xw.shape[1:], lambda i, j, s: (i, 0, 0)), tile(k // 2), tile(nb)]
     args = [xw, w.codes, w.scale]
     if w.offset is not None:
@@ -567,10 +575,9 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
     kernel = functools.partial(_words_kernel, block=w.block_size, bk=bk, steps=steps, offset=w.offset is not None,
                                lora=low is not None)
     return _launch(kernel, w, low, b, bs, in_specs, args, m, mp, split, lead, interpret)
-  if bs.dot == "mma":
-    in_specs, args = [rows(k // 2), rows(k // 2)], [x2[:, 0::2], x2[:, 1::2]]
-  else:
-    in_specs, args = [rows(k)], [x2]
+  if bs.dot == "fma" and mp != m:  # strided loads: x padded to whole tiles (the kernel masks only the store)
+    x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
+  in_specs, args = [rows(k)], [x2]  # mma: as it is; the kernel masks a partial tile's rows, splits its columns
   in_specs += [tile(k // 2), tile(nb)]
   args += [w.codes, w.scale]  # double-quantized NF4: int8 scale codes, formed into floats in the kernel
   if w.offset is not None:
@@ -595,10 +602,11 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
     words = jnp.asarray([nf4_prmt.table_words(prmt)[k] for k in nf4_prmt.REGISTER_WORDS], jnp.uint32)
     in_specs.append(whole(words))
     args.append(words)
-  kernel = functools.partial(_kernel, fmt=w.fmt, block=w.block_size, n=n, bk=bk, steps=steps, dq=dq, gather=gather,
-                             lora=low is not None, dot=bs.dot, prefetch=bool(bs.prefetch), convert=bs.convert,
-                             rescale=bs.rescale, prmt=prmt, interpret=interpret)
-  return _launch(kernel, w, low, b, bs, in_specs, args, m, mp, split, lead, interpret)
+  kernel = functools.partial(_kernel, fmt=w.fmt, block=w.block_size, m=m, x_rows=x2.shape[0], n=n, bk=bk,
+                             steps=steps, dq=dq, gather=gather, lora=low is not None, dot=bs.dot,
+                             prefetch=bool(bs.prefetch), convert=bs.convert, rescale=bs.rescale, prmt=prmt,
+                             interpret=interpret)
+  return _launch(kernel, w, low, b, bs, in_specs, args, m, mp, split, lead, interpret, exact_rows=True)
 
 
 def _pallas_kmajor(x2, w: _kmajor.KMajor, low, b, bs: BlockSizes, m, mp, split, lead, steps, whole, interpret):
@@ -629,8 +637,8 @@ def _pallas_kmajor(x2, w: _kmajor.KMajor, low, b, bs: BlockSizes, m, mp, split, 
 def _launch(kernel, w: QTensor, low, b, bs: BlockSizes, in_specs, args, m, mp, split, lead, interpret,
             exact_rows: bool = False):
   """The pallas_call over the (row tiles, column tiles, split_k) grid: the LoRA term's inputs appended to the
-  kernel's, the output tiles stored (`stored_rows`; ``exact_rows``: the kernel stores only the m rows, into an
-  (m, N) result), the split partial tiles summed."""
+  kernel's, the output tiles stored (``exact_rows``: the kernel stores only the m rows, into an (m, N) result;
+  else whole tiles, sliced to m after), the split partial tiles summed."""
   n = w.shape[1]
   in_specs, args = list(in_specs), list(args)
   lora = low is not None
@@ -641,9 +649,8 @@ def _launch(kernel, w: QTensor, low, b, bs: BlockSizes, in_specs, args, m, mp, s
     in_specs += [pl.BlockSpec((bs.bm, rp), lambda i, j, s: (i, 0)),
                  pl.BlockSpec((rp, bs.bn), lambda i, j, s: (0, j))]
     args += [low2, jnp.pad(b.astype(jnp.float32), ((0, rp - r), (0, 0)))]
-  rows = bs.bm if exact_rows else stored_rows(m, bs.bm)
-  # rows of the output: m, padded to a power of two within one tile, or to tiles of bm (exact_rows: m)
-  mo = m if exact_rows else mp // bs.bm * rows
+  rows = bs.bm
+  mo = m if exact_rows else mp  # rows of the output
   if split == 1:
     out_shape, out_spec = (mo, n), pl.BlockSpec((rows, bs.bn), lambda i, j, s: (i, j))
   else:  # one float32 partial tile per split, summed below
