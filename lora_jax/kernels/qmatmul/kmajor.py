@@ -267,8 +267,9 @@ def kernel(x_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, st
   tile.
 
   x is read as the caller holds it, (m, K) rows, the rows of a partial tile masked on load and store (`_rows`),
-  so the call needs no XLA op to pad or transpose x, nor one to slice the padding off the result. The offset formats sum each block's x tile in the kernel, for
-  ``offset · Σx``, by a second tensor-core dot: a (bn × B) tile of ones times the x tile. Compiled for sm_90
+  so the call needs no XLA op to pad or transpose x, nor one to slice the padding off the result. The offset
+  formats sum each block's x tile in the kernel, for ``offset · Σx``, by a second tensor-core dot: a (bn × B)
+  tile of ones times the x tile. Compiled for sm_90
   (4096 × 14336, 1 or 16 rows), q4_1 in blocks of 32 takes 5.2 instructions per weight that way, against 5.8 with
   a reduction of the x tile across threads and 4.8 with the sums formed by an XLA op before the call (one more
   kernel per call); in blocks of 64, 4.4, 4.1 and 3.6.
@@ -296,7 +297,7 @@ def kernel(x_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, st
       sc = sc * dq_ref[(g * n + cols) // DQ_GROUP] + dq_offset_ref[0]
     return sc, offset_ref[:, pl.ds(g, 1)].astype(jnp.float32) if offset_ref is not None else None
 
-  def add_block(g, acc, params):
+  def add_block(g, acc, params=None):  # params: block g's, loaded a step ahead (None: loaded here, after the dot)
     word = codes_ref[:, pl.ds(g * (block // 8), block // 8)].reshape(bn, 4, block // 32)  # thread t's words
 
     def pair(shift):  # one register pair per word: rows (r, r + 1) as (low half, high half), minus subtracted
@@ -309,7 +310,7 @@ def kernel(x_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, st
     w = w.transpose(0, 2, 5, 4, 1, 3).reshape(bn, block)  # row 16·(2w' + b mod 2) + 8·nu + 2t + e
     xt = rows.load(x_ref.at[:, pl.ds(g * block, block)]).T  # (B, bm)
     part = jnp.dot(w, xt, preferred_element_type=jnp.float32)
-    sc, off = params() if callable(params) else params
+    sc, off = params if params is not None else block_params(g)
     acc = acc + part * sc
     if off is not None:  # sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k
       # Σx over the block for each row of x, as a (bn × bm) tile (every row alike), from the tensor cores
@@ -321,7 +322,7 @@ def kernel(x_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, st
 
   def step(t, acc):  # each block's parameters loaded where they are used
     for g in blocks_of(t):
-      acc = add_block(g, acc, lambda g=g: block_params(g))
+      acc = add_block(g, acc)
     return acc
 
   def prefetched_step(t, carry):  # step t on parameters loaded a step earlier; then step t + 1's, loaded now
