@@ -113,7 +113,6 @@ def cuda_ops_and_masks(call, x, w):
   (kernel,) = tc.triton_kernels(call, x, w)
   text = jax.jit(lambda x, w: call(x, w)).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
   scalar_to_1d = re.findall(r"stablehlo\.reshape .*: \(tensor<f32>\) -> tensor<1xf32>", text)
-  assert text.count("stablehlo.reshape") >= len(scalar_to_1d)
   ops = set(re.findall(r"stablehlo\.(\w+)", text)) - {"constant"}
   if text.count("stablehlo.reshape") == len(scalar_to_1d):
     ops.discard("reshape")

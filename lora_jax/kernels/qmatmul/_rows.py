@@ -20,7 +20,6 @@ class Rows:
   level, outside its loops (it reads the program id)."""
 
   def __init__(self, m: int, bm: int):
-    self.bm = bm
     self.partial = m % bm != 0  # known when tracing: only then are loads and stores masked
     self.valid = m - pl.program_id(0) * bm if self.partial else None  # rows of this tile that hold rows of x
 

@@ -54,7 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from ...quant._qtensor import DQ_GROUP, OFFSET_FORMATS, Blocks4bit, QTensor, nf4_values, pack, unpack
-from . import _rows, nf4_prmt
+from . import _kloop, _rows, nf4_prmt
 
 AFFINE_FORMATS = ("int4_sym", "int4_asym", "q4_0", "q4_1")
 FORMATS = AFFINE_FORMATS + ("nf4",)
@@ -320,23 +320,13 @@ def kernel(x_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, st
 
   blocks_of = lambda t: [(first + t) * bk + u for u in range(bk)]
 
-  def step(t, acc):  # each block's parameters loaded where they are used
-    for g in blocks_of(t):
-      acc = add_block(g, acc)
+  def step(t, acc, loaded):  # loaded: the blocks' parameters, loaded a step earlier (prefetch), or None
+    for g, params in zip(blocks_of(t), loaded or [None] * bk):
+      acc = add_block(g, acc, params)
     return acc
 
-  def prefetched_step(t, carry):  # step t on parameters loaded a step earlier; then step t + 1's, loaded now
-    acc, params = carry
-    for g, p in zip(blocks_of(t), params):
-      acc = add_block(g, acc, p)
-    return acc, [block_params(g) for g in blocks_of(jnp.minimum(t + 1, steps - 1))]  # the last reloads itself
-
-  acc = jnp.zeros((bn, bm), jnp.float32)
-  if prefetch:
-    acc, _ = jax.lax.fori_loop(0, steps, prefetched_step, (acc, [block_params(g) for g in blocks_of(0)]))
-  else:
-    acc = jax.lax.fori_loop(0, steps, step, acc)
-  acc = acc.T
+  issue = lambda t: [block_params(g) for g in blocks_of(t)]
+  acc = _kloop.k_loop(steps, jnp.zeros((bn, bm), jnp.float32), step, issue if prefetch else None).T
   if lora:
     acc += lora_tile(low_ref, b_ref)
   rows.store(o_ref, acc)

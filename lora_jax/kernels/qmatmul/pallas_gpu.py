@@ -60,7 +60,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from ...quant._qtensor import DQ_GROUP, NF4_TABLE, OFFSET_FORMATS, QTensor, nf4_values
-from . import _rows, nf4_prmt
+from . import _kloop, _rows, nf4_prmt
 from . import kmajor as _kmajor
 
 
@@ -76,8 +76,7 @@ class BlockSizes:
     to reach its bandwidth).
   * ``split_k``: programs along K, whose float32 partial tiles are summed afterwards (None: doubled while there are
     fewer than `min_programs` programs, each keeps >= 4 steps, and the partial sums' traffic, written and read
-    back, 8·split_k·R·N bytes, stays within 1/8 of the packed codes' K·N/2; R = the rows stored: M, or for
-    ``dot="words"`` M padded to whole tiles).
+    back, 8·split_k·M·N bytes, stays within 1/8 of the packed codes' K·N/2).
   * ``dot``: "mma" (tensor cores) or "fma" (multiply-reduce on CUDA cores; for one or a few rows: its float32
     accumulator holds bm·B/2·bn values; Triton 3.5 spills at 64 per thread, e.g. one row, bn 128, 2 warps) or
     "words" (multiply-add on CUDA cores over whole 32-bit words of codes, for one or a few rows of an affine
@@ -158,8 +157,7 @@ class BlockSizes:
     if split is None:
       row_tiles = -(-m // self.bm)
       programs = row_tiles * (n // self.bn)
-      rows = row_tiles * self.bm if self.dot == "words" else m  # rows of each partial result: the words kernel's
-      # activation is padded to whole tiles, the others store m
+      rows = m  # rows of each partial result (`_rows`: a kernel stores only the call's rows)
       split = 1
       while (programs * split < self.min_programs and steps % (2 * split) == 0 and steps // (2 * split) >= 4
              and 8 * (2 * split) * rows <= k // 2 // 8):  # partial sums' bytes <= 1/8 of the packed codes'
@@ -369,25 +367,15 @@ def _kernel(*refs, fmt: str, block: int, m: int, x_rows: int, n: int, bk: int, s
       acc = acc + x_sum * off
     return acc
 
-  def step(t, acc):
-    for g in blocks_of(t):
-      acc = add_block(acc, *loads(g))
+  def step(t, acc, loaded):  # loaded: the step's values, issued a step earlier (prefetch), or None
+    for g, values in zip(blocks_of(t), loaded or [None] * bk):
+      thunks = loads(g) if values is None else ((lambda v=v: v) if v is not None else None for v in values)
+      acc = add_block(acc, *thunks)
     return acc
 
-  def issue(t):  # prefetch: step t's loads, issued now
-    return [tuple(f() if f is not None else None for f in loads(g)) for g in blocks_of(t)]
-
-  def prefetched_step(t, carry):  # step t's arithmetic on loads issued a step earlier, then step t + 1's loads
-    acc, loaded = carry
-    for values in loaded:
-      acc = add_block(acc, *((lambda v=v: v) if v is not None else None for v in values))
-    return acc, issue(jnp.minimum(t + 1, steps - 1))  # the last step reloads itself
-
+  issue = lambda t: [tuple(f() if f is not None else None for f in loads(g)) for g in blocks_of(t)]
   acc = jnp.zeros((bm, half, bn) if dot == "fma" else (bm, bn), jnp.float32)
-  if prefetch:
-    acc, _ = jax.lax.fori_loop(0, steps, prefetched_step, (acc, issue(0)))
-  else:
-    acc = jax.lax.fori_loop(0, steps, step, acc)
+  acc = _kloop.k_loop(steps, acc, step, issue if prefetch else None)
   if dot == "fma":
     acc = jnp.sum(acc, axis=1)
   if lora:
@@ -419,7 +407,8 @@ def _lane(values, b: int):
   return jax.lax.bitcast_convert_type(jnp.sum(jnp.where(lane == b, bits, 0), axis=-1), jnp.float32)
 
 
-def _words_kernel(x_ref, codes_ref, scale_ref, *refs, block: int, bk: int, steps: int, offset: bool, lora: bool):
+def _words_kernel(x_ref, codes_ref, scale_ref, *refs, block: int, m: int, bk: int, steps: int, offset: bool,
+                  lora: bool):
   """``dot="words"``: one or a few rows of an affine format (int4, GGUF) as multiply-adds on CUDA cores over whole
   32-bit words of codes.
 
@@ -444,6 +433,7 @@ def _words_kernel(x_ref, codes_ref, scale_ref, *refs, block: int, bk: int, steps
   (o_ref,) = rest
   half = block // 2
   bm, bn = x_ref.shape[0], codes_ref.shape[-1]
+  out_rows = _rows.Rows(m, bm)  # x comes padded to whole tiles; the result's m rows are stored
   first = pl.program_id(2) * steps
   magic = magic_ref[0]  # a runtime value: a constant would be folded into two LOP3s per code instead of one
 
@@ -482,7 +472,7 @@ def _words_kernel(x_ref, codes_ref, scale_ref, *refs, block: int, bk: int, steps
   res = res.reshape(bm, bn)
   if lora:
     res += _lora_tile(low_ref, b_ref, "words")
-  o_ref[...] = res.reshape(o_ref.shape)  # bm = M rounded up to a power of two: every row is stored
+  out_rows.store(o_ref, res)
 
 
 def _words_inputs(x2, fmt: str, block: int):
@@ -572,8 +562,8 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
     magic = jnp.asarray([_WORDS_MAGIC], jnp.uint32)
     in_specs.append(whole(magic))
     args.append(magic)
-    kernel = functools.partial(_words_kernel, block=w.block_size, bk=bk, steps=steps, offset=w.offset is not None,
-                               lora=low is not None)
+    kernel = functools.partial(_words_kernel, block=w.block_size, m=m, bk=bk, steps=steps,
+                               offset=w.offset is not None, lora=low is not None)
     return _launch(kernel, w, low, b, bs, in_specs, args, m, mp, split, lead, interpret)
   if bs.dot == "fma" and mp != m:  # strided loads: x padded to whole tiles (the kernel masks only the store)
     x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
@@ -585,9 +575,8 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
     args.append(w.offset)
   dq = w.double_quantized
   if dq:
-    dq_args = [w.dq_scale.astype(jnp.float32), jnp.reshape(w.dq_offset, (1,)).astype(jnp.float32)]
-    in_specs += [whole(a) for a in dq_args]
-    args += dq_args
+    dq_specs, dq_args = _dq_inputs(w, whole)
+    in_specs, args = in_specs + dq_specs, args + dq_args
   gather = w.fmt == "nf4" and bs.lookup == "gather"
   if gather:
     table = jnp.asarray(NF4_TABLE, jnp.float32)
@@ -606,7 +595,14 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
                              steps=steps, dq=dq, gather=gather, lora=low is not None, dot=bs.dot,
                              prefetch=bool(bs.prefetch), convert=bs.convert, rescale=bs.rescale, prmt=prmt,
                              interpret=interpret)
-  return _launch(kernel, w, low, b, bs, in_specs, args, m, mp, split, lead, interpret, exact_rows=True)
+  return _launch(kernel, w, low, b, bs, in_specs, args, m, mp, split, lead, interpret)
+
+
+def _dq_inputs(w, whole):
+  """A double-quantized NF4's second-level scales and offset as the kernels read them, each whole (`whole`: its
+  BlockSpec): float32, the scalar offset as one element (one float per 256 blocks: small)."""
+  args = [w.dq_scale.astype(jnp.float32), jnp.reshape(w.dq_offset, (1,)).astype(jnp.float32)]
+  return [whole(a) for a in args], args
 
 
 def _pallas_kmajor(x2, w: _kmajor.KMajor, low, b, bs: BlockSizes, m, mp, split, lead, steps, whole, interpret):
@@ -625,20 +621,17 @@ def _pallas_kmajor(x2, w: _kmajor.KMajor, low, b, bs: BlockSizes, m, mp, split, 
     in_specs.append(cols(nb))
     args.append(w.offset)
   if w.double_quantized:  # int8 scale codes, formed into floats in the kernel (as for a QTensor)
-    dq_args = [w.dq_scale.astype(jnp.float32), jnp.reshape(w.dq_offset, (1,)).astype(jnp.float32)]
-    in_specs += [whole(a) for a in dq_args]
-    args += dq_args
+    dq_specs, dq_args = _dq_inputs(w, whole)
+    in_specs, args = in_specs + dq_specs, args + dq_args
   kernel = functools.partial(_kmajor.kernel, fmt=w.fmt, block=w.block_size, bk=bs.bk or 1, steps=steps,
                              dtype=x2.dtype, lora=low is not None, lora_tile=functools.partial(_lora_tile, dot="mma"),
                              m=m, n=n, dq=w.double_quantized, prefetch=bool(bs.prefetch), interpret=interpret)
-  return _launch(kernel, w, low, b, bs, in_specs, args, m, mp, split, lead, interpret, exact_rows=True)
+  return _launch(kernel, w, low, b, bs, in_specs, args, m, mp, split, lead, interpret)
 
 
-def _launch(kernel, w: QTensor, low, b, bs: BlockSizes, in_specs, args, m, mp, split, lead, interpret,
-            exact_rows: bool = False):
+def _launch(kernel, w: QTensor, low, b, bs: BlockSizes, in_specs, args, m, mp, split, lead, interpret):
   """The pallas_call over the (row tiles, column tiles, split_k) grid: the LoRA term's inputs appended to the
-  kernel's, the output tiles stored (``exact_rows``: the kernel stores only the m rows, into an (m, N) result;
-  else whole tiles, sliced to m after), the split partial tiles summed."""
+  kernel's; an (m, N) result (each kernel stores only the m rows, `_rows`), the split partial tiles summed."""
   n = w.shape[1]
   in_specs, args = list(in_specs), list(args)
   lora = low is not None
@@ -649,12 +642,10 @@ def _launch(kernel, w: QTensor, low, b, bs: BlockSizes, in_specs, args, m, mp, s
     in_specs += [pl.BlockSpec((bs.bm, rp), lambda i, j, s: (i, 0)),
                  pl.BlockSpec((rp, bs.bn), lambda i, j, s: (0, j))]
     args += [low2, jnp.pad(b.astype(jnp.float32), ((0, rp - r), (0, 0)))]
-  rows = bs.bm
-  mo = m if exact_rows else mp  # rows of the output
   if split == 1:
-    out_shape, out_spec = (mo, n), pl.BlockSpec((rows, bs.bn), lambda i, j, s: (i, j))
+    out_shape, out_spec = (m, n), pl.BlockSpec((bs.bm, bs.bn), lambda i, j, s: (i, j))
   else:  # one float32 partial tile per split, summed below
-    out_shape, out_spec = (split, mo, n), pl.BlockSpec((None, rows, bs.bn), lambda i, j, s: (s, i, j))
+    out_shape, out_spec = (split, m, n), pl.BlockSpec((None, bs.bm, bs.bn), lambda i, j, s: (s, i, j))
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
@@ -666,4 +657,4 @@ def _launch(kernel, w: QTensor, low, b, bs: BlockSizes, in_specs, args, m, mp, s
   )(*args)
   if split > 1:
     out = jnp.sum(out, axis=0)
-  return (out[:m] if mo != m else out).reshape(*lead, n)
+  return out.reshape(*lead, n)
