@@ -113,16 +113,27 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
-  """One run. ``quantize`` picks the frozen base format (QLoRA when not "none")."""
+  """One run. ``quantize`` picks the frozen base format (QLoRA when not "none"), ``kmajor`` its layout."""
 
   model: str
   data: DataConfig
   seed: int = 0
   name: str | None = None
   quantize: str = "none"                      # frozen base in 4 bits (QLoRA): none | nf4 | int4 | native
+  kmajor: bool = False                        # with quantize: the 4-bit base in the K-major layout of the GPU
+                                              # kernel (kernels.to_kmajor; bf16 compute on a GPU, else the XLA
+                                              # reference path, slower on CPU than the default layout)
   peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   sweep: dict[str, list] | None = None        # dotted key -> values; expanded into a grid by `expand_sweep`
+
+  def __post_init__(self):
+    from .quant._quantize import QUANTIZE_MODES
+    if self.quantize not in QUANTIZE_MODES:
+      raise LoraJaxError(f"quantize must be one of {list(QUANTIZE_MODES)}, got {self.quantize!r}")
+    if self.kmajor and self.quantize == "none":
+      raise LoraJaxError("kmajor: true lays out a 4-bit base for its GPU kernel: it needs quantize: nf4, int4 or "
+                         "native")
 
 
 # ---------------------------------------------------------------- strict parsing

@@ -35,7 +35,7 @@ import yaml
 
 from ._errors import LoraJaxError
 from ._log import log
-from .config import PROMPT_METHODS, PeftConfig, RunConfig, expand_sweep, flatten, to_dict
+from .config import PROMPT_METHODS, PeftConfig, RunConfig, config_from_dict, expand_sweep, flatten, to_dict
 from .data import batch_at, build_rows, read_examples, split_examples
 from .peft import (IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, lora_optimizer,
                    save_adapter)
@@ -159,7 +159,7 @@ def _check_out_dir(out: Path, resolved: dict, overwrite: bool) -> bool:
     if out.exists() and any(out.iterdir()) and not overwrite:
       raise LoraJaxError(f"{out}: output directory is not empty and holds no run config; pass --overwrite to reuse it")
     return False
-  old = yaml.safe_load(cfg_path.read_text())
+  old = _with_new_defaults(yaml.safe_load(cfg_path.read_text()))
   if old == resolved:
     return True
   if not overwrite:
@@ -168,6 +168,17 @@ def _check_out_dir(out: Path, resolved: dict, overwrite: bool) -> bool:
                        f"pass --overwrite to replace it, or choose another --out")
   shutil.rmtree(out)
   return False
+
+
+def _with_new_defaults(saved):
+  """A saved ``config.yaml`` with the keys added to `RunConfig` since it was written at their defaults (a run saved
+  before ``kmajor`` existed is the same run as ``kmajor: false``); as saved when it no longer parses."""
+  try:
+    filled = to_dict(config_from_dict(saved, "config.yaml"))
+  except (LoraJaxError, TypeError, AttributeError):
+    return saved
+  filled.pop("sweep", None)
+  return filled
 
 
 def resolve_run_config(cfg: RunConfig) -> tuple[RunConfig, dict]:
@@ -223,6 +234,9 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
   if cfg.quantize != "none":  # QLoRA: the frozen base in 4 bits
     from .quant import quantize_model_params
     frozen = quantize_model_params(frozen, cfg.quantize, gguf_blocks=model.quantized)
+    if cfg.kmajor:  # the GPU kernel's layout (kernels.to_kmajor): the same codes, moved once, here
+      from .kernels import to_kmajor
+      frozen = to_kmajor(frozen)
     if owned:
       model.params = None  # release the float copy: the point of QLoRA is the memory
   base = frozen

@@ -29,6 +29,9 @@ def test_defaults_and_types():
     ({**BASE, "data": {}}, "missing required key 'data.train'"),
     ({**BASE, "peft": {"method": "adalora"}}, "peft.method must be one of"),
     ({**BASE, "sweep": {"peft.rnk": [1, 2]}}, "sweep axis 'peft.rnk' is not a config key"),
+    ({**BASE, "quantize": "nf3"}, "quantize must be one of .*'nf4'.*got 'nf3'"),
+    ({**BASE, "kmajor": True}, "kmajor: true .* needs quantize: nf4, int4 or native"),
+    ({**BASE, "quantize": "int4", "kmajor": "yes"}, "'kmajor' must be bool"),
 ])
 def test_errors_name_the_key_and_file(raw, msg):
   with pytest.raises(LoraJaxError, match=msg) as e:

@@ -18,7 +18,7 @@ import yaml
 from lora_jax import LoraJaxError
 from lora_jax.config import config_from_dict
 from lora_jax.runner import train
-from lora_jax.testing import assert_trees_all_close
+from lora_jax.testing import assert_allclose, assert_trees_all_close
 from tests.conftest import make_tiny_folder
 
 pytestmark = pytest.mark.usefixtures("standard_promotion")
@@ -308,5 +308,34 @@ def test_saved_runs_record_the_resolved_remat_and_still_resume(setup, tmp_path):
   assert resolved["train"]["remat"] == "dots"
   assert resolve_run_config(_cfg(raw, quantize="int4"))[1]["train"]["remat"] == "full"
   old = dict(resolved, train=dict(resolved["train"], remat="dots"))
+  del old["kmajor"]  # a key added later: a run saved before it existed is the same run at its default
   (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
   assert _check_out_dir(tmp_path, resolved, overwrite=False)
+  with pytest.raises(LoraJaxError, match="config differs in kmajor"):  # but not at another value
+    _check_out_dir(tmp_path, resolve_run_config(_cfg(raw, quantize="int4", kmajor=True))[1], overwrite=False)
+
+
+def test_kmajor_trains_the_same_run_as_the_default_layout(setup, monkeypatch):
+  """``kmajor: true`` trains over the K-major layout of the same 4-bit codes (`kernels.to_kmajor`, applied once
+  after quantizing): on CPU both layouts run the XLA reference product, so the loss curves agree to float
+  rounding. A wrong code order (the layout's whole risk) would give another model."""
+  import lora_jax.kernels as kernels
+  from tests.conftest import make_tiny_folder
+  root, raw = setup
+  folder = root / "tiny64"
+  if not folder.exists():  # block 64 needs K a multiple of 64
+    make_tiny_folder(folder, hidden_size=64, intermediate_size=128, head_dim=16)
+  packed = []
+  real = kernels.to_kmajor
+  monkeypatch.setattr(kernels, "to_kmajor", lambda tree: packed.append(1) or real(tree))
+  curves = {}
+  for kmajor in (False, True):
+    cfg = _cfg({**raw, "model": str(folder)}, quantize="int4", kmajor=kmajor,
+               train={"steps": 4, "exact_match": False, "checkpoint_every": 100})
+    out = root / f"kmajor_{kmajor}"
+    s = train(cfg, out, progress=False)
+    assert s["status"] == "finished" and yaml.safe_load((out / "config.yaml").read_text())["kmajor"] is kmajor
+    curves[kmajor] = _losses(out)
+  assert packed == [1], "kmajor: true must lay the base out once"
+  assert len(curves[True]) == 4 and curves[True][-1] < curves[True][0]
+  assert_allclose(curves[True], curves[False], "f32_composite")
