@@ -30,16 +30,14 @@ Usage: python benchmarks/generate.py [--quick] [--reps N] [--new-tokens N] [--ou
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata as md
-import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (hf_causal_lm_from_gguf, machine_info, peak_rss_mib, run_worker,  # noqa: E402
+                     save_json, worker_main)
 
 PRESET = "smollm2-135m"
 BATCHES = (1, 8)
@@ -62,10 +60,6 @@ def timed(label, fn, reps):
   TIMES[label] = [round(t, 4) for t in times]
   print(f"  {label}: {' '.join(f'{t:.3f}s' for t in times)}", file=sys.stderr, flush=True)
   return statistics.median(times)
-
-
-def peak_rss_mib():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def worker_lora_jax(args, _inputs):
@@ -146,15 +140,8 @@ def worker_bandwidth(args, _inputs):
 
 def worker_hf(args, inputs):
   import torch
-  from transformers import AutoModelForCausalLM
-  from transformers.utils import logging as hf_logging
-
-  torch.set_num_threads(2)
-  hf_logging.disable_progress_bar()
-  path = inputs["gguf"]
   t0 = time.perf_counter()
-  model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                               dtype=torch.float32).eval()
+  model = hf_causal_lm_from_gguf(inputs["gguf"]).eval()
   out = {"load_s": time.perf_counter() - t0, "rss_after_load_mib": peak_rss_mib()}
   ids, long_ids, n = inputs["prompt_ids"], inputs["long_ids"], args.new_tokens
 
@@ -188,24 +175,8 @@ def worker_hf(args, inputs):
   return out
 
 
-def run_worker(name, args, inputs=None):
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--new-tokens", str(args.new_tokens),
-         "--reps", str(args.reps)]
-  print(f"running {name} worker ...", file=sys.stderr, flush=True)
-  proc = subprocess.run(cmd, input=json.dumps(inputs or {}), stdout=subprocess.PIPE, text=True)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-  if proc.returncode != 0 or not lines:
-    sys.exit(f"{name} worker failed (exit {proc.returncode}); stdout:\n{proc.stdout[-2000:]}")
-  return json.loads(lines[-1][len("RESULT "):])
-
-
-def machine_info():
-  cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None) \
-      if os.path.exists("/proc/cpuinfo") else platform.processor()
-  versions = {p: md.version(p) for p in ("jax", "jaxlib", "torch", "transformers", "numpy")}
-  return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-          "python": platform.python_version(), **versions,
-          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+def worker(name, args, inputs=None):
+  return run_worker(__file__, name, [name, "--new-tokens", str(args.new_tokens), "--reps", str(args.reps)], inputs)
 
 
 def main():
@@ -222,12 +193,12 @@ def main():
 
   if args.worker:
     fn = {"lora_jax": worker_lora_jax, "hf": worker_hf, "bandwidth": worker_bandwidth}[args.worker]
-    print("RESULT " + json.dumps(fn(args, json.loads(sys.stdin.read() or "{}"))), flush=True)
+    worker_main(fn, args)
     return
 
-  lj = run_worker("lora_jax", args)
-  hf = run_worker("hf", args, {k: lj[k] for k in ("gguf", "prompt_ids", "long_ids")})
-  lj["read_gb_s"] = run_worker("bandwidth", args)["read_gb_s"]
+  lj = worker("lora_jax", args)
+  hf = worker("hf", args, {k: lj[k] for k in ("gguf", "prompt_ids", "long_ids")})
+  lj["read_gb_s"] = worker("bandwidth", args)["read_gb_s"]
   same = 0
   for a, b in zip(lj["greedy_ids"], hf["greedy_ids"]):
     if a != b:
@@ -274,9 +245,7 @@ def main():
       "raw": {name: {k: v for k, v in r.items() if k not in ("prompt_ids", "long_ids", "greedy_ids")}
               for name, r in (("lora_jax", lj), ("transformers", hf))},
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  save_json(result, args.out)
   print(f"wrote {args.out}")
 
 

@@ -65,7 +65,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import platform
 import re
@@ -79,7 +78,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from device_trace import device_profile  # noqa: E402
-from generate import PARAGRAPH, machine_info  # noqa: E402  (same machine description and prompt text)
+from _common import machine_info, save_json  # noqa: E402
+from generate import PARAGRAPH  # noqa: E402  (the generate benchmark's prompt text)
 
 from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, BlockSizes, default_blocks, pack_kmajor,  # noqa: E402
                               qmatmul_cpu, qmatmul_pallas, qmatmul_reference, qmatmul_small_m)
@@ -177,13 +177,6 @@ def perf(t, m, k, n, nbytes, peaks):
           "tflop_s": 2 * m * k * n / t / 1e12, "frac_matmul_peak": 2 * m * k * n / t / 1e12 / peaks["matmul_tflop_s"]}
 
 
-def save(result, path):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(path + ".tmp", path)
-
-
 def machine():
   try:
     info = machine_info()
@@ -269,7 +262,7 @@ def run_gpu(args, result):
           if "time_s" in row.get(name, {}) and "time_s" in row[other]:
             row[f"{name}_over_{other}_time"] = row[name]["time_s"] / row[other]["time_s"]
         print_gpu_row(row)
-      save(result, args.out)
+      save_json(result, args.out)
       del wb, qs, km
   fused_lora(args, result, shapes[0], args.formats[0], [m for m in ms if m <= 16], interp, gib, peaks,
              time.perf_counter() + args.lora_budget_s, tuned)
@@ -316,7 +309,7 @@ def fused_lora(args, result, shape, fmt, ms, interp, gib, peaks, t_end, tuned, r
     t = lambda key: f"{row[key]['time_s'] * 1e6:9.1f}" if "time_s" in row[key] else f"{'err':>9}"
     print(f"{'':40s}{m:4d} {t('fused')} {t('split')} {row.get('fused_over_split_time', float('nan')):11.2f} "
           f"{row.get('rel_err', float('nan')):8.1e}", flush=True)
-  save(result, args.out)
+  save_json(result, args.out)
   del qs
 
 
@@ -458,7 +451,7 @@ def floor(args, result, shapes, interp, gib, t_end):
       except Exception as e:
         row["error"] = err_text(e)
         print(f"{k:5d} {n:5d} {what:42s} ERROR {row['error'][:80]}", flush=True)
-    save(result, args.out)
+    save_json(result, args.out)
     del wb, qs, qn, codes, slabs, km, kmn
 
 
@@ -594,7 +587,7 @@ def policy_sweep(args, result, shapes, pallas, gib, t_end):
       for t in timed:
         t.update(K=k, N=n)
       entry["timed"].extend(timed)
-      save(result, args.out)
+      save_json(result, args.out)
       return timed
 
     def key(p):
@@ -645,7 +638,7 @@ def policy_sweep(args, result, shapes, pallas, gib, t_end):
     print(f"{fmt:8s} M={m:<3d} {len(seen):3d} policies: best {policy_of(win)}  "
           f"x{entry['speedup_vs_default'] or float('nan'):.2f} vs default", flush=True)
   result["tuned"] = [{"fmt": f, "M": m, "policy": policy_of(p)} for (f, m), p in tuned.items()]
-  save(result, args.out)
+  save_json(result, args.out)
   return tuned
 
 
@@ -772,9 +765,9 @@ def run_cpu(args, result):
               f"{us('f32_dot', 10)} {rat('cpu_over_f32_dot_time', 7)} {rat('reference_over_f32_dot_time', 7)} "
               f"{rat('small_m_over_f32_dot_time', 9)} "
               f"{row['cpu']['weight_gb_s'] if 'cpu' in row else float('nan'):8.2f}", flush=True)
-  save(result, args.out)
+  save_json(result, args.out)
   narrow_dots(args, result, f32_dot)
-  save(result, args.out)
+  save_json(result, args.out)
 
   model = load_model("smollm2-135m")
   ids = model.tokenizer.encode(PARAGRAPH)[:32]
@@ -809,7 +802,7 @@ def run_cpu(args, result):
           f"{d['tok_s_vs_fp32']:7.2f} {same:>5d}/{new} {d['decode_temp_bytes'] / 1e6:8.1f} "
           f"{str(d['identical_prefix_vs_kernel']) + '/' + str(new) if xla else '-':>8}", flush=True)
     del params
-    save(result, args.out)
+    save_json(result, args.out)
   os.environ.pop("LORA_JAX_CPU_KERNEL")
 
 
@@ -866,7 +859,7 @@ def main():
                            "per-layer layout.")
     run_cpu(args, result)
   result["wall_s"] = time.perf_counter() - t0
-  save(result, args.out)
+  save_json(result, args.out)
   print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
 
 

@@ -12,7 +12,6 @@ median step time (after 2 warm-up steps), examples/s and target tokens/s. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,6 +20,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import save_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,7 +77,7 @@ def main() -> None:
   print("packed / padded examples per second: " + ", ".join(f"{n} {v:.2f}x" for n, v in ratios.items()))
   out = {"config": "experiments/quickstart.yaml", "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
          "results": results, "packed_over_padded_examples_per_s": ratios}
-  Path(args.out).write_text(json.dumps(out, indent=2))
+  save_json(out, args.out)
   print(f"wrote {args.out}", file=sys.stderr)
 
 

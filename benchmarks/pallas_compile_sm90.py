@@ -32,7 +32,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from int4_matmul import GPU_SHAPES, KMAJOR_SUFFIX, default_for, err_text, layout_of, save  # noqa: E402

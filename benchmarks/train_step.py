@@ -41,26 +41,20 @@ Usage: python benchmarks/train_step.py [--quick] [--steps N] [--qlora nf4,native
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate import machine_info  # noqa: E402  (same machine description as the generate benchmark)
+from _common import (hf_causal_lm_from_gguf, machine_info, peak_rss_mib, run_worker,  # noqa: E402
+                     save_json, worker_main)
 
 PRESET = "smollm2-135m"
 BATCH, SEQ, VOCAB, SEED = 4, 256, 49152, 0
 RANK, ALPHA, LR = 8, 16.0, 1e-4
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEAK_N = 2048
-
-
-def peak_rss_mib():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def run_steps(step, args):
@@ -140,15 +134,8 @@ def worker_lora_jax(args, _inputs):
 def worker_hf(args, inputs):
   import peft
   import torch
-  from transformers import AutoModelForCausalLM
-  from transformers.utils import logging as hf_logging
-
-  torch.set_num_threads(2)
-  hf_logging.disable_progress_bar()
-  path = inputs["gguf"]
   t0 = time.perf_counter()
-  model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                               dtype=torch.float32)
+  model = hf_causal_lm_from_gguf(inputs["gguf"])
   model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                                      target_modules=list(TARGETS)))
   load_s = time.perf_counter() - t0
@@ -185,15 +172,9 @@ def step_flops(m):
   return {"forward": fwd, "step": total}
 
 
-def run_worker(name, args, inputs=None, quantize="none"):
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", name.split(":")[0], "--quantize", quantize, "--steps", str(args.steps),
-         "--warmup", str(args.warmup)]
-  print(f"running {name} worker ...", file=sys.stderr, flush=True)
-  proc = subprocess.run(cmd, input=json.dumps(inputs or {}), stdout=subprocess.PIPE, text=True)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-  if proc.returncode != 0 or not lines:
-    sys.exit(f"{name} worker failed (exit {proc.returncode}); stdout:\n{proc.stdout[-2000:]}")
-  return json.loads(lines[-1][len("RESULT "):])
+def worker(name, args, inputs=None, quantize="none"):
+  return run_worker(__file__, name, [name.split(":")[0], "--quantize", quantize, "--steps", str(args.steps),
+                                     "--warmup", str(args.warmup)], inputs)
 
 
 def main():
@@ -215,12 +196,12 @@ def main():
 
   if args.worker:
     fn = worker_lora_jax if args.worker == "lora_jax" else worker_hf
-    print("RESULT " + json.dumps(fn(args, json.loads(sys.stdin.read() or "{}"))), flush=True)
+    worker_main(fn, args)
     return
 
-  lj = run_worker("lora_jax", args)
-  hf = run_worker("hf", args, {k: lj[k] for k in ("gguf", "ids")})
-  qlora = {fmt: run_worker(f"lora_jax:{fmt}", args, quantize=fmt)
+  lj = worker("lora_jax", args)
+  hf = worker("hf", args, {k: lj[k] for k in ("gguf", "ids")})
+  qlora = {fmt: worker(f"lora_jax:{fmt}", args, quantize=fmt)
            for fmt in args.qlora.split(",") if fmt and fmt != "none"}
   flops = step_flops(lj["model"])
   peak = lj["matmul_peak"]["gflop_s"] * 1e9
@@ -279,9 +260,7 @@ def main():
       "raw": {name: {k: v for k, v in r.items() if k not in ("ids", "model")}
               for name, r in (("lora_jax", lj), ("transformers", hf))},
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  save_json(result, args.out)
   print(f"wrote {args.out}")
 
 

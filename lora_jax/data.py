@@ -15,13 +15,13 @@ what comes next: resuming from a checkpoint continues the exact stream.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from ._errors import LoraJaxError
+from ._jsonl import read_jsonl
 from ._log import log
 
 
@@ -40,16 +40,9 @@ def read_examples(path: str | Path) -> list[dict[str, Any]]:
       raise LoraJaxError(f"{path}: the dataset is empty")
     return [{"text": d} for d in docs]
   examples = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        ex = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise LoraJaxError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-      _validate(ex, f"{path}:{n}")
-      examples.append(ex)
+  for n, ex in read_jsonl(path):
+    _validate(ex, f"{path}:{n}")
+    examples.append(ex)
   if not examples:
     raise LoraJaxError(f"{path}: the dataset is empty")
   return examples

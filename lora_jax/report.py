@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ._errors import LoraJaxError
+from ._jsonl import read_jsonl
 
 #: Metrics aggregated per group (mean and std over seeds), in table order.
 GROUP_METRICS = ("exact_match", "eval_loss", "final_train_loss", "wall_time_s", "peak_rss_mib", "trainable_params")
@@ -90,19 +91,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
   path = Path(run_dir) / "metrics.jsonl"
   if not path.is_file():
     return []
-  rows = []
-  with path.open(encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise LoraJaxError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise LoraJaxError(f"{path}: line {lineno} must be a JSON object, got {type(row).__name__}")
-      rows.append(row)
-  return rows
+  return [row for _, row in read_jsonl(path)]
 
 
 # ------------------------------------------------------------------------------------------------- grouping

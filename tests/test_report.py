@@ -221,5 +221,5 @@ def test_bad_inputs_raise(tmp_path):
     collect_runs(tmp_path)
   (bad / "summary.json").write_text(json.dumps({"config": {"seed": 0}, "overrides": {}}))
   (bad / "metrics.jsonl").write_text('{"split": "train", "step": 1, "loss": 1.0}\n{oops\n')
-  with pytest.raises(LoraJaxError, match=r"metrics\.jsonl: line 2 is not valid JSON"):
+  with pytest.raises(LoraJaxError, match=r"metrics\.jsonl:2: malformed JSON"):
     write_report(tmp_path)
