@@ -20,6 +20,11 @@ def _add_quantize_arg(p: argparse.ArgumentParser) -> None:
                       "them as tensor-core register operands (lora_jax.kernels.to_kmajor; its "
                       "Pallas kernel needs a GPU and --dtype bfloat16 or float16, and is not yet timed on one; "
                       "elsewhere the XLA reference path runs, slower on CPU than the default layout's C++ kernel)")
+  p.add_argument("--adapter-merge", default="separate", choices=["separate", "requantized", "dequantized"],
+                 help="with --quantize and a LoRA/DoRA/IA3 --adapter: separate (default) keeps the 4-bit base and "
+                      "the adapter apart, exactly the model a QLoRA run trains; requantized merges the adapter and "
+                      "quantizes the sum again (no adapter term, some drift); dequantized merges into a float copy "
+                      "of the 4-bit base (lora_jax.quant.merge_quantized)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -32,24 +37,35 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-  """The model, with the adapter of ``--adapter`` (if any) merged into its weights."""
-  from .io import load_model
-  model = load_model(args.model, dtype=args.dtype)
-  model.extras = {}
+  """The model as ``--model``, ``--quantize`` and ``--kmajor`` say, with the adapter of ``--adapter`` (if any):
+  weight methods merged into float weights, or over a 4-bit base as ``--adapter-merge`` says; prompt methods as
+  ``model.extras`` (the keyword arguments generate and perplexity take)."""
+  model = _load_base(args)
   if getattr(args, "adapter", None):
     from .peft import load_for_inference
-    model.params, model.extras = load_for_inference(model, args.adapter)
-  if getattr(args, "quantize", "none") != "none":
+    model.params, model.extras = load_for_inference(model, args.adapter,
+                                                    quantized_merge=getattr(args, "adapter_merge", "separate"))
+  return model
+
+
+def _load_base(args):
+  """The model as ``--model``, ``--quantize`` and ``--kmajor`` say, before any adapter; ``model.extras = {}``."""
+  from .io import load_model
+  quantize, kmajor = getattr(args, "quantize", "none"), getattr(args, "kmajor", False)
+  if kmajor and quantize == "none":
+    raise LoraJaxError("--kmajor lays out 4-bit weights for their GPU kernel: it needs --quantize nf4, int4 or "
+                       "native")
+  if getattr(args, "adapter_merge", "separate") != "separate" and (quantize == "none" or not args.adapter):
+    raise LoraJaxError(f"--adapter-merge {args.adapter_merge} says how an --adapter meets a --quantize'd base: it "
+                       f"needs both")
+  model = load_model(args.model, dtype=args.dtype)
+  model.extras = {}
+  if quantize != "none":
     from .quant import quantize_model_params
-    model.params = quantize_model_params(model.params, args.quantize, gguf_blocks=model.quantized)
-    if args.adapter:
-      log("note: the adapter was merged before quantizing (merge-and-requantize); see docs for the drift")
-  if getattr(args, "kmajor", False):
-    if args.quantize == "none":
-      raise LoraJaxError("--kmajor lays out 4-bit weights for their GPU kernel: it needs --quantize nf4, int4 or "
-                         "native")
-    from .kernels import to_kmajor
-    model.params = to_kmajor(model.params)
+    model.params = quantize_model_params(model.params, quantize, gguf_blocks=model.quantized)
+    if kmajor:
+      from .kernels import to_kmajor
+      model.params = to_kmajor(model.params)
   return model
 
 
@@ -153,31 +169,26 @@ def _cmd_report(args) -> None:
 
 
 def _cmd_eval(args) -> None:
-  import jax
   from .data import read_examples
   from .evaluate import eval_rows, exact_match, mean_loss
   from .peft import LoraConfig, load_adapter, load_for_inference
   from .train import make_eval_loss
-  model = load_model_only(args)
   examples = read_examples(args.data)
-  if args.adapter:
+  model = _load_base(args)
+  if args.adapter:  # the loss as training computes it: the adapter applied to the (4-bit) base
     lcfg, adapter = load_adapter(args.adapter, model.config, dtype=model.dtype)
   else:
     lcfg, adapter = LoraConfig(targets=("q_proj",)), {}
   rows = eval_rows(model, examples, seq_len=args.seq_len, chat=not args.no_chat)
   loss = mean_loss(make_eval_loss(model.config, lcfg), adapter, model.params, rows)
   result = {"examples": len(examples), "loss": loss}
-  if any("text" not in e for e in examples):
-    params, extras = (load_for_inference(model, args.adapter) if args.adapter else (model.params, {}))
+  if any("text" not in e for e in examples):  # generation with the adapter as --adapter-merge says
+    params, extras = (load_for_inference(model, args.adapter, quantized_merge=args.adapter_merge) if args.adapter
+                      else (model.params, {}))
     em = exact_match(model, params, examples, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
                      limit=args.limit, **extras)
     result.update(exact_match=em["exact_match"], exact_match_n=em["n"])
   print(json.dumps(result))
-
-
-def load_model_only(args):
-  from .io import load_model
-  return load_model(args.model, dtype=args.dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--max-new-tokens", type=int, default=48, help="generation budget for exact match (default 48)")
   e.add_argument("--limit", type=int, default=None, help="at most this many examples for exact match")
   e.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
+  _add_quantize_arg(e)
   e.set_defaults(func=_cmd_eval)
   return parser
 

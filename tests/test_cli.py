@@ -163,3 +163,46 @@ def test_kmajor_layout_gives_the_same_perplexity_and_needs_quantization(capsys, 
   assert code == 0 and json.loads(out)["tokens"] == results[0]["tokens"]
   code, _, err = run(capsys, *base[:-1], "none", "--kmajor")
   assert code == 2 and "needs --quantize nf4, int4 or native" in err
+
+
+def test_adapter_over_a_quantized_base(capsys, smollm2, tmp_path):
+  """--adapter with --quantize: by default the adapter stays apart from the 4-bit base (`--adapter-merge separate`,
+  the model a QLoRA run trains). Over ``native`` (the GGUF's own Q4_1 blocks, which dequantize to exactly the
+  float weights) that is the float model with the adapter merged, to float rounding; so is ``dequantized``, while
+  ``requantized`` rounds part of the adapter away. (``native`` once took the stored blocks in place of the merged
+  weights: the adapter was silently dropped.) `eval` takes the same options, and its loss is the float one."""
+  import jax
+  from lora_jax.peft import LoraConfig, save_adapter
+  from lora_jax.testing import assert_allclose
+  cfg = LoraConfig(rank=4, alpha=8, targets=("q_proj", "down_proj"))
+  adapter, _ = cfg.init_adapter(smollm2.config, smollm2.params, key=jax.random.key(0))
+  adapter = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), adapter)
+  save_adapter(tmp_path / "ad", cfg, smollm2.config, adapter)
+  text = tmp_path / "t.txt"
+  text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+
+  def ppl(*extra):
+    code, out, err = run(capsys, "perplexity", "--model", "smollm2-135m", "--text-file", str(text), "-q", *extra)
+    assert code == 0, err
+    return json.loads(out)["perplexity"]
+  with_adapter = ["--adapter", str(tmp_path / "ad")]
+  base, merged = ppl(), ppl(*with_adapter)
+  assert abs(merged - base) > 0.05 * base  # the adapter matters
+  for mode in ("separate", "dequantized"):
+    assert_allclose(ppl("--quantize", "native", *with_adapter, "--adapter-merge", mode), merged, "parity_perplexity")
+  requantized = ppl("--quantize", "native", *with_adapter, "--adapter-merge", "requantized")
+  assert abs(requantized - merged) > 1e-3 * merged, "requantizing rounds part of the adapter away"
+  code, _, err = run(capsys, "perplexity", "--model", "smollm2-135m", "--text-file", str(text),
+                     "--adapter-merge", "requantized", *with_adapter)
+  _one_line_error(code, err, "--adapter-merge requantized", "--quantize")
+
+  data = tmp_path / "d.jsonl"
+  data.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi."}) + "\n")
+  evals = []
+  for extra in ([], ["--quantize", "native"]):
+    code, out, err = run(capsys, "eval", "--model", "smollm2-135m", "--data", str(data), *with_adapter,
+                         "--max-new-tokens", "4", "-q", *extra)
+    assert code == 0, err
+    evals.append(json.loads(out))
+  assert_allclose(evals[1]["loss"], evals[0]["loss"], "f32_composite")
+  assert evals[0]["exact_match_n"] == evals[1]["exact_match_n"] == 1

@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -208,9 +209,12 @@ def merged_params(model, folder: str | Path) -> dict:
   return cfg.merge(model.config, model.params, adapter)
 
 
-def load_for_inference(model, folder: str | Path) -> tuple[dict, dict]:
-  """(params, extras) for running `model` with the adapter in `folder`: weight methods are merged into the params;
-  prompt methods give ``{"virtual_tokens": ...}`` or ``{"kv_prefix": ...}`` for generate/perplexity."""
+def load_for_inference(model, folder: str | Path, *, quantized_merge: str = "separate") -> tuple[dict, dict]:
+  """(params, extras) for running `model` with the adapter in `folder`. Prompt methods give
+  ``{"virtual_tokens": ...}`` or ``{"kv_prefix": ...}`` for generate/perplexity. Weight methods (LoRA, DoRA, IA3)
+  are merged into float params; over a 4-bit base (`quant.quantize_model_params`, any layout) they go as
+  `quantized_merge` says (`quant.merge_quantized`): ``"separate"`` (the default: the 4-bit base and the adapter
+  apart, exactly the model a QLoRA run trained), ``"requantized"`` or ``"dequantized"``."""
   cfg, adapter = load_adapter(folder, model.config, dtype=model.dtype)
   vt = cfg.virtual_tokens(model.config, adapter)
   if vt is not None:
@@ -218,4 +222,8 @@ def load_for_inference(model, folder: str | Path) -> tuple[dict, dict]:
   kv = cfg.kv_prefix(model.config, adapter) if hasattr(cfg, "kv_prefix") else None
   if kv is not None:
     return model.params, {"kv_prefix": kv}
+  from ..quant import merge_quantized
+  from ..quant._qtensor import is_quantized
+  if any(is_quantized(leaf) for leaf in jax.tree.leaves(model.params, is_leaf=is_quantized)):
+    return merge_quantized(cfg, model.config, model.params, adapter, quantized_merge), {}
   return cfg.merge(model.config, model.params, adapter), {}

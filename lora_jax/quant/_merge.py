@@ -1,4 +1,5 @@
-"""Folding a LoRA adapter into a quantized base, three ways, with the drift each causes.
+"""Folding a LoRA adapter into a quantized base, three ways, with the drift each causes (an IA3 adapter likewise,
+its rescaling in place of ``s·A·B``).
 
 * ``"separate"``: keep the 4-bit base and the adapter apart (`LoRAWeight` over a `QTensor`): exactly the model that
   was trained; no drift by definition, an extra low-rank matmul per layer at inference.
@@ -18,7 +19,6 @@ import jax.numpy as jnp
 
 from .._errors import LoraJaxError
 from ..models import forward
-from ..peft._lora import LoraConfig, apply_lora
 from ..peft._targets import get_path, set_path
 from ._qtensor import QTensor, is_quantized
 from ._quantize import quantize
@@ -30,11 +30,12 @@ def _dequantize_tree(params):
   return jax.tree.map(lambda x: x.dequantize() if is_quantized(x) else x, params, is_leaf=is_quantized)
 
 
-def merge_quantized(cfg: LoraConfig, model_cfg, qparams: dict, adapter: dict, mode: str) -> dict:
-  """Parameters for inference from a quantized base `qparams` and a trained `adapter` (see module docstring)."""
+def merge_quantized(cfg, model_cfg, qparams: dict, adapter: dict, mode: str) -> dict:
+  """Parameters for inference from a quantized base `qparams` and a trained `adapter` of a weight method (`cfg`: a
+  `LoraConfig`, DoRA included, or an `IA3Config`; see module docstring)."""
   if mode not in MERGE_MODES:
     raise LoraJaxError(f"merge mode must be one of {list(MERGE_MODES)}, got {mode!r}")
-  applied = apply_lora(cfg, model_cfg, qparams, adapter)
+  applied = cfg.apply(model_cfg, qparams, adapter)
   if mode == "separate":
     return applied
   # "dequantized": every kernel dense; "requantized": kernels stay 4-bit, adapted ones re-quantized after merging
