@@ -131,6 +131,10 @@ class RunConfig:
     from .quant._quantize import QUANTIZE_MODES
     if self.quantize not in QUANTIZE_MODES:
       raise LoraJaxError(f"quantize must be one of {list(QUANTIZE_MODES)}, got {self.quantize!r}")
+    if self.quantize == "native" and self.peft.init in ("pissa", "olora"):
+      raise LoraJaxError(f"quantize: native keeps the GGUF file's stored 4-bit blocks, but peft.init: {self.peft.init} "
+                         f"moves the principal part of each weight into the adapter and trains over the residual; "
+                         f"quantize the residual with quantize: nf4 or int4")
     if self.kmajor and self.quantize == "none":
       raise LoraJaxError("kmajor: true lays out a 4-bit base for its GPU kernel: it needs quantize: nf4, int4 or "
                          "native")

@@ -66,6 +66,28 @@ def lora_config(cfg: RunConfig):
                     dropout=p.dropout, use_rslora=p.method == "rslora", use_dora=p.method == "dora", init=p.init)
 
 
+SPLIT_INITS = ("pissa", "olora")  # inits that move part of each base kernel into the adapter
+
+
+def init_run_adapter(cfg: RunConfig, lcfg, model, *, key) -> tuple[dict, dict]:
+  """(adapter, frozen base) for a run: the base in 4 bits when ``cfg.quantize`` says (QLoRA; in the K-major
+  layout with ``cfg.kmajor``). The adapter starts from the 4-bit base it trains over (DoRA's magnitudes are the
+  norms of the quantized kernel's columns, as PEFT takes them from a bitsandbytes base, so the initial model is
+  the 4-bit base), except PiSSA / OLoRA, which split the float kernel and quantize the residual (QPiSSA)."""
+  from .quant import quantize_model_params
+  quantized = cfg.quantize != "none"
+  quantize = lambda params: quantize_model_params(params, cfg.quantize, gguf_blocks=model.quantized)
+  split_first = getattr(lcfg, "init", None) in SPLIT_INITS
+  start = quantize(model.params) if quantized and not split_first else model.params
+  adapter, frozen = lcfg.init_adapter(model.config, start, key=key, tokenizer=model.tokenizer)
+  if quantized and split_first:
+    frozen = quantize(frozen)
+  if cfg.kmajor:  # the GPU kernel's layout (kernels.to_kmajor): the same codes, moved once, here
+    from .kernels import to_kmajor
+    frozen = to_kmajor(frozen)
+  return adapter, frozen
+
+
 def reset_peak_rss() -> bool:
   """Starts a new peak-RSS window for this process, so that each run of a sweep (all in one process) reports its
   own peak rather than the process's high-water mark so far; what earlier runs left resident (compiled programs,
@@ -230,18 +252,12 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
                         truncate=True, pad_id=pad, source="validation") if val_ex else None
 
   lcfg = lora_config(cfg)
-  adapter, frozen = lcfg.init_adapter(model.config, model.params, key=jax.random.key(cfg.seed), tokenizer=tok)
-  if cfg.quantize != "none":  # QLoRA: the frozen base in 4 bits
-    from .quant import quantize_model_params
-    frozen = quantize_model_params(frozen, cfg.quantize, gguf_blocks=model.quantized)
-    if cfg.kmajor:  # the GPU kernel's layout (kernels.to_kmajor): the same codes, moved once, here
-      from .kernels import to_kmajor
-      frozen = to_kmajor(frozen)
-    if owned:
-      model.params = None  # release the float copy: the point of QLoRA is the memory
+  adapter, frozen = init_run_adapter(cfg, lcfg, model, key=jax.random.key(cfg.seed))
+  if cfg.quantize != "none" and owned:
+    model.params = None  # release the float copy: the point of QLoRA is the memory
   base = frozen
   # (a copy: the train step donates the state's buffers)
-  initial_adapter = jax.tree.map(jnp.copy, adapter) if getattr(lcfg, "init", None) in ("pissa", "olora") else None
+  initial_adapter = jax.tree.map(jnp.copy, adapter) if getattr(lcfg, "init", None) in SPLIT_INITS else None
   if tc.dtype == "bfloat16":
     frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
   schedule = make_schedule(tc.lr, tc.steps, tc.warmup_steps, tc.schedule)

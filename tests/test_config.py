@@ -31,6 +31,7 @@ def test_defaults_and_types():
     ({**BASE, "sweep": {"peft.rnk": [1, 2]}}, "sweep axis 'peft.rnk' is not a config key"),
     ({**BASE, "quantize": "nf3"}, "quantize must be one of .*'nf4'.*got 'nf3'"),
     ({**BASE, "kmajor": True}, "kmajor: true .* needs quantize: nf4, int4 or native"),
+    ({**BASE, "quantize": "native", "peft": {"init": "pissa"}}, "quantize: native keeps .* peft.init: pissa"),
     ({**BASE, "quantize": "int4", "kmajor": "yes"}, "'kmajor' must be bool"),
 ])
 def test_errors_name_the_key_and_file(raw, msg):

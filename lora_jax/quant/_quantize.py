@@ -119,7 +119,9 @@ def quantize_params(params: dict, fmt: str, *, rules: Sequence[str] = DEFAULT_RU
                     double_quant: bool = False, gguf_blocks: dict | None = None) -> dict:
   """`params` with every kernel whose path matches `rules` replaced by a `QTensor`.
 
-  ``fmt="native"`` takes the stored GGUF blocks (`Model.quantized`) instead of quantizing.
+  ``fmt="native"`` takes the stored GGUF blocks (`Model.quantized`) instead of quantizing: the matched leaves'
+  values are not read, so pass the kernels as loaded (a merged adapter or a PiSSA residual would be replaced by
+  the stored weights; quantize those with nf4 or int4, or keep an adapter apart with `merge_quantized`).
   """
   hits = []
 

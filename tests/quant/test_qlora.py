@@ -13,7 +13,7 @@ from lora_jax.models import ModelConfig, forward, init_params
 from lora_jax.peft import LoraConfig, LoRAWeight, apply_lora, init_lora
 from lora_jax.quant import QTensor, drift, merge_quantized, quantize_params
 from lora_jax.quant._merge import kl_divergence
-from lora_jax.testing import assert_allclose
+from lora_jax.testing import assert_allclose, assert_trees_all_equal
 
 CFG = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16)
@@ -207,3 +207,29 @@ def test_merge_and_remat_treat_a_kmajor_base_as_quantized():
           got["layers"], is_leaf=lambda x: isinstance(x, (KMajor, QTensor))) if isinstance(leaf, (KMajor, QTensor)))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("method,init", [("dora", "default"), ("lora", "pissa")])
+def test_a_run_starts_its_adapter_from_the_4bit_base(method, init):
+  """`runner.init_run_adapter` with ``quantize: int4``. DoRA's magnitudes come from the quantized kernel, so the
+  initial model is exactly the 4-bit base it trains over (magnitudes from the float kernel, then quantizing, start
+  elsewhere); PiSSA splits the float kernel and quantizes the residual (QPiSSA)."""
+  from types import SimpleNamespace
+  from lora_jax.config import config_from_dict
+  from lora_jax.quant import quantize_model_params
+  from lora_jax.runner import init_run_adapter, lora_config
+  cfg = config_from_dict({"model": "m", "data": {"train": "x.jsonl"}, "quantize": "int4",
+                          "peft": {"method": method, "init": init, "rank": 4, "targets": ["all-linear"]}})
+  model = SimpleNamespace(config=CFG, params=PARAMS, quantized=None, tokenizer=None)
+  lcfg = lora_config(cfg)
+  adapter, frozen = init_run_adapter(cfg, lcfg, model, key=jax.random.key(0))
+  kernels = [leaf for leaf in jax.tree.leaves(frozen, is_leaf=lambda x: isinstance(x, QTensor))
+             if isinstance(leaf, QTensor)]
+  assert len(kernels) == 7
+  if method == "dora":
+    assert_allclose(forward(lcfg.apply(CFG, frozen, adapter), CFG, TOKENS), forward(frozen, CFG, TOKENS),
+                    "f32_composite")
+  else:
+    float_adapter, residual = lcfg.init_adapter(CFG, PARAMS, key=jax.random.key(0))
+    assert_trees_all_equal(adapter, float_adapter)
+    assert_trees_all_equal(frozen, quantize_model_params(residual, "int4"))
