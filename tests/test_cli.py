@@ -172,7 +172,7 @@ def test_adapter_over_a_quantized_base(capsys, smollm2, tmp_path):
   ``requantized`` rounds part of the adapter away. (``native`` once took the stored blocks in place of the merged
   weights: the adapter was silently dropped.) `eval` takes the same options, and its loss is the float one."""
   import jax
-  from lora_jax.peft import LoraConfig, save_adapter
+  from lora_jax.peft import IA3Config, LoraConfig, PromptTuningConfig, save_adapter
   from lora_jax.testing import assert_allclose
   cfg = LoraConfig(rank=4, alpha=8, targets=("q_proj", "down_proj"))
   adapter, _ = cfg.init_adapter(smollm2.config, smollm2.params, key=jax.random.key(0))
@@ -195,6 +195,19 @@ def test_adapter_over_a_quantized_base(capsys, smollm2, tmp_path):
   code, _, err = run(capsys, "perplexity", "--model", "smollm2-135m", "--text-file", str(text),
                      "--adapter-merge", "requantized", *with_adapter)
   _one_line_error(code, err, "--adapter-merge requantized", "--quantize")
+  ia3 = IA3Config()  # the same for an IA3 adapter: apart from the 4-bit base, it is the merged float model
+  vectors, _ = ia3.init_adapter(smollm2.config, smollm2.params)
+  vectors = jax.tree.map(lambda v: v + 0.3 * jax.random.normal(jax.random.key(2), v.shape, v.dtype), vectors)
+  save_adapter(tmp_path / "ia3", ia3, smollm2.config, vectors)
+  ia3_merged = ppl("--adapter", str(tmp_path / "ia3"))
+  assert abs(ia3_merged - base) > 0.05 * base
+  assert_allclose(ppl("--quantize", "native", "--adapter", str(tmp_path / "ia3")), ia3_merged, "parity_perplexity")
+  prompt = PromptTuningConfig(num_virtual_tokens=4)  # virtual tokens: nothing to merge, so no merge mode to ask
+  save_adapter(tmp_path / "pt", prompt, smollm2.config, prompt.init_adapter(smollm2.config, smollm2.params,
+                                                                            key=jax.random.key(3))[0])
+  code, _, err = run(capsys, "perplexity", "--model", "smollm2-135m", "--text-file", str(text), "--quantize",
+                     "int4", "--adapter", str(tmp_path / "pt"), "--adapter-merge", "requantized")
+  _one_line_error(code, err, "pt", "no weights to merge")
 
   data = tmp_path / "d.jsonl"
   data.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi."}) + "\n")

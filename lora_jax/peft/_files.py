@@ -217,9 +217,12 @@ def load_for_inference(model, folder: str | Path, *, quantized_merge: str = "sep
   apart, exactly the model a QLoRA run trained), ``"requantized"`` or ``"dequantized"``."""
   cfg, adapter = load_adapter(folder, model.config, dtype=model.dtype)
   vt = cfg.virtual_tokens(model.config, adapter)
+  kv = cfg.kv_prefix(model.config, adapter) if vt is None and hasattr(cfg, "kv_prefix") else None
+  if (vt is not None or kv is not None) and quantized_merge != "separate":
+    raise LoraJaxError(f"{folder}: a {type(cfg).__name__} adapter adds virtual tokens and has no weights to merge "
+                       f"({quantized_merge!r} asked for)")
   if vt is not None:
     return model.params, {"virtual_tokens": vt.astype(model.dtype)}
-  kv = cfg.kv_prefix(model.config, adapter) if hasattr(cfg, "kv_prefix") else None
   if kv is not None:
     return model.params, {"kv_prefix": kv}
   from ..quant import merge_quantized
