@@ -83,6 +83,9 @@ def _backend() -> str:
 
 def _choose(x, w: QTensor, impl: str, interpret: bool) -> str:
   _check_impl(impl)
+  if x.shape[-1:] != (w.shape[0],):
+    raise LoraJaxError(f"qmatmul: x of shape {tuple(x.shape)} has {x.shape[-1] if x.ndim else 'no'} input features; "
+                       f"the 4-bit weight is (K={w.shape[0]}, N={w.shape[1]})")
   backend = _backend()
   qtensor_layout = not isinstance(w, KMajor)  # the CPU kernel and small_m read a QTensor's (K/2, N) codes
   if impl in ("cpu", "small_m") and not qtensor_layout:

@@ -18,7 +18,6 @@ def _dense(w, like):
   return dequantize(as_qtensor(_after(w, like))) if is_quantized(w) else w
 
 
-@jax.custom_vjp
 def lora_linear(x, w, a, b, scale):
   """``x W + s (x A) B`` (float32) with one GEMM for ``x [W | A]``; W is a frozen array, a `QTensor` or a `KMajor`.
 
@@ -28,8 +27,14 @@ def lora_linear(x, w, a, b, scale):
   of the concatenation would build the full ``xᵀ ∂y`` and slice it).
 
   A `QTensor` W (QLoRA on the XLA path) is dequantized in the forward pass and again in the backward pass, each
-  time after its input exists (`_after`); the residual is the stored 4-bit W, never a float copy.
+  time after its input exists (`_after`); the residual is the stored 4-bit W, never a float copy. `scale` may be
+  a Python number or an array.
   """
+  return _lora_linear(x, w, a, b, scale if hasattr(scale, "dtype") else jnp.float32(scale))
+
+
+@jax.custom_vjp
+def _lora_linear(x, w, a, b, scale):
   return _fwd(x, w, a, b, scale)[0]
 
 
@@ -60,7 +65,7 @@ def _bwd(res, dy):
   return dx, None, da.astype(a.dtype), db.astype(b.dtype), dscale.astype(scale_in.dtype)  # None: W is frozen
 
 
-lora_linear.defvjp(_fwd, _bwd)
+_lora_linear.defvjp(_fwd, _bwd)
 
 
 __all__ = ["lora_linear"]

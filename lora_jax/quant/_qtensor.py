@@ -122,7 +122,9 @@ class QTensor(Blocks4bit):
     return qmatmul(x, self)
 
   def bits_per_parameter(self) -> float:
-    return 8 * self.nbytes() / (self.shape[0] * self.shape[1])
+    """Stored bits per weight, codes and block parameters together (every layer of a stacked tensor counted)."""
+    layers = int(np.prod(self.codes.shape[:-2]))
+    return 8 * self.nbytes() / (layers * self.shape[0] * self.shape[1])
 
 
 def is_quantized(x) -> bool:

@@ -32,7 +32,11 @@ def quantize(w, fmt: str = "nf4", *, block_size: int | None = None, double_quant
   """
   if fmt not in ("nf4", "int4_sym", "int4_asym"):
     raise LoraJaxError(f"cannot quantize into {fmt!r}: choose nf4, int4_sym or int4_asym (q4_0/q4_1 come from GGUF)")
-  b = block_size or DEFAULT_BLOCK[fmt]
+  b = DEFAULT_BLOCK[fmt] if block_size is None else block_size
+  if jnp.ndim(w) < 2:
+    raise LoraJaxError(f"{name}: a kernel to quantize is (..., K, N); got shape {tuple(jnp.shape(w))}")
+  if not isinstance(b, (int, np.integer)) or b < 2 or b % 2:
+    raise LoraJaxError(f"{name}: block size must be an even integer >= 2 (two codes per byte), got {b!r}")
   *lead, k, n = w.shape
   if k % b:
     raise LoraJaxError(f"{name}: input dimension {k} is not divisible by the block size {b}")
@@ -141,7 +145,11 @@ def quantize_params(params: dict, fmt: str, *, rules: Sequence[str] = DEFAULT_RU
 
   out = jax.tree_util.tree_map_with_path(visit, params)
   if not hits:
-    raise LoraJaxError(f"quantization rules {list(rules)} match no parameter")
+    keys = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    per_layer = any(re.match(r"layers/\[\d+\]/", key) for key in keys)
+    raise LoraJaxError(f"quantization rules {list(rules)} match no parameter" + (
+        " (these params are in the per-layer layout of Model.unstack_layers: quantize the stacked params, then "
+        "unstack)" if per_layer else ""))
   return out
 
 

@@ -137,6 +137,11 @@ def test_dispatch_errors_and_fallback():
     qmatmul_pallas(x, odd, interpret=True)
   x = jnp.ones((CPU_M_MAX + 1, 256))
   assert_allclose(qmatmul(x, w), qmatmul_reference(x, w), "f32_op")  # auto on CPU above CPU_M_MAX: the reference
+  for impl in ("auto", "cpu", "small_m", "reference"):  # an x that does not fit W: one error naming both, 0 rows too
+    for bad in (jnp.ones((4, 128)), jnp.ones((0, 128)), jnp.ones((2, 3, 512))):
+      with pytest.raises(LoraJaxError, match=rf"x of shape \({', '.join(map(str, bad.shape))},?\) has "
+                                             rf"{bad.shape[-1]} input features; the 4-bit weight is \(K=256, N=128\)"):
+        qmatmul(bad, w, impl=impl)
 
 
 @pytest.mark.parametrize("m", [1, 16, 40])

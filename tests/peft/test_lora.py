@@ -84,6 +84,9 @@ def test_fused_lora_linear_gradients_match_autodiff(wrt):
     return jnp.sum(jnp.sin(x @ w + s * (x @ a) @ b))
   fused = lambda *args: jnp.sum(jnp.sin(lora_linear(*args)))
   assert_allclose(jax.grad(fused, argnums=wrt)(*args), jax.grad(plain, argnums=wrt)(*args), "f32_composite")
+  if wrt != 4:  # a Python number as the scale (once an AttributeError)
+    python_scale = lambda *args: fused(*args[:4], 0.5)
+    assert_allclose(jax.grad(python_scale, argnums=wrt)(*args), jax.grad(plain, argnums=wrt)(*args), "f32_composite")
 
 
 def test_dora_norm_is_constant_in_backward():

@@ -32,6 +32,11 @@ def test_invariants_are_checked():
     QTensor(q.codes, q.scale, fmt="int4_asym", block_size=64, shape=(256, 96))
   with pytest.raises(LoraJaxError, match="not divisible by the block size 64"):
     quantize(W[:200], "nf4", name="layers/attn/q_proj/kernel")
+  with pytest.raises(LoraJaxError, match=r"attn_norm/scale: a kernel to quantize is \(\.\.\., K, N\); got shape \(96,\)"):
+    quantize(W[0], "nf4", name="attn_norm/scale")
+  for bad in (0, 33, 64.0):  # 0 was once taken silently as the default
+    with pytest.raises(LoraJaxError, match=f"q_proj/kernel: block size must be an even integer >= 2.*{bad}"):
+      quantize(W, "int4_sym", block_size=bad, name="q_proj/kernel")
 
 
 # Relative mean absolute error of dequantize(quantize(W)) for W ~ N(0, 1), 256x96, key 0. Pinned: a change in
@@ -69,6 +74,9 @@ def test_double_quantization_bits_per_parameter():
   plain, dq = quantize(w, "nf4"), quantize(w, "nf4", double_quant=True)
   assert plain.bits_per_parameter() == pytest.approx(4.5, abs=1e-3)
   assert dq.bits_per_parameter() <= 4.13
+  stacked = quantize(jnp.stack([w[:1024]] * 3), "nf4", double_quant=True)  # per weight, however many layers
+  assert stacked.bits_per_parameter() == pytest.approx(quantize(w[:1024], "nf4", double_quant=True)
+                                                       .bits_per_parameter())
   assert float(jnp.max(jnp.abs(dq.block_scales() - plain.scale))) < 0.01 * float(jnp.max(plain.scale))
 
 
@@ -94,6 +102,9 @@ def test_quantize_params_default_rules_skip_norms_and_embeddings():
   assert not isinstance(q["layers"]["attn_norm"]["scale"], QTensor)
   with pytest.raises(LoraJaxError, match="match no parameter"):
     quantize_params(params, "nf4", rules=["nothing"])
+  from lora_jax.models import unstack_layers
+  with pytest.raises(LoraJaxError, match="per-layer layout of Model.unstack_layers: quantize the stacked params"):
+    quantize_params(unstack_layers(params), "nf4")
   with pytest.raises(LoraJaxError, match="no stored 4-bit blocks"):
     quantize_params(params, "native", gguf_blocks={})
 
