@@ -158,7 +158,7 @@ def _cmd_sweep(args) -> None:
   from .runner import sweep
   cfg = load_config(args.config, args.set or [])
   out = args.out or str(Path("runs") / (cfg.name or Path(args.config).stem))
-  sweep(cfg, out, source=args.config, argv=sys.argv, progress=not args.quiet)
+  sweep(cfg, out, source=args.config, argv=sys.argv, progress=not args.quiet, overwrite=args.overwrite)
   paths = write_report(out)
   print(Path(paths["results.md"]).read_text())
 
@@ -175,16 +175,17 @@ def _cmd_eval(args) -> None:
   from .train import make_eval_loss
   examples = read_examples(args.data)
   model = _load_base(args)
-  if args.adapter:  # the loss as training computes it: the adapter applied to the (4-bit) base
-    lcfg, adapter = load_adapter(args.adapter, model.config, dtype=model.dtype)
-  else:
-    lcfg, adapter = LoraConfig(targets=("q_proj",)), {}
+  params, extras = (load_for_inference(model, args.adapter, quantized_merge=args.adapter_merge) if args.adapter
+                    else (model.params, {}))  # what generation runs: the adapter merged, apart, or folded in
+  if args.adapter and args.adapter_merge == "separate":  # the loss as training computes it: the adapter applied
+    lcfg, adapter = load_adapter(args.adapter, model.config, dtype=model.dtype)  # to the (4-bit) base
+    loss_params = model.params
+  else:  # no adapter, or one folded into the 4-bit base (--adapter-merge): the loss of the params generation runs
+    lcfg, adapter, loss_params = LoraConfig(targets=("q_proj",)), {}, params
   rows = eval_rows(model, examples, seq_len=args.seq_len, chat=not args.no_chat)
-  loss = mean_loss(make_eval_loss(model.config, lcfg), adapter, model.params, rows)
+  loss = mean_loss(make_eval_loss(model.config, lcfg), adapter, loss_params, rows)
   result = {"examples": len(examples), "loss": loss}
-  if any("text" not in e for e in examples):  # generation with the adapter as --adapter-merge says
-    params, extras = (load_for_inference(model, args.adapter, quantized_merge=args.adapter_merge) if args.adapter
-                      else (model.params, {}))
+  if any("text" not in e for e in examples):
     em = exact_match(model, params, examples, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
                      limit=args.limit, **extras)
     result.update(exact_match=em["exact_match"], exact_match_n=em["n"])
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("config", help="YAML run config with a sweep: block")
   s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
   s.add_argument("--out", help="sweep directory (default runs/<name or config stem>)")
+  s.add_argument("--overwrite", action="store_true",
+                 help="replace a point's directory that holds a different run (and rerun points that diverged)")
   s.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
   s.set_defaults(func=_cmd_sweep)
 

@@ -8,8 +8,11 @@ error naming the key and the file.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import itertools
+import json
 import re
 import types
 import typing
@@ -72,6 +75,9 @@ class PeftConfig:
   def __post_init__(self):
     if self.method not in METHODS:
       raise LoraJaxError(f"peft.method must be one of {list(METHODS)}, got {self.method!r}")
+    if self.method == "dora" and self.init in ("pissa", "olora"):  # refused here, not after training
+      raise LoraJaxError(f"peft.init: {self.init} with peft.method: dora has no PEFT adapter file to save the run "
+                         f"in (PEFT converts PiSSA/OLoRA to plain LoRA only); use init: default or gaussian")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,9 +102,11 @@ class TrainConfig:
   exact_match: bool = True                    # generate on the test data before and after training
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "log_every"):
       if getattr(self, name) < 1:
         raise LoraJaxError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+    if self.eval_every < 0:
+      raise LoraJaxError(f"train.eval_every must be >= 0 (0: only at the end), got {self.eval_every}")
     if self.batch_size % self.grad_accum:
       raise LoraJaxError(f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}")
     if self.schedule not in SCHEDULES:
@@ -312,12 +320,17 @@ def expand_sweep(cfg: RunConfig, source: str = "<config>") -> list[tuple[str, di
   if not cfg.sweep:
     return [("run", {}, config_from_dict(base, source))]
   keys = list(cfg.sweep)
-  points = []
-  for values in itertools.product(*(cfg.sweep[k] for k in keys)):
-    overrides = dict(zip(keys, values))
-    name = "_".join(f"{k.split('.')[-1]}-{_slug(v)}" for k, v in overrides.items())
-    points.append((name, overrides, config_from_dict(apply_overrides(base, overrides), f"{source} (sweep {name})")))
-  return points
+  grid = [dict(zip(keys, values)) for values in itertools.product(*(cfg.sweep[k] for k in keys))]
+  names = ["_".join(f"{k.split('.')[-1]}-{_slug(v)}" for k, v in overrides.items()) for overrides in grid]
+  count = collections.Counter(names)
+  # values a slug cannot tell apart (cut at 40 characters, or differing only in dropped characters) get a hash
+  # of the point's overrides; every other name stays as before, so existing sweep directories still resume
+  names = [f"{name}-{hashlib.sha1(json.dumps(o, sort_keys=True).encode()).hexdigest()[:8]}" if count[name] > 1
+           else name for name, o in zip(names, grid)]
+  if len(set(names)) != len(names):
+    raise LoraJaxError(f"{source}: sweep points with the same values: {sorted(n for n in names if names.count(n) > 1)[0]}")
+  return [(name, overrides, config_from_dict(apply_overrides(base, overrides), f"{source} (sweep {name})"))
+          for name, overrides in zip(names, grid)]
 
 
 def _slug(v) -> str:

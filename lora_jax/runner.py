@@ -1,4 +1,5 @@
-"""Training runs: a run directory per config, checkpoints that resume exactly, sweeps that skip finished points.
+"""Training runs: a run directory per config, checkpoints that resume exactly, sweeps that skip finished (and
+diverged) points.
 
 A run directory holds::
 
@@ -10,7 +11,8 @@ A run directory holds::
   adapter/           the final adapter in HF PEFT format
   summary.json       final figures (read by `lora-jax report`)
 
-Re-running the same command resumes from the last checkpoint; since the data stream, the dropout keys and the
+The directory is written once the run is set up (model, data and adapter built), so a config that fails before
+its first step leaves nothing behind. Re-running the same command resumes from the last checkpoint; since the data stream, the dropout keys and the
 optimizer state are all functions of the checkpointed values, a resumed run reproduces the uninterrupted one
 bit for bit on CPU.
 """
@@ -82,6 +84,9 @@ def init_run_adapter(cfg: RunConfig, lcfg, model, *, key) -> tuple[dict, dict]:
   adapter, frozen = lcfg.init_adapter(model.config, start, key=key, tokenizer=model.tokenizer)
   if quantized and split_first:
     frozen = quantize(frozen)
+    log(f"note: peft.init {lcfg.init} over a 4-bit base (QPiSSA): the run trains over the quantized residual, but "
+        f"its adapter file is saved converted to plain LoRA for the original float base (as PEFT saves it), so no "
+        f"file reproduces the trained model exactly; the run's own evaluation is of the trained model")
   if cfg.kmajor:  # the GPU kernel's layout (kernels.to_kmajor): the same codes, moved once, here
     from .kernels import to_kmajor
     frozen = to_kmajor(frozen)
@@ -145,11 +150,13 @@ def _write_json(path: Path, obj) -> None:
 class _Metrics:
   """metrics.jsonl (appending; on resume, lines past the restored step are dropped) + TensorBoard."""
 
-  def __init__(self, out: Path, resume_step: int):
+  def __init__(self, out: Path, resume_step: int, last_step: int):
     self.path = out / "metrics.jsonl"
     if self.path.exists():
-      def kept(rec):  # what the resumed run will not write again
-        return rec["step"] < resume_step or (rec["step"] == resume_step and rec["split"] == "train")
+      def kept(rec):  # what the resumed run will not write again: every record of a step up to the checkpoint's
+        # (written before it was saved), except the final evaluation, which follows the last step's checkpoint
+        final_eval = rec["step"] == last_step and rec["split"] == "eval"
+        return rec["step"] <= resume_step and not final_eval
       keep = [line for line in self.path.read_text().splitlines() if line.strip() and kept(json.loads(line))]
       self.path.write_text("".join(line + "\n" for line in keep))
     self.f = open(self.path, "a")
@@ -227,9 +234,6 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
     if summary.get("status") == "finished":
       log(f"{out.name}: already finished, skipping")
       return summary
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-  _write_json(out / "provenance.json", provenance(argv))
   t_start = time.perf_counter()
 
   from .io import load_model
@@ -265,6 +269,13 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
                       max_grad_norm=tc.max_grad_norm)
   state = TrainState(jnp.int32(0), adapter, tx.init(adapter), jax.random.key_data(jax.random.key(cfg.seed + 1)))
   data_pos = 0
+  # the run directory is written only now: a config that fails to set up (a missing file, a bad rank) leaves
+  # nothing behind that would block its corrected rerun
+  out.mkdir(parents=True, exist_ok=True)
+  tmp = out / ".config.yaml.tmp"
+  tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+  os.replace(tmp, out / "config.yaml")
+  _write_json(out / "provenance.json", provenance(argv))
   ckpt_dir = out / "checkpoints"
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
       max_to_keep=2, enable_async_checkpointing=False, create=True))
@@ -276,8 +287,9 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
     state, data_pos = restored["state"], int(restored["data_pos"])
     log(f"resumed from checkpoint at step {latest}")
   start_step = int(state.step)
-  metrics = _Metrics(out, start_step)
-  summary = {"name": cfg.name or out.name, "status": "running", "steps": tc.steps}
+  metrics = _Metrics(out, start_step, tc.steps)
+  summary = {"name": cfg.name or out.name, "status": "running", "steps": tc.steps, "overrides": {},
+             "config": flatten(resolved), "seed": cfg.seed}  # what a report groups by, whatever the outcome
   try:
     before_path = out / "eval_before.json"
     if tc.exact_match and test_ex and not before_path.exists():
@@ -364,8 +376,11 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
       _write_json(out / "summary.json", summary)
 
 
-def sweep(cfg: RunConfig, out: str | Path, *, source: str, argv=None, progress: bool = True) -> list[dict]:
-  """Runs every grid point of `cfg.sweep` into ``out/<point>`` (finished points are skipped)."""
+def sweep(cfg: RunConfig, out: str | Path, *, source: str, argv=None, progress: bool = True,
+          overwrite: bool = False) -> list[dict]:
+  """Runs every grid point of `cfg.sweep` into ``out/<point>``. Finished points are skipped, and so are points that
+  diverged (recorded as such in their summary: the same seed and data diverge again); a point whose directory
+  holds a different run is refused unless `overwrite`."""
   out = Path(out).absolute()
   points = expand_sweep(cfg, source)
   out.mkdir(parents=True, exist_ok=True)
@@ -379,7 +394,18 @@ def sweep(cfg: RunConfig, out: str | Path, *, source: str, argv=None, progress: 
       models.clear()
       models[point.model] = load_model(point.model)
     reset_peak_rss()  # each point's summary gets its own peak (the shared model is resident, so it counts)
-    s = train(point, out / name, argv=argv, progress=progress, model=models[point.model])
+    done = out / name / "summary.json"
+    if done.exists() and json.loads(done.read_text()).get("status") == "diverged" and not overwrite:
+      log(f"{name}: diverged in an earlier run, skipping (its summary says where)")
+      s = json.loads(done.read_text())
+    else:
+      try:
+        s = train(point, out / name, overwrite=overwrite, argv=argv, progress=progress, model=models[point.model])
+      except LoraJaxError as e:
+        if not (done.exists() and json.loads(done.read_text()).get("status") == "diverged"):
+          raise
+        log(f"{name}: {e}; the sweep goes on")
+        s = json.loads(done.read_text())
     if s.get("overrides") != overrides:
       s["overrides"] = overrides
       _write_json(out / name / "summary.json", s)

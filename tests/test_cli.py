@@ -212,10 +212,13 @@ def test_adapter_over_a_quantized_base(capsys, smollm2, tmp_path):
   data = tmp_path / "d.jsonl"
   data.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi."}) + "\n")
   evals = []
-  for extra in ([], ["--quantize", "native"]):
+  native = ["--quantize", "native", "--adapter-merge"]
+  for extra in ([], [*native, "separate"], [*native, "dequantized"], [*native, "requantized"]):
     code, out, err = run(capsys, "eval", "--model", "smollm2-135m", "--data", str(data), *with_adapter,
                          "--max-new-tokens", "4", "-q", *extra)
     assert code == 0, err
     evals.append(json.loads(out))
-  assert_allclose(evals[1]["loss"], evals[0]["loss"], "f32_composite")
-  assert evals[0]["exact_match_n"] == evals[1]["exact_match_n"] == 1
+  for e in evals[1:3]:  # the loss of the model --adapter-merge describes (requantized: once the separate one's)
+    assert_allclose(e["loss"], evals[0]["loss"], "f32_composite")
+  assert abs(evals[3]["loss"] - evals[0]["loss"]) > 1e-3 * evals[0]["loss"]
+  assert all(e["exact_match_n"] == 1 for e in evals)

@@ -1,6 +1,7 @@
 """Strict YAML configs, --set overrides, sweep grids; every shipped experiment parses and traces."""
 
 import glob
+import re
 from pathlib import Path
 
 import jax
@@ -32,6 +33,10 @@ def test_defaults_and_types():
     ({**BASE, "quantize": "nf3"}, "quantize must be one of .*'nf4'.*got 'nf3'"),
     ({**BASE, "kmajor": True}, "kmajor: true .* needs quantize: nf4, int4 or native"),
     ({**BASE, "quantize": "native", "peft": {"init": "pissa"}}, "quantize: native keeps .* peft.init: pissa"),
+    ({**BASE, "peft": {"method": "dora", "init": "olora"}}, "peft.init: olora with peft.method: dora has no PEFT"),
+    ({**BASE, "train": {"checkpoint_every": 0}}, "train.checkpoint_every must be >= 1, got 0"),
+    ({**BASE, "train": {"log_every": 0}}, "train.log_every must be >= 1, got 0"),
+    ({**BASE, "train": {"eval_every": -1}}, "train.eval_every must be >= 0"),
     ({**BASE, "quantize": "int4", "kmajor": "yes"}, "'kmajor' must be bool"),
 ])
 def test_errors_name_the_key_and_file(raw, msg):
@@ -59,6 +64,19 @@ def test_sweep_expands_the_grid():
   name, overrides, point = points[-1]
   assert overrides == {"peft.rank": 16, "seed": 1, "peft.method": "dora"}
   assert (point.peft.rank, point.seed, point.peft.method, point.sweep) == (16, 1, "dora", None)
+  assert name == "rank-16_seed-1_method-dora"
+
+
+def test_sweep_points_that_one_slug_cannot_tell_apart_get_distinct_names():
+  """Values cut at 40 characters or differing only in characters a directory name drops once shared a run
+  directory (the second point was refused as "a different run"); they get a hash, the other names stay."""
+  long = [list(range(18)), list(range(20))]  # "0+1+...+16" for both
+  cfg = config_from_dict({**BASE, "sweep": {"peft.layers_to_transform": long, "data.train": ["a_b.jsonl",
+                                                                                          "ab.jsonl"]}})
+  names = [n for n, _, _ in expand_sweep(cfg)]
+  assert len(set(names)) == 4 and all(re.fullmatch(r".*-[0-9a-f]{8}", n) for n in names), names
+  plain = [n for n, _, _ in expand_sweep(config_from_dict({**BASE, "sweep": {"data.train": ["a.jsonl", "b.jsonl"]}}))]
+  assert plain == ["train-a.jsonl", "train-b.jsonl"]
 
 
 CONFIGS = sorted(glob.glob(str(ROOT / "experiments" / "*.yaml")))

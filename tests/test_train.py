@@ -2,6 +2,7 @@
 kill -9 + resume = uninterrupted, NaN guard, refusing another run's directory."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -127,6 +128,35 @@ def test_gradient_accumulation_equals_big_batch(setup):
     assert abs(loss - results[0][1]) < 1e-5
 
 
+def test_a_run_that_fails_to_set_up_leaves_nothing_behind(setup):
+  """A config that fails before the first step (here a missing data file) writes no run directory, so the
+  corrected config reruns into the same --out instead of meeting "holds a different run"."""
+  root, raw = setup
+  with pytest.raises(LoraJaxError, match="nope.jsonl: data file not found"):
+    train(_cfg(raw, data={"train": str(root / "nope.jsonl")}, train={"steps": 1}), root / "fix", progress=False)
+  assert not (root / "fix").exists()
+  assert train(_cfg(raw, train={"steps": 1, "exact_match": False}), root / "fix", progress=False)["status"] == \
+      "finished"
+
+
+def test_a_sweep_goes_on_past_a_diverged_point(setup, tmp_path):
+  """A point that diverges is recorded (its summary carries the config, seed and overrides a report groups by),
+  the sweep runs the other points, and a rerun skips it."""
+  from lora_jax.report import collect_runs
+  from lora_jax.runner import sweep
+  root, raw = setup
+  cfg = _cfg({**raw, "sweep": {"train.lr": [float("nan"), 0.01]}},
+             train={"steps": 2, "warmup_steps": 0, "schedule": "constant", "exact_match": False})
+  summaries = sweep(cfg, tmp_path / "s", source="t.yaml", progress=False)
+  assert [s["status"] for s in summaries] == ["diverged", "finished"]
+  diverged = json.loads((tmp_path / "s" / "lr-nan" / "summary.json").read_text())
+  assert diverged["overrides"] == {"train.lr": float("nan")} or math.isnan(diverged["overrides"]["train.lr"])
+  assert diverged["seed"] == 0 and diverged["config"]["peft.rank"] == 4
+  assert len(collect_runs(tmp_path / "s")) == 2
+  assert [s["status"] for s in sweep(cfg, tmp_path / "s", source="t.yaml", progress=False)] == ["diverged",
+                                                                                                  "finished"]
+
+
 def test_nan_guard_stops_and_names_the_step(setup):
   root, raw = setup
   with pytest.raises(LoraJaxError, match=r"non-finite loss or gradient at step 1: .*last good checkpoint is step None"):
@@ -141,7 +171,7 @@ def test_sigkill_and_resume_reach_the_same_final_loss(setup, tmp_path):
   root, raw = setup
   cfg_path = tmp_path / "c.yaml"
   raw2 = json.loads(json.dumps(raw))
-  raw2["train"].update(steps=16, checkpoint_every=2)
+  raw2["train"].update(steps=16, checkpoint_every=2, eval_every=2)
   raw2["data"]["max_eval_examples"] = 2
   cfg_path.write_text(yaml.safe_dump(raw2))
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -163,6 +193,10 @@ def test_sigkill_and_resume_reach_the_same_final_loss(setup, tmp_path):
   b = json.loads((killed / "summary.json").read_text())
   assert a["final_train_loss"] == b["final_train_loss"] and a["eval_loss"] == b["eval_loss"]
   assert _losses(whole) == _losses(killed)
+  # the whole metrics record, evaluations included: the one at the checkpoint's step was once dropped on resume
+  records = lambda run: [(r["split"], r["step"], r.get("loss")) for r in
+                         map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+  assert records(whole) == records(killed) and ("eval", 6) in [r[:2] for r in records(killed)]
 
 
 def test_gathered_targets_give_the_same_loss_and_gradient(setup):

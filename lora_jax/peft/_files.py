@@ -115,9 +115,29 @@ def read_adapter_config(folder: str | Path) -> dict:
   if not path.is_file():
     raise LoraJaxError(f"{folder}: no {CONFIG_NAME} (expected a PEFT adapter folder)")
   try:
-    return json.loads(path.read_text())
+    raw = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise LoraJaxError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+  if not isinstance(raw, dict):
+    raise LoraJaxError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+  return raw
+
+
+_TYPES = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def config_value(raw: dict, key: str, kind: type, default, src):
+  """``raw[key]`` (`default` when absent or null) checked to be of `kind` (int, float or bool; a JSON int is a
+  float too, a bool is neither): a `LoraJaxError` naming the file and key otherwise, never a silent cast (the
+  string "false" is not False)."""
+  value = raw.get(key)
+  if value is None:
+    return default
+  ok = isinstance(value, bool) if kind is bool else (
+      isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool))
+  if not ok:
+    raise LoraJaxError(f"{src}: {key} must be {_TYPES[kind]}, got {value!r}")
+  return kind(value)
 
 
 def load_adapter(folder: str | Path, model_cfg: ModelConfig, *, dtype=jnp.float32) -> tuple[LoraConfig, dict]:
@@ -169,14 +189,14 @@ def load_adapter(folder: str | Path, model_cfg: ModelConfig, *, dtype=jnp.float3
     raise LoraJaxError(f"{weights}: corrupt or truncated safetensors file ({e})") from None
   if not found:
     raise LoraJaxError(f"{weights}: contains no LoRA tensors")
-  r = int(raw.get("r", 8))
+  r = config_value(raw, "r", int, 8, src)
   sizes = model_cfg.kernel_shapes()
   layer_sets = {tuple(sorted(leaves["lora_A"])) for leaves in found.values() if "lora_A" in leaves}
   if len(layer_sets) != 1:
     raise LoraJaxError(f"{weights}: adapted modules cover different layer sets; not supported")
   layers = layer_sets.pop()
   adapter = {}
-  use_dora = bool(raw.get("use_dora", False))
+  use_dora = config_value(raw, "use_dora", bool, False, src)
   for path, leaves in sorted(found.items()):
     n_in, n_out = sizes[PATH_MODULES[path]]
     want = {"lora_A": (r, n_in), "lora_B": (n_out, r), "lora_magnitude": (n_out,)}
@@ -191,14 +211,21 @@ def load_adapter(folder: str | Path, model_cfg: ModelConfig, *, dtype=jnp.float3
       for i, t in per_layer.items():
         if t.shape != want[leaf]:
           key = f"base_model.model.{hf_module_name(path, i)}.{[k for k, v in _LEAF.items() if v == leaf][0]}"
+          rank_axis = {"lora_A": 0, "lora_B": 1}.get(leaf)
+          if rank_axis is not None and len(t.shape) == 2 and \
+             t.shape[1 - rank_axis] == want[leaf][1 - rank_axis]:  # only the rank differs: the config's r
+            raise LoraJaxError(f"{src}: r={r}, but tensor {key!r} has rank {t.shape[rank_axis]} (shape "
+                               f"{tuple(t.shape)}): the config does not describe its tensors")
           raise LoraJaxError(f"{weights}: tensor {key!r} has shape {tuple(t.shape)} but the base model needs "
                              f"{want[leaf]}: this adapter was made for another base model")
         stacked[i] = t.T if leaf != "lora_magnitude" else t
       entry[leaf] = jnp.asarray(stacked, dtype)
     adapter[path] = entry
-  cfg = LoraConfig(rank=r, alpha=float(raw.get("lora_alpha", 8)), targets=tuple(PATH_MODULES[p] for p in adapter),
+  cfg = LoraConfig(rank=r, alpha=config_value(raw, "lora_alpha", float, 8.0, src),
+                   targets=tuple(PATH_MODULES[p] for p in adapter),
                    layers_to_transform=None if len(layers) == L else layers,
-                   dropout=float(raw.get("lora_dropout", 0.0) or 0.0), use_rslora=bool(raw.get("use_rslora", False)),
+                   dropout=config_value(raw, "lora_dropout", float, 0.0, src),
+                   use_rslora=config_value(raw, "use_rslora", bool, False, src),
                    use_dora=use_dora, init="gaussian" if init == "gaussian" else "default")
   return cfg, adapter
 

@@ -78,7 +78,7 @@ def save_other(folder, cfg, model_cfg: ModelConfig, adapter: dict, *, base_model
 def load_other(folder: Path, raw: dict, model_cfg: ModelConfig, dtype=jnp.float32):
   """(config, adapter) for IA3 / prompt-method files (called by `load_adapter` after the peft_type check)."""
   from safetensors import safe_open
-  from ._files import weights_file
+  from ._files import config_value, weights_file
   src = folder / "adapter_config.json"
   weights = weights_file(folder)
   try:
@@ -122,7 +122,7 @@ def load_other(folder: Path, raw: dict, model_cfg: ModelConfig, dtype=jnp.float3
   if set(tensors) != {"prompt_embeddings"}:
     raise LoraJaxError(f"{weights}: expected one tensor 'prompt_embeddings', found {sorted(tensors)}")
   emb = tensors["prompt_embeddings"]
-  n = int(raw.get("num_virtual_tokens", emb.shape[0]))
+  n = config_value(raw, "num_virtual_tokens", int, emb.shape[0], src)
   if kind == "PREFIX_TUNING":
     width = model_cfg.num_layers * 2 * model_cfg.kv_size
     if emb.shape != (n, width):

@@ -143,6 +143,18 @@ def test_bad_adapters_are_refused_with_names(base, tmp_path):
   with pytest.raises(LoraJaxError, match="init_lora_weights='pissa'"):
     load_adapter(_write(tmp_path / "6", {**good, "init_lora_weights": "pissa"},
                         {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}), ours.config)
+  pair = {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
+  for field, value, want in (("lora_alpha", "sixteen", "lora_alpha must be a number, got 'sixteen'"),
+                             ("use_rslora", "false", "use_rslora must be true or false, got 'false'"),  # not True
+                             ("r", 2.5, "r must be an integer, got 2.5"), ("use_dora", 1, "use_dora must be true")):
+    with pytest.raises(LoraJaxError, match=rf"adapter_config.json: {want}"):
+      load_adapter(_write(tmp_path / f"8{field}", {**good, field: value}, pair), ours.config)
+  with pytest.raises(LoraJaxError, match=r"adapter_config.json: r=4, but tensor .*q_proj.lora_A.weight' has rank 2"):
+    load_adapter(_write(tmp_path / "9", {**good, "r": 4}, pair), ours.config)
+  listed = _write(tmp_path / "10", good, pair)
+  (listed / "adapter_config.json").write_text("[1, 2]")
+  with pytest.raises(LoraJaxError, match="adapter_config.json: expected a JSON object, got list"):
+    load_adapter(listed, ours.config)
   cfg = LoraConfig(rank=2, targets=("q_proj",), init="pissa")
   with pytest.raises(LoraJaxError, match="initial_adapter"):
     save_adapter(tmp_path / "7", cfg, ours.config, {"layers/attn/q_proj": {"lora_A": jnp.zeros((2, 32, 2)),
