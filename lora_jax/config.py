@@ -105,6 +105,10 @@ class TrainConfig:
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "log_every"):
       if getattr(self, name) < 1:
         raise LoraJaxError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+    if self.lr < 0:
+      raise LoraJaxError(f"train.lr must be >= 0, got {self.lr}")
+    if self.warmup_steps < 0:
+      raise LoraJaxError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
     if self.eval_every < 0:
       raise LoraJaxError(f"train.eval_every must be >= 0 (0: only at the end), got {self.eval_every}")
     if self.batch_size % self.grad_accum:
@@ -276,8 +280,10 @@ def _split_set(s: str):
 def config_from_dict(raw: Mapping[str, Any], source: str = "<config>") -> RunConfig:
   cfg = _build(RunConfig, raw, source)
   if cfg.sweep:
-    for key in cfg.sweep:
+    for key, values in cfg.sweep.items():
       _check_key(key, source)
+      if not values:
+        raise LoraJaxError(f"{source}: sweep axis '{key}' has no values")
   return cfg
 
 

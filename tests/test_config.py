@@ -37,6 +37,9 @@ def test_defaults_and_types():
     ({**BASE, "train": {"checkpoint_every": 0}}, "train.checkpoint_every must be >= 1, got 0"),
     ({**BASE, "train": {"log_every": 0}}, "train.log_every must be >= 1, got 0"),
     ({**BASE, "train": {"eval_every": -1}}, "train.eval_every must be >= 0"),
+    ({**BASE, "train": {"lr": -1e-4}}, "train.lr must be >= 0"),
+    ({**BASE, "train": {"warmup_steps": -2}}, "train.warmup_steps must be >= 0"),
+    ({**BASE, "sweep": {"seed": []}}, "sweep axis 'seed' has no values"),
     ({**BASE, "quantize": "int4", "kmajor": "yes"}, "'kmajor' must be bool"),
 ])
 def test_errors_name_the_key_and_file(raw, msg):
