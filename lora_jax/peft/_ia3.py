@@ -3,11 +3,11 @@
 For attention keys and values the vector scales the projection's *output*; for feed-forward modules (PEFT's
 ``feedforward_modules``, by default ``down_proj``) it scales the projection's *input*::
 
-    y = (x W) ⊙ l          (k_proj, v_proj)        ⇔  W' = W · diag(l)
-    y = (x ⊙ l) W          (down_proj)             ⇔  W' = diag(l) · W
+    y = (x W + b) ⊙ l      (k_proj, v_proj)        ⇔  W' = W · diag(l), b' = b ⊙ l
+    y = (x ⊙ l) W + b      (down_proj)             ⇔  W' = diag(l) · W
 
-Vectors start at 1, so the initial model is the base. The rescaling is linear in the weight, so it merges exactly
-into W (and unmerges by dividing). PEFT stores ``ia3_l`` as (out, 1) for output scaling and (1, in) for input
+(a bias, as Qwen2's q/k/v projections have, is scaled with the output, as PEFT does). Vectors start at 1, so the
+initial model is the base. The rescaling is linear in the weight, so it merges exactly into W (and b). PEFT stores ``ia3_l`` as (out, 1) for output scaling and (1, in) for input
 scaling; with our (in, out) kernels those are l over the out and in axes respectively.
 """
 
@@ -59,7 +59,11 @@ class IA3Config:
     out = frozen
     for path, entry in adapter.items():
       w = get_path(frozen, path + "/kernel")
-      out = set_path(out, path + "/kernel", IA3Weight(w, entry["ia3"], self.is_feedforward(path)))
+      on_input = self.is_feedforward(path)
+      out = set_path(out, path + "/kernel", IA3Weight(w, entry["ia3"], on_input))
+      bias = get_path(frozen, path).get("bias")
+      if bias is not None and not on_input:  # output scaling is (xW + b) ⊙ l, as PEFT (Qwen2's q/k/v biases)
+        out = set_path(out, path + "/bias", (bias.astype(jnp.float32) * entry["ia3"]).astype(bias.dtype))
     return out
 
   def virtual_tokens(self, model_cfg, adapter):

@@ -81,3 +81,26 @@ def test_save_hf_folder_round_trips(tiny, tmp_path):
   ids = torch.arange(1, 11)[None]
   with torch.no_grad():
     assert_allclose(back(ids).logits.numpy(), hf(ids).logits.numpy(), "f32_composite", err_msg=kind)
+
+
+def test_ia3_scales_a_biased_projection_as_peft(tiny, tmp_path):
+  """IA3's output scaling is ``(xW + b) ⊙ l``: on Qwen2's biased k/v projections the bias is scaled too (it once
+  was added after the scaling, 0.12 off PEFT's logits), applied and merged; without biases nothing changes."""
+  import copy
+
+  import jax
+  peft = pytest.importorskip("peft", reason="needs the [parity] extra")
+  from lora_jax.peft import IA3Config, save_adapter
+  kind, hf, folder = tiny
+  ours = load_model(str(folder))
+  cfg = IA3Config()  # k_proj, v_proj (output side) and down_proj (input side)
+  adapter, frozen = cfg.init_adapter(ours.config, ours.params)
+  adapter = {p: {"ia3": e["ia3"] + 0.5 * jax.random.normal(jax.random.key(i), e["ia3"].shape)}
+             for i, (p, e) in enumerate(sorted(adapter.items()))}
+  save_adapter(tmp_path / "ia3", cfg, ours.config, adapter)
+  pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ia3").eval()
+  ids = np.arange(1, 13)[None]
+  with torch.no_grad():
+    ref = pm(torch.tensor(ids)).logits.numpy()
+  for params in (cfg.apply(ours.config, frozen, adapter), cfg.merge(ours.config, frozen, adapter)):
+    assert_allclose(forward(params, ours.config, ids.astype(np.int32)), ref, "f32_composite", err_msg=kind)
