@@ -22,15 +22,20 @@ PATH_MODULES = {v: k for k, v in MODULE_PATHS.items()}
 HF_PREFIX = {"layers/attn": "self_attn", "layers/mlp": "mlp"}
 
 
+_PROBE_LAYERS = (0, 1, 2, 9, 10, 31, 99, 100, 12345)  # layer indices a layer-specific regex would tell apart
+
+
 def resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
   """Target spec -> sorted parameter paths. Each entry is a module name, "all-linear", or ``re:<regex>``.
 
   A string that is not a known name is treated as a regex (as PEFT treats a string ``target_modules``),
   full-matched against our path (``layers/attn/q_proj``), the module name (``q_proj``) and the HF module
-  name (``model.layers.0.self_attn.q_proj``).
+  names (``model.layers.N.self_attn.q_proj``). An adapter covers a module in every layer it transforms (one layer
+  set, `layers_to_transform`, for all modules), so a regex whose HF-name matches depend on the layer index
+  (``model\.layers\.0\.self_attn\.q_proj``) is refused rather than widened to every layer.
 
   Raises:
-    LoraJaxError: an entry matches nothing (the message lists the available names).
+    LoraJaxError: an entry matches nothing (the message lists the available names), or only some layers.
   """
   if isinstance(targets, str):
     targets = [targets]
@@ -46,8 +51,18 @@ def resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
         rx = re.compile(pattern)
       except re.error as e:
         raise LoraJaxError(f"target {t!r} is not a module name and not a valid regex ({e})") from None
-      hits = {p for p in MODULE_PATHS.values()
-              if any(rx.fullmatch(name) for name in (p, PATH_MODULES[p], hf_module_name(p, 0)))}
+      hits = set()
+      for p in MODULE_PATHS.values():
+        if rx.fullmatch(p) or rx.fullmatch(PATH_MODULES[p]):
+          hits.add(p)
+          continue
+        per_layer = {bool(rx.fullmatch(hf_module_name(p, i))) for i in _PROBE_LAYERS}
+        if per_layer == {True, False}:
+          raise LoraJaxError(f"target {t!r} matches {PATH_MODULES[p]} in some layers only; an adapter covers each "
+                             f"target in every layer it transforms: name the module and choose the layers with "
+                             f"layers_to_transform")
+        if per_layer == {True}:
+          hits.add(p)
       if not hits:
         raise LoraJaxError(f"target {t!r} matches no weight; available module names: {', '.join(MODULE_PATHS)}, "
                            f"'all-linear'; parameter paths: {', '.join(MODULE_PATHS.values())}")

@@ -153,6 +153,10 @@ def test_targets_and_errors():
                                                    "layers/mlp/up_proj")
   with pytest.raises(LoraJaxError, match="matches no weight; available module names: q_proj"):
     resolve_targets(["qkv"])
+  assert resolve_targets(r"model\.layers\.\d+\.self_attn\.q_proj") == ("layers/attn/q_proj",)
+  for layer_specific in (r"model\.layers\.0\.self_attn\.q_proj", r"model\.layers\.1\.mlp\.\w+"):  # once widened to
+    with pytest.raises(LoraJaxError, match="in some layers only.*layers_to_transform"):  # every layer, or "no weight"
+      resolve_targets(layer_specific)
   with pytest.raises(LoraJaxError, match="rank must be a positive integer"):
     LoraConfig(rank=0)
   with pytest.raises(LoraJaxError, match="rank 40 is larger than layers/attn/k_proj allows"):
