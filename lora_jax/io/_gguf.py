@@ -64,7 +64,10 @@ def _fields(reader) -> dict[str, Any]:
   return out
 
 
-def config_from_gguf(fields: dict[str, Any], tensor_names: set[str], source: str) -> ModelConfig:
+def config_from_gguf(fields: dict[str, Any], tensor_names: set[str], source: str,
+                     rope_freqs: np.ndarray | None = None) -> ModelConfig:
+  """The model config from a GGUF file's metadata; `rope_freqs`: its ``rope_freqs.weight`` tensor, if any (the
+  per-frequency divisors in which llama.cpp stores Llama 3.1+'s rope scaling)."""
   arch = fields.get("general.architecture")
   if arch not in _ARCH:
     raise LoraJaxError(f"{source}: unsupported GGUF architecture {arch!r}; supported: {sorted(_ARCH)}")
@@ -98,6 +101,7 @@ def config_from_gguf(fields: dict[str, Any], tensor_names: set[str], source: str
       rope_theta=float(fields.get(f"{arch}.rope.freq_base", 10000.0)),
       rope_type=rope_type,
       rope_scaling=scaling,
+      rope_freq_factors=() if rope_freqs is None else tuple(float(f) for f in np.asarray(rope_freqs).reshape(-1)),
       max_position_embeddings=int(fields.get(f"{arch}.context_length", 4096)),
       tie_embeddings="output.weight" not in tensor_names,
       attention_bias="blk.0.attn_q.bias" in tensor_names,
@@ -146,7 +150,9 @@ def load_gguf(path: str | Path, *, dtype=np.float32) -> GGUFModel:
   reader = _open(path)
   fields = _fields(reader)
   tensors = {t.name: t for t in reader.tensors}
-  cfg = config_from_gguf(fields, set(tensors), str(path))
+  rope_freqs = tensors.get("rope_freqs.weight")
+  cfg = config_from_gguf(fields, set(tensors), str(path),
+                         None if rope_freqs is None else gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type))
   L = cfg.num_layers
   expected_shapes = {
       "attn_q.weight": (cfg.q_size, cfg.hidden_size), "attn_k.weight": (cfg.kv_size, cfg.hidden_size),

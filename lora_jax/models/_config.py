@@ -41,6 +41,9 @@ class ModelConfig:
   rope_type: str = "default"
   # Sorted (key, value) pairs of the rope scaling parameters (a tuple keeps the dataclass hashable).
   rope_scaling: tuple[tuple[str, float], ...] = ()
+  # Per-frequency divisors of the inverse frequencies, [head_dim // 2], as a GGUF file's ``rope_freqs.weight``
+  # holds them (llama.cpp stores Llama 3.1+'s rope scaling only this way); () for none.
+  rope_freq_factors: tuple[float, ...] = ()
   max_position_embeddings: int = 4096
   tie_embeddings: bool = False
   attention_bias: bool = False
@@ -60,6 +63,9 @@ class ModelConfig:
       raise LoraJaxError(f"head_dim={self.head_dim} must be even for rotary embeddings")
     if self.rope_type not in SUPPORTED_ROPE_TYPES:
       raise LoraJaxError(f"unsupported rope scaling type {self.rope_type!r}; supported: {list(SUPPORTED_ROPE_TYPES)}")
+    if self.rope_freq_factors and len(self.rope_freq_factors) != self.head_dim // 2:
+      raise LoraJaxError(f"rope_freq_factors has {len(self.rope_freq_factors)} entries; head_dim={self.head_dim} "
+                         f"needs {self.head_dim // 2}")
 
   @property
   def q_size(self) -> int:
@@ -109,6 +115,8 @@ class ModelConfig:
       smoothed = (1 - smooth) * scaled / factor + smooth * scaled
       medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
       inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    if self.rope_freq_factors:
+      inv = (inv / np.asarray(self.rope_freq_factors, np.float32)).astype(np.float32)
     return inv
 
   @classmethod
@@ -164,6 +172,10 @@ class ModelConfig:
 
   def to_hf_dict(self) -> dict[str, Any]:
     """The HF ``config.json`` for this model (inverse of `from_hf_dict`)."""
+    if self.rope_freq_factors:
+      raise LoraJaxError("this model's rope scaling is a GGUF file's per-frequency factors (rope_freqs.weight), "
+                         "which an HF config.json cannot state without the rope parameters they came from; "
+                         "start from the model's HF folder instead")
     arch_class = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
     rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **dict(self.rope_scaling)}
     out = {
