@@ -145,15 +145,31 @@ class ModelConfig:
                            if k not in ("rope_type", "type", "rope_theta") and isinstance(v, (int, float))))
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    num_layers = int(need("num_hidden_layers"))
+    if model_type != "qwen2" and cfg.get("attention_bias"):  # Qwen2's is q/k/v only, which the model has
+      raise LoraJaxError(f"{source}: attention_bias=true ({model_type}: biases on q/k/v and o_proj) is not supported")
+    if cfg.get("mlp_bias"):
+      raise LoraJaxError(f"{source}: mlp_bias=true (biases on gate/up/down_proj) is not supported")
     sliding = cfg.get("sliding_window")
     if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
       sliding = None
+    if sliding:  # which layers slide: layer_types (transformers >= 4.53), else Qwen2's max_window_layers
+      kinds = cfg.get("layer_types")
+      if kinds is None and model_type == "qwen2":
+        first = int(cfg.get("max_window_layers", 28))  # transformers' default
+        kinds = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+      kinds = set(kinds or ["sliding_attention"])
+      if kinds == {"full_attention"}:
+        sliding = None
+      elif kinds != {"sliding_attention"}:
+        raise LoraJaxError(f"{source}: a sliding window on some layers only (layer_types / max_window_layers) is "
+                           f"not supported: lora_jax applies sliding_window={sliding} to every layer or none")
     return cls(
         architecture=model_type,
         vocab_size=int(need("vocab_size")),
         hidden_size=hidden,
         intermediate_size=int(need("intermediate_size")),
-        num_layers=int(need("num_hidden_layers")),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=int(head_dim),
@@ -206,6 +222,7 @@ class ModelConfig:
       out["mlp_bias"] = False
     if self.architecture in ("mistral", "qwen2"):
       out["sliding_window"] = self.sliding_window
-    if self.architecture == "qwen2":
+    if self.architecture == "qwen2":  # max_window_layers 0: the window on every layer, as lora_jax runs it
       out["use_sliding_window"] = self.sliding_window is not None
+      out["max_window_layers"] = 0 if self.sliding_window is not None else self.num_layers
     return out

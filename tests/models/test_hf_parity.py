@@ -104,3 +104,31 @@ def test_ia3_scales_a_biased_projection_as_peft(tiny, tmp_path):
     ref = pm(torch.tensor(ids)).logits.numpy()
   for params in (cfg.apply(ours.config, frozen, adapter), cfg.merge(ours.config, frozen, adapter)):
     assert_allclose(forward(params, ours.config, ids.astype(np.int32)), ref, "f32_composite", err_msg=kind)
+
+
+QWEN2 = {**COMMON, "model_type": "qwen2", "sliding_window": 8, "use_sliding_window": True}
+
+
+@pytest.mark.parametrize("extra,window", [({"max_window_layers": 0}, 8), ({"max_window_layers": 3}, None),
+                                          ({"layer_types": ["sliding_attention"] * 3}, 8),
+                                          ({"layer_types": ["full_attention"] * 3}, None),
+                                          ({"use_sliding_window": False}, None)])
+def test_which_layers_slide(extra, window):
+  """Qwen2 slides only from layer max_window_layers on (or as layer_types says): a window on every layer or
+  none loads, a window on some layers only is refused (it was applied to every layer, 0.03 off transformers)."""
+  from lora_jax.models import ModelConfig
+  cfg = ModelConfig.from_hf_dict({**QWEN2, **extra})
+  assert cfg.sliding_window == window
+  back = transformers.Qwen2Config(**{k: v for k, v in cfg.to_hf_dict().items() if k != "model_type"})
+  assert set(back.layer_types) == {"sliding_attention" if window else "full_attention"}  # as saved, so loaded
+
+
+@pytest.mark.parametrize("raw,msg", [({**QWEN2, "max_window_layers": 1}, "sliding window on some layers only"),
+                                     ({**COMMON, "model_type": "llama", "attention_bias": True},
+                                      "attention_bias=true .llama: biases on q/k/v and o_proj. is not supported"),
+                                     ({**COMMON, "model_type": "llama", "mlp_bias": True}, "mlp_bias=true")])
+def test_configs_lora_jax_would_run_wrongly_are_refused(raw, msg):
+  from lora_jax import LoraJaxError
+  from lora_jax.models import ModelConfig
+  with pytest.raises(LoraJaxError, match=msg):
+    ModelConfig.from_hf_dict(raw, source="m/config.json")
