@@ -48,9 +48,11 @@ def greedy_token(logits: jax.Array) -> jax.Array:
 
 def sample_token(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
   """Next token ids [B] from float32 logits [B, V]."""
-  if sampling.temperature == 0:
+  if sampling.temperature < np.finfo(np.float32).tiny:  # 0, or below float32's normal range (flushed to 0 on CPU)
     return greedy_token(logits)
-  scaled = logits / sampling.temperature
+  # the maximum subtracted first: a tiny temperature sends the rest to -inf and keeps the top at 0 (greedy), where
+  # logits / temperature would overflow to inf and sample from NaN
+  scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / sampling.temperature
   if sampling.top_p < 1:
     order = jnp.argsort(-scaled, axis=-1)
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
@@ -118,7 +120,7 @@ def cache_slots(prompt_len: int, max_new_tokens: int, reserved: int = 0) -> int:
 
 @dataclasses.dataclass
 class Generation:
-  tokens: list[int]   # generated ids (without the EOS that ended it)
+  tokens: list[int]   # generated ids (without the EOS that ended it; with a stop string, up to the id that completes it)
   text: str           # decoded text, cut before the first stop string
   finish_reason: str  # "eos" | "stop_string" | "length"
 
@@ -241,10 +243,18 @@ def generate(model, prompts: Sequence[str], *, max_new_tokens: int = 128, sampli
                      stop_check=stop_check if stop else None, truncate=truncate,
                      virtual_tokens=virtual_tokens, kv_prefix=kv_prefix)
   out = []
+  has_stop = lambda ids: any(s in tok.decode(ids) for s in stop)
   for gen_ids, reason in raw:
     text = tok.decode(gen_ids)
     cut = [text.index(s) for s in stop if s in text]
     if cut:
       text, reason = text[:min(cut)], "stop_string"
+      # stops are checked between decode chunks, so ids past the stop were generated: keep the shortest prefix
+      # whose text holds a stop string (once there, it stays), found by bisection
+      lo, hi = 1, len(gen_ids)
+      while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if has_stop(gen_ids[:mid]) else (mid + 1, hi)
+      gen_ids = gen_ids[:lo]
     out.append(Generation(gen_ids, text, reason))
   return out

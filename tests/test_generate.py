@@ -93,6 +93,15 @@ def test_tiny_top_p_is_greedy():
   np.testing.assert_array_equal(got, np.argmax(logits, -1))
 
 
+def test_tiny_temperature_is_greedy():
+  """A positive temperature too small for logits / T (inf, then NaN probabilities: garbage tokens) is greedy."""
+  logits = jax.random.normal(jax.random.key(0), (4, 50)) * 10
+  for t in (1e-30, 1e-40, 1e-45):
+    for top_p in (1.0, 0.5):
+      got = sample_token(logits, jax.random.key(1), SamplingConfig(temperature=t, top_p=top_p))
+      np.testing.assert_array_equal(got, np.argmax(logits, -1))
+
+
 def test_top_p_samples_only_from_nucleus():
   logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
   keys = jax.random.split(jax.random.key(0), 400)
@@ -130,6 +139,9 @@ def test_stop_string_cuts_output(smollm2):
   cut, = generate(smollm2, ["Count from one to ten: one, two,"], max_new_tokens=24, stop=["five"])
   assert cut.finish_reason == "stop_string"
   assert cut.text == free.text[:free.text.index("five")]
+  # the ids end with the one that completes the stop string (they once ran on to the end of the decode chunk)
+  assert cut.tokens == free.tokens[:len(cut.tokens)] and len(cut.tokens) < len(free.tokens)
+  assert "five" in smollm2.tokenizer.decode(cut.tokens) and "five" not in smollm2.tokenizer.decode(cut.tokens[:-1])
 
 
 def test_chat_template_matches_transformers(smollm2, hf_smollm2):
