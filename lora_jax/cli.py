@@ -169,7 +169,7 @@ def _cmd_report(args) -> None:
 
 
 def _cmd_eval(args) -> None:
-  from .data import read_examples
+  from .data import example_kind, read_examples
   from .evaluate import eval_rows, exact_match, mean_loss
   from .peft import LoraConfig, load_adapter, load_for_inference
   from .train import make_eval_loss
@@ -185,7 +185,7 @@ def _cmd_eval(args) -> None:
   rows = eval_rows(model, examples, seq_len=args.seq_len, chat=not args.no_chat)
   loss = mean_loss(make_eval_loss(model.config, lcfg), adapter, loss_params, rows)
   result = {"examples": len(examples), "loss": loss}
-  if any("text" not in e for e in examples):
+  if any(example_kind(e) != "text" for e in examples):
     em = exact_match(model, params, examples, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
                      limit=args.limit, **extras)
     result.update(exact_match=em["exact_match"], exact_match_n=em["n"])

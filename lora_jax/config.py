@@ -309,6 +309,20 @@ def to_dict(cfg) -> dict:
   return conv(cfg)
 
 
+def flat_defaults(cls=None, prefix: str = "") -> dict[str, Any]:
+  """The default of every `RunConfig` key that has one, as dotted keys (``train.lr``: 2e-4): what a run saved
+  before a key existed ran with."""
+  cls = cls or RunConfig
+  out: dict[str, Any] = {}
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    if dataclasses.is_dataclass(hints[f.name]):
+      out.update(flat_defaults(hints[f.name], f"{prefix}{f.name}."))
+    elif f.default is not dataclasses.MISSING:
+      out[prefix + f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
+  return out
+
+
 def flatten(d: Mapping, prefix: str = "") -> dict:
   out = {}
   for k, v in d.items():

@@ -48,6 +48,12 @@ def read_examples(path: str | Path) -> list[dict[str, Any]]:
   return examples
 
 
+def example_kind(ex: dict[str, Any]) -> str:
+  """"messages", "instruction" (an ``output`` with its ``instruction``/``input``) or "text", in that order of
+  precedence (a row with both ``output`` and ``text``, as Alpaca's columns, is an instruction example)."""
+  return "messages" if "messages" in ex else "instruction" if "output" in ex else "text"
+
+
 def _validate(ex, where: str) -> None:
   if not isinstance(ex, dict):
     raise LoraJaxError(f"{where}: expected a JSON object, got {type(ex).__name__}")
@@ -56,6 +62,9 @@ def _validate(ex, where: str) -> None:
     if not isinstance(msgs, list) or not msgs or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
       raise LoraJaxError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    if msgs[0]["role"] == "assistant":
+      raise LoraJaxError(f"{where}: the conversation starts with an assistant turn; it needs a user (or system) "
+                         f"message before it")
   elif "output" in ex:
     for k in ("instruction", "input", "output"):
       if k in ex and not isinstance(ex[k], str):
@@ -83,7 +92,7 @@ def _read_datasets_dir(path: Path) -> list[dict[str, Any]]:
     if "train" not in ds:
       raise LoraJaxError(f"{path}: DatasetDict without a 'train' split (has {list(ds)})")
     ds = ds["train"]
-  rows = [dict(r) for r in ds]
+  rows = [{k: v for k, v in r.items() if v is not None} for r in ds]  # a columnar dataset's missing value is None
   for i, r in enumerate(rows):
     _validate(r, f"{path}[{i}]")
   if not rows:
@@ -94,35 +103,43 @@ def _read_datasets_dir(path: Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- prompts and tokenization
 def prompt_messages(ex: dict[str, Any]) -> list[dict[str, str]]:
   """The conversation up to (not including) the answer to be generated."""
-  if "messages" in ex:
+  kind = example_kind(ex)
+  if kind == "messages":
     msgs = ex["messages"]
     return msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
-  if "output" in ex:
+  if kind == "instruction":
     parts = [p for p in (ex.get("instruction", ""), ex.get("input", "")) if p]
     return [{"role": "user", "content": "\n\n".join(parts)}]
   raise LoraJaxError("plain-text examples have no prompt/answer split")
 
 
 def reference_answer(ex: dict[str, Any]) -> str:
-  if "messages" in ex:
+  if example_kind(ex) == "messages":
     return ex["messages"][-1]["content"] if ex["messages"][-1]["role"] == "assistant" else ""
   return ex.get("output", "")
 
 
+def uses_template(tok, chat: bool) -> bool:
+  """Whether examples go through the chat template (asked for, and the tokenizer has one); else the plain
+  format: each message's text on its own line, each answer followed by the end-of-sequence token."""
+  return bool(chat and tok.chat_template)
+
+
+def _plain_pieces(msgs, tok) -> list[tuple[str, bool]]:
+  return [(m["content"] + (tok.eos_token or ""), True) if m["role"] == "assistant" else (m["content"] + "\n", False)
+          for m in msgs]
+
+
 def _segments(ex: dict[str, Any], tok, chat: bool) -> list[tuple[str, bool]]:
-  """The example as text pieces with a flag 'is assistant output'."""
-  if "text" in ex:
+  """The example as text pieces with a flag 'is assistant output'. With the chat template an answer's piece ends
+  with the end-of-turn token (the end-of-sequence token): what the template renders after it (ChatML's newline)
+  is not the model's output."""
+  if example_kind(ex) == "text":
     return [(ex["text"] + (tok.eos_token or ""), True)]
   msgs = ex["messages"] if "messages" in ex else prompt_messages(ex) + [
       {"role": "assistant", "content": ex["output"]}]
-  if not chat or not tok.chat_template:
-    pieces = []
-    for m in msgs:
-      if m["role"] == "assistant":
-        pieces.append((m["content"] + (tok.eos_token or ""), True))
-      else:
-        pieces.append((m["content"] + "\n", False))
-    return pieces
+  if not uses_template(tok, chat):
+    return _plain_pieces(msgs, tok)
   pieces, done = [], ""
   for i, m in enumerate(msgs):
     if m["role"] != "assistant":
@@ -132,23 +149,41 @@ def _segments(ex: dict[str, Any], tok, chat: bool) -> list[tuple[str, bool]]:
     if not (prefix.startswith(done) and through.startswith(prefix)):
       raise LoraJaxError("the chat template does not render conversations as extensions of their prefixes; "
                          "set data.chat_template: false")
-    pieces += [(prefix[len(done):], False), (through[len(prefix):], True)]
+    answer = through[len(prefix):]
+    eot = tok.eos_token
+    end = answer.rindex(eot) + len(eot) if eot and eot in answer else len(answer)
+    pieces += [(prefix[len(done):], False), (answer[:end], True), (answer[end:], False)]
     done = through
   return pieces
 
 
-def tokenize_example(ex: dict[str, Any], tok, *, chat: bool, loss_on: str) -> tuple[list[int], list[bool]]:
+def _encode_pieces(pieces, tok, chat: bool, loss_on: str) -> tuple[list[int], list[bool]]:
+  """Token ids and loss flags of text pieces, each piece tokenized alone; the plain format starts with the
+  tokenizer's special tokens (BOS), the chat template writes its own."""
   ids: list[int] = []
   mask: list[bool] = []
   first = True
-  for text, is_answer in _segments(ex, tok, chat):
+  for text, is_answer in pieces:
     if not text:
       continue
-    piece = tok.encode(text, add_special_tokens=first and not chat)
+    piece = tok.encode(text, add_special_tokens=first and not uses_template(tok, chat))
     first = False
     ids += piece
     mask += [is_answer or loss_on == "all"] * len(piece)
   return ids, mask
+
+
+def tokenize_example(ex: dict[str, Any], tok, *, chat: bool, loss_on: str) -> tuple[list[int], list[bool]]:
+  return _encode_pieces(_segments(ex, tok, chat), tok, chat, loss_on)
+
+
+def prompt_ids(ex: dict[str, Any], tok, *, chat: bool) -> list[int]:
+  """The ids a model generates the answer after: exactly the prefix of the example's training ids before its
+  (last) answer."""
+  msgs = prompt_messages(ex)
+  if uses_template(tok, chat):
+    return tok.encode_chat(msgs)
+  return _encode_pieces(_plain_pieces(msgs, tok), tok, chat, "response")[0]
 
 
 # ---------------------------------------------------------------- rows
@@ -167,6 +202,14 @@ class Rows:
     return len(self.ids)
 
 
+def _preview(ex: dict[str, Any]) -> str:
+  """The start of an example's text, to find it in its file (its position in a split is not its line)."""
+  kind = example_kind(ex)
+  text = ex["text"] if kind == "text" else prompt_messages(ex)[-1]["content"] if prompt_messages(ex) else ""
+  text = " ".join(text.split())
+  return repr(text[:60] + ("..." if len(text) > 60 else ""))
+
+
 def build_rows(examples, tok, *, seq_len: int, chat: bool = True, loss_on: str = "response", packing: bool = True,
                truncate: bool = True, pad_id: int = 0, source: str = "data") -> Rows:
   """Tokenizes and packs (or pads) examples into rows of `seq_len` tokens."""
@@ -175,8 +218,8 @@ def build_rows(examples, tok, *, seq_len: int, chat: bool = True, loss_on: str =
     ids, mask = tokenize_example(ex, tok, chat=chat, loss_on=loss_on)
     if len(ids) > seq_len:
       if not truncate:
-        raise LoraJaxError(f"{source}: example {i} has {len(ids)} tokens, more than train.seq_len={seq_len} "
-                           f"(set data.truncate: true to cut it)")
+        raise LoraJaxError(f"{source}: an example ({_preview(ex)}) has {len(ids)} tokens, more than "
+                           f"train.seq_len={seq_len} (set data.truncate: true to cut it)")
       ids, mask, n_trunc = ids[:seq_len], mask[:seq_len], n_trunc + 1
     if sum(mask[1:]) == 0:
       continue  # nothing to learn from (e.g. the answer was truncated away)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import build_rows, iter_batches, prompt_messages, reference_answer
+from .data import build_rows, example_kind, iter_batches, prompt_ids, prompt_messages, reference_answer
 from .generate import generate_ids
 
 
@@ -22,17 +22,11 @@ def exact_match(model, params, examples, *, max_new_tokens: int = 48, batch_size
   if per_layer:
     params = unstack_layers(params)
   tok = model.tokenizer
-  examples = [e for e in examples if "text" not in e][:limit]
+  examples = [e for e in examples if example_kind(e) != "text"][:limit]
   samples, hits = [], 0
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
-    prompts = []
-    for ex in chunk:
-      msgs = prompt_messages(ex)
-      if chat and tok.chat_template:
-        prompts.append(tok.encode_chat(msgs))
-      else:
-        prompts.append(tok.encode("\n".join(m["content"] for m in msgs) + "\n"))
+    prompts = [prompt_ids(ex, tok, chat=chat) for ex in chunk]  # as the example's training ids begin
     outs = generate_ids(params, model.config, prompts, max_new_tokens=max_new_tokens, eos=eos_ids(model),
                         pad_id=tok.pad_id if tok.pad_id is not None else 0, truncate=True,
                         virtual_tokens=virtual_tokens, kv_prefix=kv_prefix)

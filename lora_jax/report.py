@@ -102,13 +102,21 @@ def _canon(value: Any) -> str:
   return json.dumps(value, sort_keys=True, allow_nan=True)
 
 
+def _config_value(run: dict, key: str):
+  """``run``'s value of a config key; a key its summary lacks has the value it ran with: the key's `RunConfig`
+  default (the key was added after the run), else null."""
+  from .config import flat_defaults
+  return run["config"][key] if key in run["config"] else flat_defaults().get(key)
+
+
 def varying_axes(runs: list[dict], *, seed_key: str = "seed") -> list[str]:
-  """Config keys whose value differs between runs (a key missing from a run counts as null), except ``seed_key``.
+  """Config keys whose value differs between runs (a key missing from a run counts as its `RunConfig` default,
+  else null), except ``seed_key``.
 
   Ordered as the keys first appear in the runs' ``overrides`` (the sweep's axis order), then alphabetically.
   """
   keys = sorted({k for r in runs for k in r["config"]} - {seed_key})
-  varying = {k for k in keys if len({_canon(r["config"].get(k)) for r in runs}) > 1}
+  varying = {k for k in keys if len({_canon(_config_value(r, k)) for r in runs}) > 1}
   ordered = []
   for r in runs:
     for k in r["overrides"]:
@@ -161,11 +169,10 @@ def group_runs(runs: list[dict], *, seed_key: str = "seed") -> list[dict]:
   axes = varying_axes(runs, seed_key=seed_key)
   buckets: dict[tuple, list[dict]] = {}
   for r in runs:
-    buckets.setdefault(tuple(_canon(r["config"].get(a)) for a in axes), []).append(r)
+    buckets.setdefault(tuple(_canon(_config_value(r, a)) for a in axes), []).append(r)
   groups = []
   for members in buckets.values():
-    first = members[0]["config"]
-    group = {"axes": {a: first.get(a) for a in axes}, "n_seeds": len(members),
+    group = {"axes": {a: _config_value(members[0], a) for a in axes}, "n_seeds": len(members),
              "seeds": [m["config"].get(seed_key) for m in members], "paths": [m["path"] for m in members],
              "n_diverged": sum(m.get("status") == "diverged" for m in members)}
     for metric in GROUP_METRICS:

@@ -241,8 +241,10 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
   model = model or load_model(cfg.model, dtype="float32")
   tc, dc = cfg.train, cfg.data
   examples = read_examples(dc.train)
-  train_ex, held = split_examples(examples, dc.validation_split, cfg.seed)
-  val_ex = read_examples(dc.validation) if dc.validation else held
+  if dc.validation:  # validation_split holds out part of train only when no validation file is given
+    train_ex, val_ex = examples, read_examples(dc.validation)
+  else:
+    train_ex, val_ex = split_examples(examples, dc.validation_split, cfg.seed)
   test_ex = read_examples(dc.test) if dc.test else val_ex
   tok = model.tokenizer
   pad = tok.pad_id if tok.pad_id is not None else 0

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from lora_jax import LoraJaxError
-from lora_jax.data import batch_at, build_rows, read_examples, split_examples, tokenize_example
+from lora_jax.data import (batch_at, build_rows, example_kind, prompt_ids, read_examples, split_examples,
+                           tokenize_example)
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):
@@ -29,7 +30,7 @@ def test_chat_loss_mask_covers_only_the_answer(smollm2):
   ex = {"instruction": "Say hi.", "output": "Hi there!"}
   ids, mask = tokenize_example(ex, tok, chat=True, loss_on="response")
   text = tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
-  assert text == "Hi there!<|im_end|>\n"
+  assert text == "Hi there!<|im_end|>"  # ChatML's newline after the end of turn is the template's, not the model's
   assert tok.decode(ids, skip_special_tokens=False) == tok.render_chat(
       [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"}],
       add_generation_prompt=False)
@@ -43,7 +44,7 @@ def test_multi_turn_messages_mask_every_assistant_turn(smollm2):
                      {"role": "user", "content": "2?"}, {"role": "assistant", "content": "two"}]}
   ids, mask = tokenize_example(ex, tok, chat=True, loss_on="response")
   text = tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
-  assert text == "one<|im_end|>\ntwo<|im_end|>\n"
+  assert text == "one<|im_end|>two<|im_end|>"
 
 
 def test_packing_segments_positions_and_truncation(smollm2):
@@ -59,8 +60,8 @@ def test_packing_segments_positions_and_truncation(smollm2):
   padded = build_rows(exs, tok, seq_len=64, chat=False, packing=False)
   assert len(padded) == 6 and padded.segments.max() == 1
   long = [{"instruction": "a " * 100, "output": "b"}]
-  with pytest.raises(LoraJaxError, match="more than train.seq_len=16"):
-    build_rows(long + exs, tok, seq_len=16, chat=False, truncate=False)
+  with pytest.raises(LoraJaxError, match=r"an example \('a a a .*\.\.\.'\) has \d+ tokens, more than train.seq_len=16"):
+    build_rows(exs + long, tok, seq_len=16, chat=False, truncate=False)  # named by its text, not its place
 
 
 def test_order_is_deterministic_and_epoch_shuffled(smollm2):
@@ -100,3 +101,57 @@ def test_hf_datasets_folder_reads_like_jsonl(tmp_path):
   (tmp_path / "empty_dir").mkdir()
   with pytest.raises(LoraJaxError, match="cannot load with datasets.load_from_disk"):
     read_examples(tmp_path / "empty_dir")
+
+
+EXAMPLES = [{"instruction": "Classify", "input": "printer on fire", "output": "hardware"},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                          {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]
+
+
+@pytest.mark.parametrize("chat", [True, False])
+@pytest.mark.parametrize("ex", EXAMPLES, ids=["instruction", "multi_turn"])
+def test_the_eval_prompt_is_the_trained_prefix(smollm2, ex, chat):
+  """exact_match prompts with exactly the ids the example's last answer follows in training (a multi-turn plain
+  prompt once lacked the earlier answers' end-of-sequence tokens)."""
+  ids, mask = tokenize_example(ex, smollm2.tokenizer, chat=chat, loss_on="response")
+  last = max(i for i in range(1, len(mask)) if mask[i] and not mask[i - 1])
+  assert prompt_ids(ex, smollm2.tokenizer, chat=chat) == ids[:last]
+
+
+def test_an_alpaca_row_with_a_text_column_is_an_instruction_example(smollm2):
+  """Alpaca's columns are instruction, input, output and text (the rendered prompt): such a row was trained as
+  plain text (its loss on every token) and left out of exact match."""
+  ex = {"instruction": "Classify", "input": "printer on fire", "output": "hardware", "text": "### whatever"}
+  assert example_kind(ex) == "instruction"
+  plain = {k: v for k, v in ex.items() if k != "text"}
+  assert tokenize_example(ex, smollm2.tokenizer, chat=True, loss_on="response") == \
+      tokenize_example(plain, smollm2.tokenizer, chat=True, loss_on="response")
+
+
+def test_the_plain_format_starts_with_bos_whatever_chat_says(smollm2):
+  """A tokenizer that adds BOS and has no chat template: chat=True falls back to the plain format, with its BOS
+  (it was dropped, while the eval prompt kept it)."""
+  import copy
+  import dataclasses
+
+  from tokenizers import processors
+  backend = copy.deepcopy(smollm2.tokenizer.backend)
+  backend.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+  tok = dataclasses.replace(smollm2.tokenizer, backend=backend, chat_template=None)
+  ex = EXAMPLES[0]
+  with_chat, without = (tokenize_example(ex, tok, chat=c, loss_on="response") for c in (True, False))
+  assert with_chat == without and with_chat[0][0] == 0
+  assert prompt_ids(ex, tok, chat=True)[0] == 0
+
+
+def test_rows_that_would_mislead_training_are_read_right_or_refused(tmp_path):
+  """A conversation that starts with the assistant is refused with its line; a datasets folder's None (a
+  missing value in a column) is a missing key."""
+  p = tmp_path / "d.jsonl"
+  p.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
+  with pytest.raises(LoraJaxError, match=r"d.jsonl:1: the conversation starts with an assistant turn"):
+    read_examples(p)
+  datasets = pytest.importorskip("datasets")
+  rows = [{"instruction": "a", "input": None, "output": "b"}, {"instruction": "c", "input": "d", "output": "e"}]
+  datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+  assert read_examples(tmp_path / "ds") == [{"instruction": "a", "output": "b"}, rows[1]]

@@ -194,6 +194,18 @@ def test_diverged_run(tmp_path):
   assert "2 (1 diverged)" in written["results.md"].read_text()
 
 
+def test_a_key_added_since_a_run_counts_as_its_default(tmp_path):
+  """Runs saved before a config key existed (no ``kmajor`` in their summary) group with runs at its default: the
+  same runs, as a sweep treats them; a run at another value is its own group."""
+  _write_run(tmp_path / "s0", rank=4, method="lora", seed=0)
+  _write_run(tmp_path / "s1", rank=4, method="lora", seed=1, extra_config={"kmajor": False})
+  (group,) = group_runs(collect_runs(tmp_path))
+  assert group["n_seeds"] == 2 and group["axes"] == {}
+  _write_run(tmp_path / "s2", rank=4, method="lora", seed=2, extra_config={"kmajor": True})
+  groups = group_runs(collect_runs(tmp_path))
+  assert sorted((g["axes"]["kmajor"], g["n_seeds"]) for g in groups) == [(False, 2), (True, 1)]
+
+
 def test_main_report_prints_table(sweep, tmp_path, capsys):
   main_report(str(sweep), str(tmp_path / "out"))
   printed = capsys.readouterr().out

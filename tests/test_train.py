@@ -373,3 +373,24 @@ def test_kmajor_trains_the_same_run_as_the_default_layout(setup, monkeypatch):
   assert packed == [1], "kmajor: true must lay the base out once"
   assert len(curves[True]) == 4 and curves[True][-1] < curves[True][0]
   assert_allclose(curves[True], curves[False], "f32_composite")
+
+
+def test_a_validation_file_leaves_the_whole_train_file_for_training(setup, monkeypatch):
+  """``validation_split`` holds out part of train only without a ``validation`` file (with one, half the train
+  file was once dropped, used neither for training nor for validation)."""
+  import lora_jax.runner as runner
+  root, raw = setup
+  seen = []
+
+  class Seen(Exception):
+    pass
+
+  def spy(examples, *args, **kw):
+    seen.append(len(examples))
+    raise Seen
+  monkeypatch.setattr(runner, "build_rows", spy)
+  for data, want in (({"validation_split": 0.5}, 160), ({"validation": None, "validation_split": 0.5}, 80)):
+    with pytest.raises(Seen):
+      train(_cfg(raw, data=data), root / "split", progress=False)
+    assert seen.pop() == want
+  assert not (root / "split").exists()
