@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import yaml
 
 from ._errors import LoraJaxError
+from ._jsonl import read_text
 
 METHODS = ("lora", "rslora", "dora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
 PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
@@ -247,7 +248,7 @@ def read_yaml(path: str | Path) -> dict:
   if not path.is_file():
     raise LoraJaxError(f"{path}: config file not found")
   try:
-    raw = yaml.safe_load(path.read_text())
+    raw = yaml.safe_load(read_text(path))
   except yaml.YAMLError as e:
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}" if mark else ""

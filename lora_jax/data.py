@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ._errors import LoraJaxError
-from ._jsonl import read_jsonl
+from ._jsonl import read_jsonl, read_text
 from ._log import log
 
 
@@ -34,7 +34,7 @@ def read_examples(path: str | Path) -> list[dict[str, Any]]:
   if path.is_dir():
     return _read_datasets_dir(path)
   if path.suffix == ".txt":
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     docs = [d.strip() for d in text.split("\n\n") if d.strip()]
     if not docs:
       raise LoraJaxError(f"{path}: the dataset is empty")

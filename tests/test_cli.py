@@ -222,3 +222,35 @@ def test_adapter_over_a_quantized_base(capsys, smollm2, tmp_path):
     assert_allclose(e["loss"], evals[0]["loss"], "f32_composite")
   assert abs(evals[3]["loss"] - evals[0]["loss"]) > 1e-3 * evals[0]["loss"]
   assert all(e["exact_match_n"] == 1 for e in evals)
+
+
+@pytest.mark.parametrize("name,content,want", [
+    ("config.json", b"\xff\xfe{}", "config.json: not UTF-8 text"),
+    ("config.json", b"[1]", "config.json: expected a JSON object, got list"),
+    ("generation_config.json", b"[2]", "generation_config.json: expected a JSON object"),
+    ("tokenizer_config.json", b"[3]", "tokenizer_config.json: expected a JSON object"),
+    ("model.safetensors.index.json", b"[1]", "model.safetensors.index.json: expected a JSON object"),
+    ("model.safetensors.index.json", b"{}", "index.json: not a valid safetensors index"),
+    ("chat_template.jinja", b"\x80abc", "chat_template.jinja: not UTF-8 text")])
+def test_a_damaged_model_file_is_one_error_line(capsys, tmp_path, name, content, want):
+  """Files that are not UTF-8, or JSON that is not an object, gave tracebacks (exit code 1)."""
+  folder = make_tiny_folder(tmp_path / "m")
+  (folder / name).write_bytes(content)
+  code, _, err = run(capsys, "info", "--model", str(folder))
+  _one_line_error(code, err, want)
+
+
+def test_damaged_run_config_data_and_adapter_files_are_one_error_line(capsys, tiny_folder, tmp_path):
+  binary = tmp_path / "bin.yaml"
+  binary.write_bytes(b"\xff\xfe\x00 binary")
+  code, _, err = run(capsys, "train", str(binary))
+  _one_line_error(code, err, "bin.yaml: not UTF-8 text")
+  data = tmp_path / "d.jsonl"
+  data.write_bytes(b'{"text": "ok"}\n\xff\n')
+  code, _, err = run(capsys, "eval", "--model", str(tiny_folder), "--data", str(data))
+  _one_line_error(code, err, "d.jsonl: not UTF-8 text")
+  adapter = tmp_path / "ad"
+  adapter.mkdir()
+  (adapter / "adapter_config.json").write_bytes(b"\xff")
+  code, _, err = run(capsys, "generate", "--model", str(tiny_folder), "--prompt", "w3", "--adapter", str(adapter))
+  _one_line_error(code, err, "adapter_config.json: not UTF-8 text")

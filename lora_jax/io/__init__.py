@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._errors import LoraJaxError
+from .._jsonl import read_json_object
 from .._log import log
 from ..models._config import ModelConfig
 from ._assets import PRESETS, cache_dir, fetch_preset, resolve_model_path
@@ -105,10 +105,7 @@ def load_model(spec: str | Path, *, dtype: str = "float32") -> Model:
     tok = tokenizer_from_folder(path)
     gen_cfg = path / "generation_config.json"
     if gen_cfg.is_file():
-      try:
-        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
-      except json.JSONDecodeError as e:
-        raise LoraJaxError(f"{gen_cfg}: invalid JSON at line {e.lineno}: {e.msg}") from None
+      eos = read_json_object(gen_cfg).get("eos_token_id")
       if eos is not None:
         cfg = dataclasses.replace(cfg, eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,))
     model = Model(cfg, _to_device(params, jdtype), tok, str(path), "hf")

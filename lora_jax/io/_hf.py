@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .._errors import LoraJaxError
+from .._jsonl import read_json_object
 from ..models._config import ModelConfig
 
 _LAYER_MAP = {
@@ -37,21 +38,16 @@ def read_config(folder: Path) -> ModelConfig:
   path = folder / "config.json"
   if not path.is_file():
     raise LoraJaxError(f"{folder}: no config.json (expected an HF model folder)")
-  try:
-    raw = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise LoraJaxError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-  return ModelConfig.from_hf_dict(raw, source=str(path))
+  return ModelConfig.from_hf_dict(read_json_object(path), source=str(path))
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
   """Tensor name -> file, from the shard index or the single ``model.safetensors``."""
   index = folder / "model.safetensors.index.json"
   if index.is_file():
-    try:
-      weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-      raise LoraJaxError(f"{index}: not a valid safetensors index ({e})") from None
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise LoraJaxError(f"{index}: not a valid safetensors index (no 'weight_map' object)")
     return {k: folder / v for k, v in weight_map.items()}
   single = folder / "model.safetensors"
   if not single.is_file():

@@ -21,6 +21,7 @@ import jinja2.sandbox
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
 
 from .._errors import LoraJaxError
+from .._jsonl import read_json_object, read_text
 
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -130,14 +131,11 @@ def tokenizer_from_folder(folder: Path) -> Tokenizer:
   cfg: dict[str, Any] = {}
   cfg_path = folder / "tokenizer_config.json"
   if cfg_path.is_file():
-    try:
-      cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-      raise LoraJaxError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    cfg = read_json_object(cfg_path)
   template = cfg.get("chat_template")
   jinja_path = folder / "chat_template.jinja"
   if template is None and jinja_path.is_file():
-    template = jinja_path.read_text()
+    template = read_text(jinja_path)
   if isinstance(template, list):  # named templates: take the default one
     template = next((t["template"] for t in template if t.get("name") == "default"), None)
   return Tokenizer(backend=backend, bos_token=_token_text(cfg.get("bos_token")),

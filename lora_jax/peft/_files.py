@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._errors import LoraJaxError
+from .._jsonl import read_json_object
 from ..models._config import ModelConfig
 from ._lora import LoraConfig
 from ._targets import HF_PREFIX, MODULE_PATHS, PATH_MODULES, hf_module_name
@@ -114,13 +115,7 @@ def read_adapter_config(folder: str | Path) -> dict:
   path = folder / CONFIG_NAME
   if not path.is_file():
     raise LoraJaxError(f"{folder}: no {CONFIG_NAME} (expected a PEFT adapter folder)")
-  try:
-    raw = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise LoraJaxError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-  if not isinstance(raw, dict):
-    raise LoraJaxError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-  return raw
+  return read_json_object(path)
 
 
 _TYPES = {int: "an integer", float: "a number", bool: "true or false"}
