@@ -95,7 +95,7 @@ def _cmd_perplexity(args) -> None:
   if not text.strip():
     raise LoraJaxError(f"{path}: the file is empty: nothing to score")
   model = _load(args)
-  max_length = args.max_length or min(1024, model.config.max_position_embeddings)
+  max_length = args.max_length if args.max_length is not None else min(1024, model.config.max_position_embeddings)
   print(json.dumps(perplexity(model, text, max_length=max_length, **model.extras)))
 
 
@@ -109,6 +109,11 @@ def _cmd_merge(args) -> None:
   from .io import save_hf_folder
   if args.dtype != "float32":
     raise LoraJaxError("merge writes float32 weights; drop --dtype")
+  out = Path(args.out)
+  if out.exists() and not out.is_dir():
+    raise LoraJaxError(f"{out}: exists and is not a folder; choose another --out")
+  if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+    raise LoraJaxError(f"{out}: exists and is not empty; pass --overwrite to replace it, or choose another --out")
   model = _load(args)
   if model.extras:
     raise LoraJaxError(f"{args.adapter}: a prompt-learning adapter changes the inputs, not the weights: nothing to "
@@ -231,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
   m = sub.add_parser("merge", help="merge a PEFT adapter into the base; write an HF model folder (prints its path)")
   _add_model_args(m)
   m.add_argument("--adapter", required=True, help="PEFT adapter folder")
-  m.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, tokenizer files)")
+  m.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, tokenizer files); "
+                                              "an existing non-empty folder is refused unless --overwrite")
+  m.add_argument("--overwrite", action="store_true", help="replace an existing --out folder and all it holds")
   m.set_defaults(func=_cmd_merge)
   t = sub.add_parser("train", help="fine-tune from a YAML config (resumes if --out holds this run)")
   t.add_argument("config", help="YAML run config (see experiments/)")

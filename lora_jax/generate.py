@@ -31,7 +31,7 @@ class SamplingConfig:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if self.temperature < 0:
+    if not self.temperature >= 0:  # NaN too
       raise LoraJaxError(f"--temperature must be >= 0, got {self.temperature}")
     if not 0 < self.top_p <= 1:
       raise LoraJaxError(f"--top-p must be in (0, 1], got {self.top_p}")

@@ -254,3 +254,39 @@ def test_damaged_run_config_data_and_adapter_files_are_one_error_line(capsys, ti
   (adapter / "adapter_config.json").write_bytes(b"\xff")
   code, _, err = run(capsys, "generate", "--model", str(tiny_folder), "--prompt", "w3", "--adapter", str(adapter))
   _one_line_error(code, err, "adapter_config.json: not UTF-8 text")
+
+
+def test_merge_does_not_replace_what_it_was_not_asked_to(capsys, tiny_folder, tmp_path):
+  """merge --out on a non-empty folder (it was silently replaced, with whatever else it held) or on a file is
+  refused; --overwrite replaces a folder; the output has the permissions the umask gives (mkdtemp's 0700 and
+  safetensors' 0600 kept other users from loading it)."""
+  import os
+  import stat
+
+  import jax
+  from lora_jax.peft import LoraConfig, save_adapter
+  from lora_jax import load_model
+  model = load_model(str(tiny_folder))
+  cfg = LoraConfig(rank=2, targets=("q_proj",))
+  save_adapter(tmp_path / "ad", cfg, model.config, cfg.init_adapter(model.config, model.params,
+                                                                    key=jax.random.key(0))[0])
+  out = tmp_path / "my project"
+  out.mkdir()
+  (out / "notes.txt").write_text("keep me")
+  merge = ["merge", "--model", str(tiny_folder), "--adapter", str(tmp_path / "ad"), "--out"]
+  code, _, err = run(capsys, *merge, str(out))
+  _one_line_error(code, err, "my project: exists and is not empty; pass --overwrite")
+  assert (out / "notes.txt").read_text() == "keep me"
+  (tmp_path / "afile").write_text("x")
+  code, _, err = run(capsys, *merge, str(tmp_path / "afile"))
+  _one_line_error(code, err, "afile: exists and is not a folder")
+  code, _, _ = run(capsys, *merge, str(out), "--overwrite", "-q")
+  assert code == 0 and not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
+  umask = os.umask(0)
+  os.umask(umask)
+  assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+  assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o666 & ~umask
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+  code, _, err = run(capsys, "perplexity", "--model", str(tiny_folder), "--text-file", str(tmp_path / "afile"),
+                     "--max-length", "0")
+  _one_line_error(code, err, "--max-length must be >= 2, got 0")  # 0 once meant the default

@@ -118,8 +118,9 @@ def test_context_overflow_is_an_error_unless_truncating():
 
 
 def test_bad_sampling_arguments():
-  with pytest.raises(LoraJaxError, match="temperature"):
-    SamplingConfig(temperature=-1)
+  for bad in (-1, float("nan")):
+    with pytest.raises(LoraJaxError, match="temperature"):
+      SamplingConfig(temperature=bad)
   with pytest.raises(LoraJaxError, match="top-p"):
     SamplingConfig(top_p=0)
   with pytest.raises(LoraJaxError, match="max-new-tokens"):

@@ -142,12 +142,22 @@ def hf_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 
 def atomic_dir(target: Path):
-  """A temp directory next to `target`; call ``commit()`` to rename it into place (never half-written)."""
+  """A temp directory next to `target`; call ``commit()`` to rename it into place (never half-written), with the
+  permissions the umask gives a new folder and new files (mkdtemp's and safetensors' owner-only modes would stop
+  other users from loading it). A `target` that is a file is refused."""
   target = Path(target)
+  if target.exists() and not target.is_dir():
+    raise LoraJaxError(f"{target}: exists and is not a folder")
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
 
   def commit():
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, files in os.walk(tmp):
+      os.chmod(folder, 0o777 & ~umask)
+      for f in files:
+        os.chmod(os.path.join(folder, f), 0o666 & ~umask)
     if target.exists():
       import shutil
       old = target.with_name(f".{target.name}.old-{os.getpid()}")

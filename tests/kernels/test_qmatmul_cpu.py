@@ -139,6 +139,11 @@ def test_build_is_cached_by_content(tmp_path, monkeypatch):
   assert cpu.vector_isa() in ("avx512", "avx2", "generic")
   mtime = os.stat(lib).st_mtime_ns
   assert cpu.build() == lib and os.stat(lib).st_mtime_ns == mtime  # the second call reuses it
+  good = lib.read_bytes()
+  for damage in (lambda: lib.write_bytes(good[:20000]),                 # truncated: dlopen would crash the process
+                 lambda: cpu._digest_path(lib).unlink()):               # or a library this cache did not record
+    damage()
+    assert cpu.build() == lib and lib.read_bytes() == good and cpu._intact(lib)  # rebuilt, not loaded as it was
 
 
 @pytest.mark.parametrize("march,isa", [("x86-64-v3", 1), ("x86-64", 0)])

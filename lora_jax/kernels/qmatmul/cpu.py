@@ -78,20 +78,37 @@ def _jaxlib_version() -> str:
   return jaxlib.__version__
 
 
+def _digest_path(lib: Path) -> Path:
+  return lib.with_name(lib.name + ".sha256")
+
+
+def _intact(lib: Path) -> bool:
+  """Whether the cached library is the one this cache built: its sha256 as recorded beside it after the build
+  (a damaged file, truncated by an interrupted copy say, would crash the process in dlopen)."""
+  try:
+    return _digest_path(lib).read_text().strip() == hashlib.sha256(lib.read_bytes()).hexdigest()
+  except (OSError, UnicodeDecodeError):
+    return False
+
+
 def build(flags: tuple[str, ...] = FLAGS) -> Path:
-  """Compile the kernel if its cached library is missing; returns the library's path. Raises RuntimeError with
-  the compiler's message when it fails. (`flags` other than FLAGS: tests build the AVX2 and generic variants.)"""
+  """Compile the kernel if its cached library is missing or not intact (`_intact`); returns the library's path.
+  Raises RuntimeError with the compiler's message when it fails. (`flags` other than FLAGS: tests build the AVX2
+  and generic variants.)"""
   cxx = _compiler()
   if cxx is None:
     raise RuntimeError(f"no C++ compiler found ($CXX={os.environ['CXX']!r} is not on the PATH)" if
                        os.environ.get("CXX") else "no C++ compiler found (set $CXX, or install g++)")
   lib = _library_path(cxx, flags)
-  if lib.exists():
+  if _intact(lib):
     return lib
   lib.parent.mkdir(parents=True, exist_ok=True)
-  for stale in lib.parent.glob(".build-*.so"):  # left by a process killed while compiling
-    if time.time() - stale.stat().st_mtime > 3600:
-      stale.unlink(missing_ok=True)
+  for stale in lib.parent.glob(".build-*"):  # left by a process killed while compiling
+    try:
+      if time.time() - stale.stat().st_mtime > 3600:
+        stale.unlink(missing_ok=True)
+    except FileNotFoundError:  # another process removed it first
+      pass
   fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=lib.parent)
   os.close(fd)
   try:
@@ -102,7 +119,13 @@ def build(flags: tuple[str, ...] = FLAGS) -> Path:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o755 & ~umask)  # mkstemp made it owner-only: others sharing the cache could not load it
+    digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
     os.replace(tmp, lib)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".sha256", dir=lib.parent)
+    with os.fdopen(fd, "w") as f:
+      f.write(digest + "\n")
+    os.chmod(tmp, 0o644 & ~umask)
+    os.replace(tmp, _digest_path(lib))
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
@@ -117,8 +140,8 @@ def _register() -> str:
     try:
       lib = ctypes.cdll.LoadLibrary(str(build()))
       jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LjQmatmulCpu), platform="cpu")
-    except (RuntimeError, OSError) as e:
-      return f"the CPU kernel could not be built: {e}"
+    except (RuntimeError, OSError, AttributeError) as e:  # AttributeError: a library without the kernel's symbol
+      return f"the CPU kernel could not be built or loaded: {e}"
     _LIB = lib
     return ""
 
