@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -310,9 +311,10 @@ def to_dict(cfg) -> dict:
   return conv(cfg)
 
 
+@functools.cache
 def flat_defaults(cls=None, prefix: str = "") -> dict[str, Any]:
   """The default of every `RunConfig` key that has one, as dotted keys (``train.lr``: 2e-4): what a run saved
-  before a key existed ran with."""
+  before a key existed ran with. Cached: read it, do not change it."""
   cls = cls or RunConfig
   out: dict[str, Any] = {}
   hints = typing.get_type_hints(cls)
