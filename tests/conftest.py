@@ -17,6 +17,18 @@ def _has(module: str) -> bool:
 HAS_PARITY_STACK = _has("torch") and _has("transformers")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """XLA:CPU maps each compiled program's code into many small memory regions, and jax keeps every program it
+  has compiled. Over the whole suite one process reached Linux's limit of 65530 mappings (vm.max_map_count; 64077
+  counted before the crash) and died with a segfault inside a compile. Test modules rarely share programs, so
+  each module's are released after it (all together they now stay far below the limit)."""
+  yield
+  import gc
+  jax.clear_caches()
+  gc.collect()
+
+
 @pytest.fixture
 def standard_promotion():
   """Standard dtype promotion for tests that run third-party code (optax) not written for strict mode."""
