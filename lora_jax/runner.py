@@ -37,7 +37,7 @@ import yaml
 
 from ._errors import LoraJaxError
 from ._log import log
-from .config import PROMPT_METHODS, PeftConfig, RunConfig, config_from_dict, expand_sweep, flatten, to_dict
+from .config import PROMPT_METHODS, PeftConfig, RunConfig, expand_sweep, flat_defaults, flatten, to_dict
 from .data import batch_at, build_rows, read_examples, split_examples
 from .peft import (IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig, lora_optimizer,
                    save_adapter)
@@ -141,10 +141,15 @@ def provenance(argv: list[str] | None) -> dict[str, Any]:
           "command": argv if argv is not None else sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_text(path: Path, text: str) -> None:
+  """Writes through a temporary file, so a crash never leaves half of one."""
   tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(obj, indent=2, default=float))
+  tmp.write_text(text)
   os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+  _write_text(path, json.dumps(obj, indent=2, default=float))
 
 
 class _Metrics:
@@ -188,26 +193,18 @@ def _check_out_dir(out: Path, resolved: dict, overwrite: bool) -> bool:
     if out.exists() and any(out.iterdir()) and not overwrite:
       raise LoraJaxError(f"{out}: output directory is not empty and holds no run config; pass --overwrite to reuse it")
     return False
-  old = _with_new_defaults(yaml.safe_load(cfg_path.read_text()))
-  if old == resolved:
+  # a key added to RunConfig since the run was saved counts at its default: the value the run ran with
+  old = {k: v for k, v in {**flat_defaults(), **flatten(yaml.safe_load(cfg_path.read_text()))}.items()
+         if k != "sweep"}
+  new = flatten(resolved)
+  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  if not diff:
     return True
   if not overwrite:
-    diff = sorted(k for k in set(flatten(old)) | set(flatten(resolved)) if flatten(old).get(k) != flatten(resolved).get(k))
     raise LoraJaxError(f"{out}: output directory holds a different run (config differs in {', '.join(diff[:5])}); "
                        f"pass --overwrite to replace it, or choose another --out")
   shutil.rmtree(out)
   return False
-
-
-def _with_new_defaults(saved):
-  """A saved ``config.yaml`` with the keys added to `RunConfig` since it was written at their defaults (a run saved
-  before ``kmajor`` existed is the same run as ``kmajor: false``); as saved when it no longer parses."""
-  try:
-    filled = to_dict(config_from_dict(saved, "config.yaml"))
-  except (LoraJaxError, TypeError, AttributeError):
-    return saved
-  filled.pop("sweep", None)
-  return filled
 
 
 def resolve_run_config(cfg: RunConfig) -> tuple[RunConfig, dict]:
@@ -274,9 +271,7 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
   # the run directory is written only now: a config that fails to set up (a missing file, a bad rank) leaves
   # nothing behind that would block its corrected rerun
   out.mkdir(parents=True, exist_ok=True)
-  tmp = out / ".config.yaml.tmp"
-  tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
-  os.replace(tmp, out / "config.yaml")
+  _write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
   _write_json(out / "provenance.json", provenance(argv))
   ckpt_dir = out / "checkpoints"
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
@@ -378,6 +373,13 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
       _write_json(out / "summary.json", summary)
 
 
+def _diverged_summary(run_dir: Path) -> dict | None:
+  """The run's summary if it records a divergence, else None."""
+  path = run_dir / "summary.json"
+  summary = json.loads(path.read_text()) if path.exists() else {}
+  return summary if summary.get("status") == "diverged" else None
+
+
 def sweep(cfg: RunConfig, out: str | Path, *, source: str, argv=None, progress: bool = True,
           overwrite: bool = False) -> list[dict]:
   """Runs every grid point of `cfg.sweep` into ``out/<point>``. Finished points are skipped, and so are points that
@@ -396,18 +398,17 @@ def sweep(cfg: RunConfig, out: str | Path, *, source: str, argv=None, progress: 
       models.clear()
       models[point.model] = load_model(point.model)
     reset_peak_rss()  # each point's summary gets its own peak (the shared model is resident, so it counts)
-    done = out / name / "summary.json"
-    if done.exists() and json.loads(done.read_text()).get("status") == "diverged" and not overwrite:
+    s = _diverged_summary(out / name)
+    if s is not None and not overwrite:
       log(f"{name}: diverged in an earlier run, skipping (its summary says where)")
-      s = json.loads(done.read_text())
     else:
       try:
         s = train(point, out / name, overwrite=overwrite, argv=argv, progress=progress, model=models[point.model])
       except LoraJaxError as e:
-        if not (done.exists() and json.loads(done.read_text()).get("status") == "diverged"):
+        s = _diverged_summary(out / name)
+        if s is None:
           raise
         log(f"{name}: {e}; the sweep goes on")
-        s = json.loads(done.read_text())
     if s.get("overrides") != overrides:
       s["overrides"] = overrides
       _write_json(out / name / "summary.json", s)
