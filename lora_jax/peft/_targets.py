@@ -26,7 +26,7 @@ _PROBE_LAYERS = (0, 1, 2, 9, 10, 31, 99, 100, 12345)  # layer indices a layer-sp
 
 
 def resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
-  """Target spec -> sorted parameter paths. Each entry is a module name, "all-linear", or ``re:<regex>``.
+  r"""Target spec -> sorted parameter paths. Each entry is a module name, "all-linear", or ``re:<regex>``.
 
   A string that is not a known name is treated as a regex (as PEFT treats a string ``target_modules``),
   full-matched against our path (``layers/attn/q_proj``), the module name (``q_proj``) and the HF module
