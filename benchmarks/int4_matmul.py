@@ -81,7 +81,7 @@ from device_trace import device_profile  # noqa: E402
 from _common import machine_info, save_json  # noqa: E402
 from generate import PARAGRAPH  # noqa: E402  (the generate benchmark's prompt text)
 
-from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, BlockSizes, default_blocks, pack_kmajor,  # noqa: E402
+from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, BlockSizes, call_blocks, default_blocks, pack_kmajor,  # noqa: E402
                               qmatmul_cpu, qmatmul_pallas, qmatmul_reference, qmatmul_small_m)
 from lora_jax.kernels.qmatmul.kmajor import FORMATS as KMAJOR_FORMATS  # noqa: E402
 from lora_jax.quant import DEFAULT_RULES, QTensor, quantize, quantize_model_params  # noqa: E402
@@ -230,7 +230,7 @@ def run_gpu(args, result):
       for m in ms:
         blocks = tuned_for(tuned, fmt, m)
         row = {"M": m, "K": k, "N": n, "fmt": fmt, "copies": len(qs), "weight_bytes": nbytes,
-               "blocks": dataclasses.asdict(blocks.for_shape(m, n, k, 64))}
+               "blocks": dataclasses.asdict(call_blocks(m, qs[0], blocks))}
         result["rows"].append(row)
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
         outs = {}  # the check compares the outputs of the first (compiling) timed call on weight copy 0
@@ -238,14 +238,16 @@ def run_gpu(args, result):
                ("bf16_dot", bf16_dot, wb, 2 * k * n)]
         if km:  # the same weights in the K-major layout, its kernel under its own (swept or default) policy
           km_blocks = tuned_for(tuned, fmt + KMAJOR_SUFFIX, m)
-          row["kmajor_blocks"] = dataclasses.asdict(km_blocks.for_shape(m, n, k, 64))
+          row["kmajor_blocks"] = dataclasses.asdict(call_blocks(m, km[0], km_blocks))
           ops.insert(1, ("pallas_kmajor", pallas(km_blocks), km, nbytes))
         for name, op, ws, nb in ops:
-          prof = {} if args.profile and name.startswith("pallas") and m <= 16 else None
+          prof = {} if args.profile and name != "reference" and m <= 16 else None
           try:
             row[name] = perf(time_op(op, x, ws, args, outs.setdefault(name, []), prof), m, k, n, nb, peaks)
             if prof is not None:
               row[name]["device"] = prof
+              if prof.get("device_s"):  # the kernels' own bandwidth: bytes over device time (launch gaps left out)
+                prof["device_frac_copy_bw"] = nb / prof["device_s"] / 1e9 / peaks["copy_gb_s"]
           except Exception as e:
             row[name] = {"error": err_text(e)}
         for name, check in (("pallas", "check"), ("pallas_kmajor", "kmajor_check")):
@@ -399,10 +401,8 @@ def floor(args, result, shapes, interp, gib, t_end):
     ops = [("op, int4_sym (default policy)", op, qs, qs[0].nbytes(), dataclasses.asdict(d)),
            ("op, nf4 (default policy)", op, qn, qn[0].nbytes(),
             dataclasses.asdict(default_blocks(1, "nf4").for_shape(1, n, k, 64))),
-           ("op, int4_sym K-major (default policy)", op, km, km[0].nbytes(),
-            dataclasses.asdict(default_for(1, "int4_sym" + KMAJOR_SUFFIX).for_shape(1, n, k, 64))),
-           ("op, nf4 K-major (default policy)", op, kmn, kmn[0].nbytes(),
-            dataclasses.asdict(default_for(1, "nf4" + KMAJOR_SUFFIX).for_shape(1, n, k, 64))),
+           ("op, int4_sym K-major (default policy)", op, km, km[0].nbytes(), dataclasses.asdict(call_blocks(1, km[0]))),
+           ("op, nf4 K-major (default policy)", op, kmn, kmn[0].nbytes(), dataclasses.asdict(call_blocks(1, kmn[0]))),
            ("op, int4_sym (default), an x per copy", op, qs, qs[0].nbytes(), dataclasses.asdict(d)),
            ("op, int4_sym (split_k 2, the runs' split)",
             lambda x, w: qmatmul_pallas(x, w, blocks=BlockSizes(split_k=2), interpret=interp), qs, qs[0].nbytes(),
@@ -425,10 +425,10 @@ def floor(args, result, shapes, interp, gib, t_end):
                 None))
     # what the budget runs first: the ops and the kernels that bound them, then the op's other rows (stable sort)
     ops.sort(key=lambda op: FLOOR_FIRST.index(op[0]) if op[0] in FLOOR_FIRST else len(FLOOR_FIRST))
-    ops += [(f"op, {fmt} ({seed_name(p)})", seed_op(p), q, q[0].nbytes(), dataclasses.asdict(p.for_shape(1, n, k, 64)))
-            for fmt, q in (("int4_sym", qs), ("nf4", qn), ("int4_sym" + KMAJOR_SUFFIX, km),
-                           ("nf4" + KMAJOR_SUFFIX, kmn))
-            for p in SEED_POLICIES[fmt]]  # last: the sweep times most of them too
+    ops += [(f"op, {fmt} ({seed_name(p)})", seed_op(p), q, q[0].nbytes(), dataclasses.asdict(call_blocks(1, q[0], p)))
+            for fmt, q in (("int4_sym" + KMAJOR_SUFFIX, km), ("nf4" + KMAJOR_SUFFIX, kmn), ("int4_sym", qs),
+                           ("nf4", qn))
+            for p in SEED_POLICIES[fmt]]  # last (K-major first): the sweep times most of them too
     shape_end = time.perf_counter() + (t_end - time.perf_counter()) / (len(shapes) - shapes.index((k, n)))
     xs = [jax.random.normal(jax.random.key(2 + i), (1, k), jnp.bfloat16) for i in range(len(qs))]
     for what, fn, ws, nbytes, tiling in ops:
@@ -469,10 +469,14 @@ SEED_POLICIES = {"nf4": (BlockSizes(lookup="gather", rescale="partial"),
                  "int4_sym": (BlockSizes(convert="magic", rescale="partial"),
                               BlockSizes(convert="magic16", rescale="partial"),
                               BlockSizes(dot="words", bn=256), BlockSizes(dot="words", bn=128)),
-                 "int4_sym" + KMAJOR_SUFFIX: (BlockSizes(bn=256), BlockSizes(bn=128, bk=4),
-                                              BlockSizes(bn=128, prefetch=1)),
-                 "nf4" + KMAJOR_SUFFIX: (BlockSizes(bn=256), BlockSizes(bn=128, prefetch=1))}
-# K-major: bn 256 has fewer instructions per weight (int4 2.4, NF4 4.1, against the default's 2.8 / 4.6) at 168
+                 "int4_sym" + KMAJOR_SUFFIX: (BlockSizes(bn=64, bk=4, min_programs=528, prefetch=1),
+                                              BlockSizes(bn=64, min_programs=1), BlockSizes(bn=32, min_programs=1),
+                                              BlockSizes(bn=256), BlockSizes(bn=128, prefetch=1)),
+                 "nf4" + KMAJOR_SUFFIX: (BlockSizes(bn=64, bk=4, min_programs=528, prefetch=1),
+                                         BlockSizes(bn=64, min_programs=1), BlockSizes(bn=256))}
+# K-major: H200 run 3's sweep winner (bn 64, bk 4, 528 programs, prefetch 1: x1.23 the default, in the column layout
+# before the column groups); no K split (min_programs 1: one kernel per call, no partial sums, more column tiles);
+# bn 256 has fewer instructions per weight (int4 2.5, NF4 4.0, against the default's 2.9 / 4.4) at 168-217
 # registers; prefetch 1 loads each block's scales a loop step ahead (the one load in the loop Triton does not
 # pipeline), the same instruction count. The floor times them all (the sweep has no NF4 K-major class).
 
@@ -483,7 +487,7 @@ def seed_name(p):
   if p.dot == "words":
     return f"words, bn {p.bn}"
   changed = [str(getattr(p, f)) for f in ("lookup", "convert", "rescale") if getattr(p, f) != getattr(base, f)]
-  return " + ".join(changed + [f"{f} {getattr(p, f)}" for f in ("bn", "bk", "prefetch")
+  return " + ".join(changed + [f"{f} {getattr(p, f)}" for f in ("bn", "bk", "min_programs", "prefetch")
                                if getattr(p, f) != getattr(base, f)])
 
 
@@ -494,7 +498,8 @@ def policy_fields(fmt, m):
   f = dict(POLICY_FIELDS)
   if layout_of(fmt)[1]:  # the K-major kernel: tensor cores, its own code-to-value step; warpgroup dots need 4 warps
     return {**f, "dot": ("mma",), "lookup": ("select",), "convert": ("i2f",),
-            "rescale": ("weight",), "bn": (64, 128, 256), "num_warps": (4, 8)}
+            "rescale": ("weight",), "bn": (32, 64, 128, 256), "num_warps": (4, 8),
+            "min_programs": (1,) + f["min_programs"]}  # 1: no K split, one kernel per call
   if m > 1:
     f["dot"] = ("mma",)
   if fmt != "nf4":
@@ -659,22 +664,26 @@ def print_gpu_row(r):
   p = r.get("pallas", {})
   gb = f"{p['weight_gb_s']:7.0f} ({p['frac_copy_bw']:4.0%})" if "time_s" in p else " " * 14
   rat = lambda k: f"{r[k]:6.2f}" if k in r else f"{'-':>6}"
-  dev = p.get("device", {})
-  dev = f" {dev['device_s'] * 1e6:7.1f} {dev['kernels_per_op']:4.1f}" if "device_s" in dev else ""
+  def dev_of(k):  # device time (profiled rows): us, kernels per op, % of copy bandwidth
+    d = r.get(k, {}).get("device", {})
+    return (f" {d['device_s'] * 1e6:7.1f} {d['kernels_per_op']:4.1f} {d.get('device_frac_copy_bw', float('nan')):4.0%}"
+            if "device_s" in d else "")
+  dev = dev_of("pallas") + (f"  bf16 dot:{dev_of('bf16_dot')}" if dev_of("bf16_dot") else "")
   km = ""
   if "pallas_kmajor" in r:
     kp, kc = r["pallas_kmajor"], r["kmajor_check"]
     km = (f"\n{'':20s}K-major {kc.get('rel_err', float('nan')):.1e}{'' if kc['pass'] else '!'} {us('pallas_kmajor')}"
           f" us {kp.get('frac_copy_bw', float('nan')):4.0%} of copy, x{r.get('pallas_kmajor_over_pallas_time', float('nan')):.2f}"
-          f" the QTensor kernel's time, x{r.get('pallas_kmajor_over_reference_time', float('nan')):.2f} the reference's")
+          f" the QTensor kernel's time, x{r.get('pallas_kmajor_over_reference_time', float('nan')):.2f} the reference's;"
+          f" device{dev_of('pallas_kmajor') or ' -'}")
   print(f"{r['M']:5d} {r['K']:5d} {r['N']:5d} {r['fmt']:8s} {ck:>8s} {us('pallas')} {us('reference')} "
         f"{us('bf16_dot')} {gb} {p.get('tflop_s', float('nan')):7.2f} {rat('pallas_over_reference_time')} "
         f"{rat('pallas_over_bf16_dot_time')}{dev}{km}", flush=True)
 
 
 GPU_HEADER = (f"{'M':>5} {'K':>5} {'N':>5} {'fmt':8s} {'rel err':>8} {'pallas us':>9} {'ref us':>9} {'bf16 us':>9} "
-              f"{'pallas GB/s(%copy)':>14} {'TFLOP/s':>7} {'p/ref':>6} {'p/bf16':>6}  (--profile: pallas device "
-              f"us, kernels per op)")
+              f"{'pallas GB/s(%copy)':>14} {'TFLOP/s':>7} {'p/ref':>6} {'p/bf16':>6}  (--profile, M <= 16: device us, "
+              f"kernels per op, % of copy bandwidth over device time; pallas, bf16 dot, K-major)")
 
 
 def tree_bytes(params, only_linear=False):

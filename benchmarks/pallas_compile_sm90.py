@@ -34,7 +34,8 @@ import time
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from int4_matmul import GPU_SHAPES, KMAJOR_SUFFIX, default_for, err_text, layout_of, save  # noqa: E402
+from _common import save_json  # noqa: E402
+from int4_matmul import GPU_SHAPES, KMAJOR_SUFFIX, default_for, err_text, layout_of  # noqa: E402
 
 from lora_jax.kernels import KMAJOR, BlockSizes, default_blocks, pack_kmajor  # noqa: E402
 from lora_jax.kernels.qmatmul import triton_compile as tc  # noqa: E402
@@ -190,7 +191,7 @@ def main():
       "swept_that_spill": sum(bool(r.get("spill_bytes")) for r in swept),
       "seconds": round(time.perf_counter() - t0, 1)}
   print(f"\n{result['summary']}")
-  save(result, args.out)
+  save_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ from ..quant._qtensor import QTensor, dequantize
 from .qmatmul import cpu as _cpu
 from .qmatmul.cpu import CPU_M_MAX, qmatmul_cpu
 from .qmatmul.kmajor import KMajor, as_qtensor, pack_kmajor, to_kmajor, unpack_kmajor
-from .qmatmul.pallas_gpu import (DECODE_NF4, KMAJOR, BlockSizes, default_blocks, qmatmul_lora_pallas, qmatmul_pallas,
-                                 supports)
+from .qmatmul.pallas_gpu import (DECODE_NF4, KMAJOR, BlockSizes, call_blocks, default_blocks, qmatmul_lora_pallas,
+                                 qmatmul_pallas, supports)
 from .qmatmul.reference import _after, qmatmul_reference
 from .fused_lora import lora_linear
 from .qmatmul.small_m import SMALL_M_MAX, qmatmul_small_m
@@ -184,6 +184,6 @@ def _bwd(choice, interpret, res, dy):
 _qmatmul_vjp.defvjp(_fwd, _bwd)
 
 __all__ = ["BlockSizes", "CPU_M_MAX", "DECODE_NF4", "IMPLS", "KMAJOR", "KMajor", "PALLAS_M_MAX", "SMALL_M_MAX",
-           "default_blocks", "lora_linear", "pack_kmajor", "qmatmul", "qmatmul_cpu", "qmatmul_lora",
+           "call_blocks", "default_blocks", "lora_linear", "pack_kmajor", "qmatmul", "qmatmul_cpu", "qmatmul_lora",
            "qmatmul_lora_pallas", "qmatmul_pallas", "qmatmul_reference", "qmatmul_small_m", "set_default_impl",
            "supports", "to_kmajor", "unpack_kmajor"]

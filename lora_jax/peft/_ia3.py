@@ -51,7 +51,7 @@ class IA3Config:
     adapter = {}
     for path in self.paths:
       w = get_path(params, path + "/kernel")
-      layers, n_in, n_out = (*w.codes.shape[:-2], *w.shape) if hasattr(w, "codes") else w.shape
+      layers, n_in, n_out = (*w.lead_shape, *w.shape) if hasattr(w, "codes") else w.shape
       adapter[path] = {"ia3": jnp.ones((layers, n_in if self.is_feedforward(path) else n_out), jnp.float32)}
     return adapter, params
 

@@ -219,7 +219,7 @@ def init_lora(cfg: LoraConfig, model_cfg: ModelConfig, params: dict, *, key: jax
 def _kshape(w) -> tuple[int, ...]:
   """(L, in, out) of a stacked kernel, dense or quantized."""
   if hasattr(w, "codes"):
-    return (*w.codes.shape[:-2], *w.shape)
+    return (*w.lead_shape, *w.shape)
   return tuple(w.shape)
 
 

@@ -49,10 +49,16 @@ class Blocks4bit:
 
   _CHILDREN = ("codes", "scale", "offset", "dq_scale", "dq_offset")
   _AUX = ("fmt", "block_size", "shape", "dtype")
+  _CODES_RANK = 2  # the trailing dims of `codes` that hold one kernel; any before them are a layer stack's
 
   def tree_flatten(self):
-    return (tuple(getattr(self, f) for f in self._CHILDREN),
-            (self.fmt, self.block_size, self.shape, jnp.dtype(self.dtype).name))
+    aux = tuple(jnp.dtype(self.dtype).name if f == "dtype" else getattr(self, f) for f in self._AUX)
+    return tuple(getattr(self, f) for f in self._CHILDREN), aux
+
+  @property
+  def lead_shape(self) -> tuple[int, ...]:
+    """The layer-stack dims before one kernel's arrays: () for one kernel, (L,) for L stacked layers."""
+    return tuple(self.codes.shape[:len(self.codes.shape) - self._CODES_RANK])
 
   @classmethod
   def tree_unflatten(cls, aux, children):
@@ -61,12 +67,12 @@ class Blocks4bit:
       object.__setattr__(obj, f, v)
     return obj
 
-  def _check_block_params(self, shape: tuple[int, int], owner: str = "") -> None:
+  def _check_block_params(self, shape: tuple[int, ...], owner: str = "") -> None:
     """ValueError unless scale (and offset) end in `shape` and offsets are there exactly for the offset formats."""
     for name in ("scale", "offset"):
       v = getattr(self, name)
-      if v is not None and _shape(v)[-2:] != shape:
-        raise ValueError(f"{owner}{name} must have shape (..., {shape[0]}, {shape[1]}), got {_shape(v)}")
+      if v is not None and _shape(v)[-len(shape):] != shape:
+        raise ValueError(f"{owner}{name} must have shape (..., {', '.join(map(str, shape))}), got {_shape(v)}")
     if (self.offset is None) != (self.fmt not in OFFSET_FORMATS):
       raise ValueError(f"{owner}format {self.fmt} {'needs' if self.offset is None else 'takes no'} offsets")
 
@@ -123,7 +129,7 @@ class QTensor(Blocks4bit):
 
   def bits_per_parameter(self) -> float:
     """Stored bits per weight, codes and block parameters together (every layer of a stacked tensor counted)."""
-    layers = int(np.prod(self.codes.shape[:-2]))
+    layers = int(np.prod(self.lead_shape))
     return 8 * self.nbytes() / (layers * self.shape[0] * self.shape[1])
 
 

@@ -10,7 +10,7 @@ from lora_jax import LoraJaxError
 from lora_jax.kernels import (KMAJOR, BlockSizes, KMajor, _choose, default_blocks, pack_kmajor, qmatmul,
                               qmatmul_lora, qmatmul_lora_pallas, qmatmul_pallas, qmatmul_reference, to_kmajor,
                               unpack_kmajor)
-from lora_jax.kernels.qmatmul.kmajor import nibble_order
+from lora_jax.kernels.qmatmul.kmajor import column_group, nibble_order
 from lora_jax.peft._lora import LoRAWeight
 from lora_jax.testing import assert_allclose, random_qtensor
 from tests.conftest import cuda_ops_and_masks, sm90_or_skip_version_skew
@@ -67,12 +67,17 @@ def test_pair_step_constants_give_exact_values(dtype, minus):
 
 @pytest.mark.parametrize("fmt,block", ALL)
 def test_pack_kmajor_round_trips_exactly(fmt, block):
-  """pack then unpack gives the QTensor back bit for bit, stacked layers included; nothing is requantized."""
+  """pack then unpack gives the QTensor back bit for bit, stacked layers included; nothing is requantized. The
+  codes and block parameters come in column groups (96 columns: groups of 32), each block's group in one run."""
   w = _q(fmt, 256, 96, block)
   stacked = jax.tree.map(lambda a: jnp.stack([a, a[::-1] if a.ndim else a]), w)
   for q in (w, stacked):
     p = pack_kmajor(q)
-    assert p.codes.dtype == jnp.uint32 and p.codes.shape[-2:] == (96, 256 // 8)
+    assert p.group == column_group(96) == 32 and p.lead_shape == q.lead_shape
+    assert p.codes.dtype == jnp.uint32 and p.codes.shape[-4:] == (3, 256 // block, 32, block // 8)
+    assert p.scale.shape[-3:] == (3, 256 // block, 32)
+    # column 40's block 1 is group 1's column 8: its scale sits there
+    np.testing.assert_array_equal(np.asarray(p.scale[..., 1, 1, 8]), np.asarray(q.scale[..., 1, 40]))
     back = unpack_kmajor(p)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(q)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -84,7 +89,8 @@ KERNEL_SHAPES = [(1, 512, 256, jnp.bfloat16, None), (5, 576, 384, jnp.float16, N
                  (16, 512, 256, jnp.bfloat16, None), (40, 256, 128, jnp.float16, None),
                  (3, 1024, 256, jnp.bfloat16, BlockSizes(bn=64, bk=1, split_k=4)),
                  (2, 1024, 512, jnp.bfloat16, BlockSizes(bn=256, bk=2, split_k=2, num_warps=8)),
-                 (7, 1024, 256, jnp.float16, BlockSizes(bn=128, bk=2, split_k=2, prefetch=1))]
+                 (7, 1024, 256, jnp.float16, BlockSizes(bn=128, bk=2, split_k=2, prefetch=1)),
+                 (2, 256, 48, jnp.bfloat16, BlockSizes(bn=128))]  # 48 columns: groups of 16, so tiles of 16
 
 
 def _reference16(x, w, dtype):
@@ -153,8 +159,12 @@ def test_kmajor_refuses_what_it_cannot_take():
     qmatmul_pallas(jnp.ones((1, 256)), p, interpret=True)
   with pytest.raises(ValueError, match="the K-major kernel has one code-to-value step"):
     qmatmul_pallas(jnp.ones((1, 256), jnp.bfloat16), p, blocks=BlockSizes(dot="fma"), interpret=True)
-  with pytest.raises(ValueError, match=r"codes must be uint32 of shape \(..., 128, 32\)"):
-    KMajor(w.codes, p.scale, fmt="int4_sym", block_size=64, shape=(256, 128))
+  with pytest.raises(ValueError, match=r"codes must be uint32 of shape \(\.\.\., 1, 4, 128, 8\) \(column groups"):
+    KMajor(w.codes, p.scale, fmt="int4_sym", block_size=64, shape=(256, 128), group=128)
+  with pytest.raises(ValueError, match="group 48 must be a power of two dividing N=128"):
+    KMajor(p.codes, p.scale, fmt="int4_sym", block_size=64, shape=(256, 128), group=48)
+  with pytest.raises(ValueError, match=r"scale must have shape \(\.\.\., 1, 4, 128\)"):
+    KMajor(p.codes, w.scale, fmt="int4_sym", block_size=64, shape=(256, 128), group=128)
   with pytest.raises(ValueError, match="block_size 16 must be a power of two >= 32"):
     KMajor(jnp.zeros((128, 32), jnp.uint32), jnp.zeros((128, 16)), fmt="int4_sym", block_size=16, shape=(256, 128))
 

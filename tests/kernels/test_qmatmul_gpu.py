@@ -131,7 +131,8 @@ def test_kmajor_on_gpu_matches_reference(fmt, m, k, n, dtype):
     (1, "int4_sym", BlockSizes(bn=256, bk=2)), (16, "int4_sym", BlockSizes(bn=64, bk=1, split_k=8)),
     (8, "q4_1", BlockSizes(bn=128, bk=4, split_k=2, num_warps=8)), (1, "q4_0", BlockSizes(bn=256, num_stages=2)),
     (64, "int4_asym", BlockSizes(bn=128, num_warps=8, num_stages=4)), (1, "nf4_dq", BlockSizes(bn=256, bk=4)),
-    (5, "q4_1", BlockSizes(bn=128, bk=2, split_k=2, prefetch=1)), (1, "nf4_dq", BlockSizes(bn=128, prefetch=1))],
+    (5, "q4_1", BlockSizes(bn=128, bk=2, split_k=2, prefetch=1)), (1, "nf4_dq", BlockSizes(bn=128, prefetch=1)),
+    (1, "int4_sym", BlockSizes(bn=32, min_programs=1)), (16, "nf4_dq", BlockSizes(bn=64, bk=4, min_programs=528))],
     ids=str)
 def test_kmajor_tilings_lora_and_gradients_on_gpu(m, fmt, blocks):
   from lora_jax.kernels import pack_kmajor, qmatmul_lora

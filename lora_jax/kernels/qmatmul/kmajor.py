@@ -45,6 +45,7 @@ Float32 activations are not taken (the register operand is 16-bit; rounding x wo
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -62,6 +63,7 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 # Per 16-bit dtype: the bits of `base` and base, whose ulp is 1: a nibble ORed into the low mantissa bits is the
 # value's integer part; and the PTX type of a pair of them.
 _MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0, "bf16x2"), jnp.dtype(jnp.float16): (0x6400, 1024.0, "f16x2")}
+GROUP_MAX = 256  # the widest column group (`column_group`), so the widest column tile a program may take
 
 
 @jax.tree_util.register_pytree_node_class
@@ -86,18 +88,25 @@ class KMajor(Blocks4bit):
   block_size: int = 64
   shape: tuple[int, int] = (0, 0)
   dtype: Any = jnp.float32
+  group: int = 16
+
+  _AUX = Blocks4bit._AUX + ("group",)
+  _CODES_RANK = 4
 
   def __post_init__(self):
     if self.fmt not in FORMATS:
       raise ValueError(f"KMajor takes the formats {FORMATS}, not {self.fmt!r}")
     k, n = self.shape
-    b = self.block_size
+    b, g = self.block_size, self.group
     if b < 32 or b & (b - 1) or k % b:
       raise ValueError(f"KMajor: block_size {b} must be a power of two >= 32 dividing K={k}")
-    if tuple(self.codes.shape)[-2:] != (n, k // 8) or jnp.dtype(self.codes.dtype) != jnp.uint32:
-      raise ValueError(f"KMajor: codes must be uint32 of shape (..., {n}, {k // 8}), got {self.codes.dtype} "
-                       f"{tuple(self.codes.shape)}")
-    self._check_block_params((n, k // b), owner="KMajor: ")
+    if g < 1 or g & (g - 1) or n % g:
+      raise ValueError(f"KMajor: group {g} must be a power of two dividing N={n}")
+    grid = (n // g, k // b, g)
+    if tuple(self.codes.shape)[-4:] != (*grid, b // 8) or jnp.dtype(self.codes.dtype) != jnp.uint32:
+      raise ValueError(f"KMajor: codes must be uint32 of shape (..., {', '.join(map(str, grid))}, {b // 8}) "
+                       f"(column groups, blocks, columns, words), got {self.codes.dtype} {tuple(self.codes.shape)}")
+    self._check_block_params(grid, owner="KMajor: ")
 
   def dequantize(self):
     """The (K, N) kernel in `self.dtype` (through `unpack_kmajor`: the reference every kernel is tested against)."""
@@ -159,28 +168,51 @@ def _not_packable(w: QTensor) -> str | None:
   return None
 
 
+def column_group(n: int) -> int:
+  """The column group `pack_kmajor` gives an N-column weight: the largest power of two up to `GROUP_MAX` dividing
+  N. A program's column tile (bn) is at most this, so that its codes for one block are one run of memory."""
+  return math.gcd(n, GROUP_MAX)
+
+
+def _grouped(a, g: int, lead: int):
+  """(lead..., N, nb, rest...) -> (lead..., N/g, nb, g, rest...): each group of g columns' arrays for one block
+  together in memory."""
+  n, nb, *rest = a.shape[lead:]
+  return jnp.swapaxes(a.reshape(*a.shape[:lead], n // g, g, nb, *rest), lead + 1, lead + 2)
+
+
+def _ungrouped(a, lead: int):
+  """`_grouped`'s inverse: (lead..., N/g, nb, g, rest...) -> (lead..., N, nb, rest...)."""
+  ng, nb, g, *rest = a.shape[lead:]
+  return jnp.swapaxes(a, lead + 1, lead + 2).reshape(*a.shape[:lead], ng * g, nb, *rest)
+
+
 def pack_kmajor(w: QTensor) -> KMajor:
-  """`w`'s codes in the K-major layout: the same codes, moved (`nibble_order`), and the same block parameters,
-  transposed; nothing is requantized. Run it once per weight, outside the step that uses it (`to_kmajor` does a
-  parameter tree). Raises ValueError for a block size the kernel cannot take."""
+  """`w`'s codes in the K-major layout: the same codes, moved (`nibble_order`, `column_group`), and the same
+  block parameters, transposed and grouped alike; nothing is requantized. Run it once per weight, outside the step
+  that uses it (`to_kmajor` does a parameter tree). Raises ValueError for a block size the kernel cannot take."""
   why = _not_packable(w)
   if why:
     raise ValueError(f"pack_kmajor: {why}")
-  t = lambda a: None if a is None else jnp.swapaxes(a, -1, -2)
-  codes = _reorder(w.codes, w.block_size, nibble_order(w.block_size, w.fmt))
-  return KMajor(codes, t(w.scale), t(w.offset), w.dq_scale, w.dq_offset, fmt=w.fmt, block_size=w.block_size,
-                shape=w.shape, dtype=w.dtype)
+  (k, n), b, lead = w.shape, w.block_size, len(w.lead_shape)
+  g = column_group(n)
+  codes = _reorder(w.codes, b, nibble_order(b, w.fmt))  # (..., N, K/8)
+  codes = _grouped(codes.reshape(*codes.shape[:-1], k // b, b // 8), g, lead)
+  params = lambda a: None if a is None else _grouped(jnp.swapaxes(a, -1, -2), g, lead)
+  return KMajor(codes, params(w.scale), params(w.offset), w.dq_scale, w.dq_offset, fmt=w.fmt, block_size=b,
+                shape=w.shape, dtype=w.dtype, group=g)
 
 
 def unpack_kmajor(p: KMajor) -> QTensor:
   """The `QTensor` whose codes `p` holds (`pack_kmajor`'s inverse, exactly)."""
-  *lead, n, k8 = p.codes.shape
-  q = (p.codes[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 0xF  # (..., N, K/8, 8): slot order
-  inverse = np.argsort(nibble_order(p.block_size, p.fmt))
-  q = q.reshape(*lead, n, k8 * 8 // p.block_size, p.block_size)[..., inverse].reshape(*lead, n, k8 * 8)
-  t = lambda a: None if a is None else jnp.swapaxes(a, -1, -2)
-  return QTensor(pack(jnp.swapaxes(q, -1, -2)), t(p.scale), t(p.offset), p.dq_scale, p.dq_offset, fmt=p.fmt,
-                 block_size=p.block_size, shape=p.shape, dtype=p.dtype)
+  (k, n), b, lead = p.shape, p.block_size, len(p.lead_shape)
+  codes = _ungrouped(p.codes, lead)  # (..., N, nb, B/8)
+  q = (codes[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 0xF  # (..., N, nb, B/8, 8): slot order
+  inverse = np.argsort(nibble_order(b, p.fmt))
+  q = q.reshape(*q.shape[:lead], n, k // b, b)[..., inverse].reshape(*q.shape[:lead], n, k)
+  params = lambda a: None if a is None else jnp.swapaxes(_ungrouped(a, lead), -1, -2)
+  return QTensor(pack(jnp.swapaxes(q, -1, -2)), params(p.scale), params(p.offset), p.dq_scale, p.dq_offset,
+                 fmt=p.fmt, block_size=b, shape=p.shape, dtype=p.dtype)
 
 
 def to_kmajor(tree):
@@ -282,7 +314,7 @@ def kernel(x_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, st
   dq_ref, dq_offset_ref = (rest.pop(0), rest.pop(0)) if dq else (None, None)
   low_ref, b_ref = (rest.pop(0), rest.pop(0)) if lora else (None, None)
   (o_ref,) = rest
-  bn, bm = codes_ref.shape[0], x_ref.shape[0]
+  bn, bm = codes_ref.shape[1], x_ref.shape[0]  # codes_ref: (blocks, bn, B/8), the program's columns' words
   rows = _rows.Rows(m, bm)  # the rows of a partial tile masked on load and store
   minus = 8.0 if fmt in ("int4_sym", "q4_0") else 0.0
   first = pl.program_id(2) * steps
@@ -292,13 +324,13 @@ def kernel(x_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, st
   def block_params(g):
     """Block g's per-column scale (formed from its int8 code for a double-quantized NF4) and offset (None: none),
     float32 (bn, 1)."""
-    sc = scale_ref[:, pl.ds(g, 1)].astype(jnp.float32)
+    sc = scale_ref[g].reshape(bn, 1).astype(jnp.float32)  # scale_ref: (blocks, bn), like the codes
     if dq:  # double-quantized NF4: the scale from its int8 code and its group's second-level scale
       sc = sc * dq_ref[(g * n + cols) // DQ_GROUP] + dq_offset_ref[0]
-    return sc, offset_ref[:, pl.ds(g, 1)].astype(jnp.float32) if offset_ref is not None else None
+    return sc, offset_ref[g].reshape(bn, 1).astype(jnp.float32) if offset_ref is not None else None
 
   def add_block(g, acc, params=None):  # params: block g's, loaded a step ahead (None: loaded here, after the dot)
-    word = codes_ref[:, pl.ds(g * (block // 8), block // 8)].reshape(bn, 4, block // 32)  # thread t's words
+    word = codes_ref[g].reshape(bn, 4, block // 32)  # thread t's words: one run of bn·B/2 bytes
 
     def pair(shift):  # one register pair per word: rows (r, r + 1) as (low half, high half), minus subtracted
       if fmt == "nf4":

@@ -125,8 +125,10 @@ class BlockSizes:
   convert: str = "i2f"
   rescale: str = "weight"
 
-  def for_shape(self, m: int, n: int, k: int | None = None, block_size: int | None = None) -> "BlockSizes":
-    """Tile sizes for an (m × k) @ (k × n) call; bk and split_k are resolved when k and block_size are given."""
+  def for_shape(self, m: int, n: int, k: int | None = None, block_size: int | None = None,
+                max_bn: int | None = None) -> "BlockSizes":
+    """Tile sizes for an (m × k) @ (k × n) call; bk and split_k are resolved when k and block_size are given.
+    `max_bn`: the widest column tile the weight's layout allows (a K-major weight's column group)."""
     if self.dot not in ("mma", "fma", "words") or self.lookup not in ("select", "gather", "prmt"):
       raise ValueError(f"BlockSizes: dot must be 'mma', 'fma' or 'words' (got {self.dot!r}) and lookup 'select', "
                        f"'gather' or 'prmt' (got {self.lookup!r})")
@@ -143,7 +145,7 @@ class BlockSizes:
       bm = min(16, _pow2_at_least(m))
     else:
       bm = max(16, min(self.bm if m <= 16 else 64, _pow2_at_least(m)))
-    bn = next((b for b in (self.bn, 128, 64, 32, 16) if n % b == 0), None)
+    bn = next((b for b in (self.bn, 128, 64, 32, 16) if n % b == 0 and b <= (max_bn or b)), None)
     out = dataclasses.replace(self, bm=bm, bn=bn or self.bn)
     return out.resolve(m, n, k, block_size) if k and block_size else out
 
@@ -201,6 +203,15 @@ def default_blocks(m: int, fmt: str, block_size: int = 64, kmajor: bool = False)
   if kmajor:
     return KMAJOR if m <= 16 else KMAJOR_ROWS
   return DECODE_NF4 if (m, fmt, block_size) == (1, "nf4", 64) else BlockSizes()
+
+
+def call_blocks(m: int, w, blocks: BlockSizes | None = None) -> BlockSizes:
+  """The resolved `BlockSizes` of a call with `m` rows on weight `w` (a `QTensor` or a `kmajor.KMajor`): `blocks`,
+  or `default_blocks` when None, for this shape; a K-major weight's column tiles at most its column group."""
+  kmajor = isinstance(w, _kmajor.KMajor)
+  k, n = w.shape
+  policy = blocks or default_blocks(m, w.fmt, w.block_size, kmajor)
+  return policy.for_shape(m, n, k, w.block_size, max_bn=w.group if kmajor else None)
 
 
 def _pow2_divisor(n: int, at_most: int) -> int:
@@ -536,7 +547,7 @@ def _pallas(x, w: QTensor, low, b, blocks: BlockSizes | None, interpret: bool):
   kmajor = isinstance(w, _kmajor.KMajor)
   if kmajor:
     _kmajor.check(x2.dtype, w)
-  bs = (blocks or default_blocks(m, w.fmt, w.block_size, kmajor)).for_shape(m, n, k, w.block_size)
+  bs = call_blocks(m, w, blocks)
   bk, split = bs.bk or 1, bs.split_k or 1
   if n % bs.bn:
     raise ValueError(f"N={n} is not a multiple of the tile width bn={bs.bn}")
@@ -614,11 +625,12 @@ def _pallas_kmajor(x2, w: _kmajor.KMajor, low, b, bs: BlockSizes, m, mp, split, 
                      "on tensor cores: dot, lookup, convert and rescale must keep their defaults")
   k, n = w.shape
   nb = k // w.block_size
-  cols = lambda width: pl.BlockSpec((bs.bn, width), lambda i, j, s: (j, 0))
-  in_specs = [pl.BlockSpec((bs.bm, k), lambda i, j, s: (i, 0)), cols(k // 8), cols(nb)]
+  per = w.group // bs.bn  # programs per column group: program j takes the columns of part j % per of group j // per
+  cols = lambda *words: pl.BlockSpec((None, nb, bs.bn, *words), lambda i, j, s: (j // per, 0, j % per, *[0] * len(words)))
+  in_specs = [pl.BlockSpec((bs.bm, k), lambda i, j, s: (i, 0)), cols(w.block_size // 8), cols()]
   args = [x2, w.codes, w.scale]
   if w.offset is not None:
-    in_specs.append(cols(nb))
+    in_specs.append(cols())
     args.append(w.offset)
   if w.double_quantized:  # int8 scale codes, formed into floats in the kernel (as for a QTensor)
     dq_specs, dq_args = _dq_inputs(w, whole)

@@ -154,12 +154,12 @@ def qmatmul_sm90(m: int, w, blocks, dtype=None) -> dict:
   instructions per weight) and "per_weight_ops" (by opcode), where one loop step covers bk quantization blocks
   × bn columns on num_warps × 32 threads."""
   import jax.numpy as jnp
-  from .pallas_gpu import qmatmul_pallas
+  from .pallas_gpu import call_blocks, qmatmul_pallas
   k, n = w.shape
   (kernel,) = triton_kernels(lambda x, w: qmatmul_pallas(x, w, blocks=blocks),
                              jax.ShapeDtypeStruct((m, k), dtype or jnp.bfloat16), w)
   report = compile_sm90(kernel)
-  bs = blocks.for_shape(m, n, k, w.block_size)
+  bs = call_blocks(m, w, blocks)
   per_step = bs.bk * w.block_size * bs.bn / (bs.num_warps * 32)  # weights per thread per loop step
   report["per_weight"] = report["loop_instructions"] / per_step
   report["per_weight_ops"] = {op: c / per_step for op, c in report["loop_ops"].items()}
