@@ -3,9 +3,9 @@
 A `QTensor` stores its codes as (K/2, N) bytes: a column's codes lie N bytes apart. A tensor-core kernel over that
 layout moves every dequantized weight tile through shared memory into the dot's register layout (on sm_90 the
 best such variant, magic16 + partial scaling, takes 6.3 machine instructions per weight, 0.7 of them
-shared-memory loads; `benchmarks/pallas_compile_sm90.py`). `KMajor` holds the same codes as (N, K/8) uint32
-words: each column's codes contiguous along K, and within each quantization block in the order in which the
-threads of a Hopper warpgroup dot hold a register operand (`nibble_order`). The kernel computes the transposed
+shared-memory loads; `benchmarks/pallas_compile_sm90.py`). `KMajor` holds the same codes as uint32
+words in column groups (below): each column's codes for a block contiguous, in the order in which the threads of
+a Hopper warpgroup dot hold a register operand (`nibble_order`). The kernel computes the transposed
 product ``yᵀ = Wᵀ xᵀ`` with the weight tile as the dot's first operand, from registers (wgmma with a register A
 operand): Triton stages the packed words through shared memory with asynchronous copies (its software pipeline)
 and each thread reads its own words back with 64-bit loads already in that operand's layout; no dequantized
@@ -30,7 +30,14 @@ Compiled for sm_90, int4 in blocks of 64 at 1 or 16 rows (4096 × 14336): 2.84-2
 ``dot="words"`` kernel (benchmarks/results/pallas_compile_sm90.json, variants "K-major"): half a LOP3 and half an
 HFMA2 per weight, 0.38 shifts, a quarter FFMA for the block scale. (Written as jnp operations the mask and the OR
 with two constants compile to two LOP3s, 3.33 per weight; a magic passed at run time, which folds them into one,
-stops Triton from loading the words in the dot's layout.) Not yet timed on a GPU.
+stops Triton from loading the words in the dot's layout.)
+
+Column groups: the words are stored (N/G, K/B, G, B/8), G = `column_group(N)` (up to 256 columns), so one block's
+words for G columns are one run of memory and a program's column tile (bn <= G) reads bn·B/2 contiguous bytes per
+block; the block parameters are grouped alike, (N/G, K/B, G). On an H200 (benchmarks/results/*_run3/4.json) the
+ungrouped (N, K/8) layout, a 32-byte piece per column and block, read int4 at 4096 × 14336 and one row at 1434
+GB/s of device time; grouped, at 1789 GB/s under the same policy and 2079 GB/s (64% of the copy bandwidth) with
+each step's scales loaded a step ahead. A kernel that only streams the same bytes in contiguous runs: 2900 GB/s.
 
 NF4 (plain or double-quantized, whose int8 scale codes are formed into floats per block and column): the table
 has no affine map, so each word's 8 codes are looked up by byte permutes over the table held in registers
@@ -74,9 +81,10 @@ class KMajor(Blocks4bit):
   shape (K, N), dtype of the dequantized kernel, as `QTensor`, which it stands in for in a parameter tree: it has
   `linear` (the `kernels.qmatmul` op) and `dequantize`.
 
-  Invariants (checked on construction, ValueError): codes uint32 (..., N, K/8), eight codes per word, each
-  block's in `nibble_order`; scale (and offset, for int4_asym / q4_1) (..., N, K/B), as stored in the QTensor
-  (transposed; a double-quantized NF4's int8 scale codes too, with its second-level `dq_scale` / `dq_offset`
+  Invariants (checked on construction, ValueError): codes uint32 (..., N/G, K/B, G, B/8) for the column group G
+  (`group`, a power of two dividing N; `pack_kmajor` takes `column_group(N)`), eight codes per word, each block's
+  in `nibble_order`; scale (and offset, for int4_asym / q4_1) (..., N/G, K/B, G), as stored in the QTensor,
+  grouped alike (a double-quantized NF4's int8 scale codes too, with its second-level `dq_scale` / `dq_offset`
   unchanged); a format of `FORMATS`; a block size that is a power of two >= 32."""
 
   codes: Any
@@ -364,5 +372,5 @@ def kernel(x_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, st
   rows.store(o_ref, acc)
 
 
-__all__ = ["AFFINE_FORMATS", "FORMATS", "KMajor", "NF4_WORD_SLOTS", "as_qtensor", "check", "kernel", "magic_word",
-           "nibble_order", "pack_kmajor", "pair_constants", "pair_ptx", "to_kmajor", "unpack_kmajor"]
+__all__ = ["AFFINE_FORMATS", "FORMATS", "GROUP_MAX", "KMajor", "NF4_WORD_SLOTS", "as_qtensor", "check", "kernel", "magic_word",
+           "column_group", "nibble_order", "pack_kmajor", "pair_constants", "pair_ptx", "to_kmajor", "unpack_kmajor"]

@@ -30,8 +30,8 @@ result (but for the CUDA-core paths' few rows below):
 
 A weight in the K-major layout (`kmajor.KMajor`) runs that module's kernel instead, over the same grid
 and `BlockSizes` (its tiling fields; default `KMAJOR`): the weight tile as the register operand of a warpgroup
-dot, no weight through shared memory, ~2.8 machine instructions per weight for int4 and ~4.6 for NF4 at any row
-count up to 16 (not yet timed on a GPU). It reads x as the caller holds it and stores the m rows of the result,
+dot, no weight through shared memory, ~2.9 machine instructions per weight for int4 and ~4.4 for NF4 at any row
+count up to 16 (on an H200, int4 at 1-16 rows: 57-64% of the copy bandwidth in device time, README). It reads x as the caller holds it and stores the m rows of the result,
 masking the rest of a partial tile, and sums x per block itself (offset formats): no XLA op around the call but,
 with split_k > 1, the sum of the partial tiles.
 
@@ -181,14 +181,18 @@ class BlockSizes:
 DECODE_NF4 = BlockSizes(bn=128, bk=1, num_warps=4, num_stages=2, min_programs=1056, dot="fma", lookup="gather")
 
 
-# A weight in the K-major layout (`kmajor`), up to 16 rows: tensor-core tiles of 128 columns, 128 rows of K per loop
-# step (bk resolved: 2 blocks of 64). Chosen by the sm_90 machine code (benchmarks/pallas_compile_sm90.py): 2.84
-# instructions per weight for int4 in blocks of 64 at 96 registers; bn 256 has fewer (2.39-2.41) but 168 registers and
-# half the column tiles to spread over the SMs. Not yet timed on a GPU.
-KMAJOR = BlockSizes(bn=128)
-# Above 16 rows (tiles of 64 rows): the (128 x 64) float32 accumulator takes 8 warps' registers (with 4: 255
-# registers per thread and spills; with 8: ~100, none), int4 and q4_1 alike (compiled for sm_90). Not yet timed.
-KMAJOR_ROWS = dataclasses.replace(KMAJOR, num_warps=8)
+# A weight in the K-major layout (`kmajor`), up to 16 rows: H200 run 4's sweep winner (benchmarks/results/
+# int4_matmul_gpu_run4.json, int4 at 16 rows, 59 policies timed on 4096 x 14336 and 14336 x 4096): tensor-core tiles of
+# 64 columns, 4 blocks of 64 rows of K per loop step, each step's block scales loaded a step ahead (prefetch), K
+# split until 264 programs: 37.0 us wall at 4096 x 14336 against 65.6 for the earlier default (bn 128, bk 2, no
+# prefetch); prefetch was in every one of the 12 fastest policies. In device time it takes 16.9-17.6 us there at
+# 1-16 rows (57-60% of the copy bandwidth measured in that run) and 8.3-10.7 us at 4096 x 4096; at one row bn 128
+# with prefetch took 15.9 and 7.7 us (the floor), the best measured.
+KMAJOR = BlockSizes(bn=64, bk=4, prefetch=1)
+# Above 16 rows (tiles of 64 rows): tiles of 128 columns, the (128 x 64) float32 accumulator on 8 warps' registers
+# (with 4: 255 registers per thread and spills; with 8: ~100, none), int4 and q4_1 alike (compiled for sm_90). On
+# the H200 (run 4) 0.74-1.44x the QTensor kernel's time at 64-256 rows.
+KMAJOR_ROWS = BlockSizes(bn=128, num_warps=8)
 
 
 def default_blocks(m: int, fmt: str, block_size: int = 64, kmajor: bool = False) -> BlockSizes:
