@@ -176,15 +176,16 @@ def _cmd_report(args) -> None:
 def _cmd_eval(args) -> None:
   from .data import example_kind, read_examples
   from .evaluate import eval_rows, exact_match, mean_loss
-  from .peft import LoraConfig, load_adapter, load_for_inference
+  from .peft import LoraConfig, inference_params, load_adapter
   from .train import make_eval_loss
   examples = read_examples(args.data)
   model = _load_base(args)
-  params, extras = (load_for_inference(model, args.adapter, quantized_merge=args.adapter_merge) if args.adapter
-                    else (model.params, {}))  # what generation runs: the adapter merged, apart, or folded in
+  params, extras = model.params, {}
+  if args.adapter:  # what generation runs: the adapter merged, apart, or folded in (the files read once)
+    lcfg, adapter = load_adapter(args.adapter, model.config, dtype=model.dtype)
+    params, extras = inference_params(model, lcfg, adapter, quantized_merge=args.adapter_merge, source=args.adapter)
   if args.adapter and args.adapter_merge == "separate":  # the loss as training computes it: the adapter applied
-    lcfg, adapter = load_adapter(args.adapter, model.config, dtype=model.dtype)  # to the (4-bit) base
-    loss_params = model.params
+    loss_params = model.params  # to the (4-bit) base
   else:  # no adapter, or one folded into the 4-bit base (--adapter-merge): the loss of the params generation runs
     lcfg, adapter, loss_params = LoraConfig(targets=("q_proj",)), {}, params
   rows = eval_rows(model, examples, seq_len=args.seq_len, chat=not args.no_chat)

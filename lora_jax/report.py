@@ -55,6 +55,10 @@ def _read_summary(path: Path) -> dict:
     if not isinstance(value, dict):
       raise LoraJaxError(f"{path}: key {key!r} must be an object of dotted keys, got {type(value).__name__}")
     data[key] = value
+  derived = data.get("derived") or []
+  if not isinstance(derived, list) or not all(isinstance(k, str) for k in derived):
+    raise LoraJaxError(f"{path}: key 'derived' must be a list of dotted config keys, got {derived!r}")
+  data["derived"] = derived
   for key in _NUMERIC_FIELDS:
     value = data.get(key)
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -111,11 +115,14 @@ def _config_value(run: dict, key: str):
 
 def varying_axes(runs: list[dict], *, seed_key: str = "seed") -> list[str]:
   """Config keys whose value differs between runs (a key missing from a run counts as its `RunConfig` default,
-  else null), except ``seed_key``.
+  else null), except ``seed_key`` and keys every run derived from others (its summary's ``derived``, e.g.
+  ``train.remat: auto`` resolved per ``quantize``) that no run set itself (``overrides``).
 
   Ordered as the keys first appear in the runs' ``overrides`` (the sweep's axis order), then alphabetically.
   """
-  keys = sorted({k for r in runs for k in r["config"]} - {seed_key})
+  overridden = {k for r in runs for k in r["overrides"]}
+  derived = set.intersection(*(set(r.get("derived", ())) for r in runs)) - overridden if runs else set()
+  keys = sorted({k for r in runs for k in r["config"]} - {seed_key} - derived)
   varying = {k for k in keys if len({_canon(_config_value(r, k)) for r in runs}) > 1}
   ordered = []
   for r in runs:

@@ -207,16 +207,19 @@ def _check_out_dir(out: Path, resolved: dict, overwrite: bool) -> bool:
   return False
 
 
-def resolve_run_config(cfg: RunConfig) -> tuple[RunConfig, dict]:
+def resolve_run_config(cfg: RunConfig) -> tuple[RunConfig, dict, list[str]]:
   """The config a run records (``config.yaml``, compared when resuming): `train.remat: auto` replaced by the
   policy that runs (`full` for a quantized base, else `dots`; per sweep point, as it depends on `quantize`), so
-  runs saved before `auto` existed still resume; without the sweep section."""
+  runs saved before `auto` existed still resume; without the sweep section. Also the dotted keys whose values
+  were derived from others that way (the summary's ``derived``: a report does not make them axes)."""
+  derived = []
   if cfg.train.remat == "auto":
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, remat=resolve_remat("auto", quantized=cfg.quantize != "none")))
+    derived.append("train.remat")
   resolved = to_dict(cfg)
   resolved.pop("sweep", None)
-  return cfg, resolved
+  return cfg, resolved, derived
 
 
 def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: list[str] | None = None,
@@ -224,7 +227,7 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
   """Runs (or resumes) one training run into `out`; returns its summary."""
   import orbax.checkpoint as ocp
   out = Path(out).absolute()
-  cfg, resolved = resolve_run_config(cfg)
+  cfg, resolved, derived = resolve_run_config(cfg)
   resuming = _check_out_dir(out, resolved, overwrite)
   if resuming and (out / "summary.json").exists():
     summary = json.loads((out / "summary.json").read_text())
@@ -286,7 +289,7 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
   start_step = int(state.step)
   metrics = _Metrics(out, start_step, tc.steps)
   summary = {"name": cfg.name or out.name, "status": "running", "steps": tc.steps, "overrides": {},
-             "config": flatten(resolved), "seed": cfg.seed}  # what a report groups by, whatever the outcome
+             "config": flatten(resolved), "derived": derived, "seed": cfg.seed}  # what a report groups by
   try:
     before_path = out / "eval_before.json"
     if tc.exact_match and test_ex and not before_path.exists():
@@ -360,7 +363,7 @@ def train(cfg: RunConfig, out: str | Path, *, overwrite: bool = False, argv: lis
       last_loss = next((json.loads(l)["loss"] for l in reversed((out / "metrics.jsonl").read_text().splitlines())
                         if json.loads(l)["split"] == "train"), None)
     summary.update(
-        status="finished", overrides={}, config=flatten(resolved), seed=cfg.seed,
+        status="finished", overrides={}, config=flatten(resolved), derived=derived, seed=cfg.seed,
         trainable_params=lcfg.count_trainable(model.config, state.adapter),
         wall_time_s=time.perf_counter() - t_start, peak_rss_mib=peak_rss_mib(), final_train_loss=last_loss,
         eval_loss=final.get("loss"), exact_match=em["exact_match"] if em else None,

@@ -80,6 +80,18 @@ def test_collect_runs_recursive_and_sorted(sweep):
   assert runs[0]["config"]["peft.targets"] == ["q_proj", "v_proj"]
 
 
+def test_derived_keys_are_not_axes():
+  """A key a run derived from others (train.remat: auto, resolved per quantize) is no axis of a sweep over
+  quantize; set by the sweep itself (in overrides), or not derived in every run, it is."""
+  run = lambda quantize, remat, derived=("train.remat",), overrides=None: {
+      "config": {"quantize": quantize, "train.remat": remat, "seed": 0}, "derived": list(derived),
+      "overrides": overrides if overrides is not None else {"quantize": quantize}}
+  assert varying_axes([run("none", "dots"), run("nf4", "full")]) == ["quantize"]
+  assert varying_axes([run("none", "dots"), run("nf4", "full", derived=())]) == ["quantize", "train.remat"]
+  swept = [run("nf4", r, overrides={"quantize": "nf4", "train.remat": r}) for r in ("dots", "full")]
+  assert varying_axes(swept) == ["train.remat"]
+
+
 def test_group_runs_means_and_stds(sweep):
   runs = collect_runs(sweep)
   assert varying_axes(runs) == ["peft.rank", "peft.method"]

@@ -338,8 +338,8 @@ def test_saved_runs_record_the_resolved_remat_and_still_resume(setup, tmp_path):
   _, raw = setup
   cfg = _cfg(raw)
   assert cfg.train.remat == "auto"
-  _, resolved = resolve_run_config(cfg)
-  assert resolved["train"]["remat"] == "dots"
+  _, resolved, derived = resolve_run_config(cfg)
+  assert resolved["train"]["remat"] == "dots" and derived == ["train.remat"]
   assert resolve_run_config(_cfg(raw, quantize="int4"))[1]["train"]["remat"] == "full"
   old = dict(resolved, train=dict(resolved["train"], remat="dots"))
   del old["kmajor"]  # a key added later: a run saved before it existed is the same run at its default

@@ -1,6 +1,7 @@
 """PEFT methods as pure transforms over parameter trees, and PEFT-format adapter files."""
 
-from ._files import load_adapter as load_adapter, load_for_inference as load_for_inference
+from ._files import inference_params as inference_params, load_adapter as load_adapter
+from ._files import load_for_inference as load_for_inference
 from ._files import merged_params as merged_params, read_adapter_config as read_adapter_config, save_adapter as save_adapter
 from ._lora import (LoraConfig as LoraConfig, LoRAWeight as LoRAWeight, apply_lora as apply_lora,
                     count_trainable as count_trainable, init_lora as init_lora, merge as merge,
@@ -12,6 +13,6 @@ from ._optim import lora_optimizer as lora_optimizer, param_labels as param_labe
 from ._targets import MODULE_PATHS as MODULE_PATHS, resolve_targets as resolve_targets
 
 __all__ = ["IA3Config", "IA3Weight", "PrefixTuningConfig", "PromptTuningConfig", "PTuningConfig",
-           "load_for_inference", "LoraConfig", "LoRAWeight", "apply_lora", "count_trainable", "init_lora", "load_adapter", "lora_optimizer",
+           "inference_params", "load_for_inference", "LoraConfig", "LoRAWeight", "apply_lora", "count_trainable", "init_lora", "load_adapter", "lora_optimizer",
            "merge", "merged_params", "param_labels", "read_adapter_config", "resolve_targets", "save_adapter", "trainable_summary",
            "unmerge", "MODULE_PATHS"]

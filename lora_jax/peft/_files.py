@@ -238,10 +238,17 @@ def load_for_inference(model, folder: str | Path, *, quantized_merge: str = "sep
   `quantized_merge` says (`quant.merge_quantized`): ``"separate"`` (the default: the 4-bit base and the adapter
   apart, exactly the model a QLoRA run trained), ``"requantized"`` or ``"dequantized"``."""
   cfg, adapter = load_adapter(folder, model.config, dtype=model.dtype)
+  return inference_params(model, cfg, adapter, quantized_merge=quantized_merge, source=folder)
+
+
+def inference_params(model, cfg, adapter: dict, *, quantized_merge: str = "separate",
+                     source: str | Path = "adapter") -> tuple[dict, dict]:
+  """`load_for_inference` for an adapter already loaded (`load_adapter`'s (cfg, adapter)); `source` names it in
+  errors."""
   vt = cfg.virtual_tokens(model.config, adapter)
   kv = cfg.kv_prefix(model.config, adapter) if vt is None and hasattr(cfg, "kv_prefix") else None
   if (vt is not None or kv is not None) and quantized_merge != "separate":
-    raise LoraJaxError(f"{folder}: a {type(cfg).__name__} adapter adds virtual tokens and has no weights to merge "
+    raise LoraJaxError(f"{source}: a {type(cfg).__name__} adapter adds virtual tokens and has no weights to merge "
                        f"({quantized_merge!r} asked for)")
   if vt is not None:
     return model.params, {"virtual_tokens": vt.astype(model.dtype)}

@@ -96,7 +96,7 @@ class KMajor(Blocks4bit):
   block_size: int = 64
   shape: tuple[int, int] = (0, 0)
   dtype: Any = jnp.float32
-  group: int = 16
+  group: int | None = None  # None: `column_group(N)`, as `pack_kmajor` makes it
 
   _AUX = Blocks4bit._AUX + ("group",)
   _CODES_RANK = 4
@@ -105,6 +105,8 @@ class KMajor(Blocks4bit):
     if self.fmt not in FORMATS:
       raise ValueError(f"KMajor takes the formats {FORMATS}, not {self.fmt!r}")
     k, n = self.shape
+    if self.group is None:
+      object.__setattr__(self, "group", column_group(n))
     b, g = self.block_size, self.group
     if b < 32 or b & (b - 1) or k % b:
       raise ValueError(f"KMajor: block_size {b} must be a power of two >= 32 dividing K={k}")

@@ -70,8 +70,9 @@ class BlockSizes:
 
   * ``bm × bn``: the output tile of one program. With ``dot="mma"`` bm >= 16 (Triton's dots need it; M is padded
     to it): `bm` for M <= 16, 64 above. With ``dot="fma"`` bm is M rounded up to a power of two (at most 16).
-  * ``bk``: quantization blocks loaded per step of the loop over K (None: the largest power of two up to 128 rows
-    of K per step that divides the blocks evenly; one block when the block count is odd). At decode sizes the
+  * ``bk``: quantization blocks loaded per step of the loop over K (None: the largest power of two up to
+    ``k_rows`` rows of K per step that divides the blocks evenly; one block when the block count is odd). An
+    explicit bk must divide the blocks (per split); ``k_rows`` adapts to any K. At decode sizes the
     weight stream is all there is, so larger steps mean more bytes in flight (Little's law: ~3 MB across an H200
     to reach its bandwidth).
   * ``split_k``: programs along K, whose float32 partial tiles are summed afterwards (None: doubled while there are
@@ -124,6 +125,7 @@ class BlockSizes:
   prefetch: int = 0
   convert: str = "i2f"
   rescale: str = "weight"
+  k_rows: int = 128
 
   def for_shape(self, m: int, n: int, k: int | None = None, block_size: int | None = None,
                 max_bn: int | None = None) -> "BlockSizes":
@@ -153,7 +155,7 @@ class BlockSizes:
     """bk and split_k for this shape (each a power of two dividing the work evenly), given bm and bn."""
     nb = k // block_size
     per_split = nb // self.split_k if self.split_k and nb % self.split_k == 0 else nb
-    bk = self.bk or _pow2_divisor(per_split, max(1, 128 // block_size))
+    bk = self.bk or _pow2_divisor(per_split, max(1, self.k_rows // block_size))
     steps = nb // bk if nb % bk == 0 else 0
     split = self.split_k
     if split is None:
@@ -188,7 +190,7 @@ DECODE_NF4 = BlockSizes(bn=128, bk=1, num_warps=4, num_stages=2, min_programs=10
 # prefetch); prefetch was in every one of the 12 fastest policies. In device time it takes 16.9-17.6 us there at
 # 1-16 rows (57-60% of the copy bandwidth measured in that run) and 8.3-10.7 us at 4096 x 4096; at one row bn 128
 # with prefetch took 15.9 and 7.7 us (the floor), the best measured.
-KMAJOR = BlockSizes(bn=64, bk=4, prefetch=1)
+KMAJOR = BlockSizes(bn=64, k_rows=256, prefetch=1)  # bk 4 for blocks of 64 where the block count allows
 # Above 16 rows (tiles of 64 rows): tiles of 128 columns, the (128 x 64) float32 accumulator on 8 warps' registers
 # (with 4: 255 registers per thread and spills; with 8: ~100, none), int4 and q4_1 alike (compiled for sm_90). On
 # the H200 (run 4) 0.74-1.44x the QTensor kernel's time at 64-256 rows.
