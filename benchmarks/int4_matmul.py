@@ -469,16 +469,17 @@ SEED_POLICIES = {"nf4": (BlockSizes(lookup="gather", rescale="partial"),
                  "int4_sym": (BlockSizes(convert="magic", rescale="partial"),
                               BlockSizes(convert="magic16", rescale="partial"),
                               BlockSizes(dot="words", bn=256), BlockSizes(dot="words", bn=128)),
-                 "int4_sym" + KMAJOR_SUFFIX: (BlockSizes(bn=64, bk=4, min_programs=528, prefetch=1),
-                                              BlockSizes(bn=64, min_programs=1), BlockSizes(bn=32, min_programs=1),
-                                              BlockSizes(bn=256), BlockSizes(bn=128, prefetch=1)),
-                 "nf4" + KMAJOR_SUFFIX: (BlockSizes(bn=64, bk=4, min_programs=528, prefetch=1),
-                                         BlockSizes(bn=64, min_programs=1), BlockSizes(bn=256))}
-# K-major: H200 run 3's sweep winner (bn 64, bk 4, 528 programs, prefetch 1: x1.23 the default, in the column layout
-# before the column groups); no K split (min_programs 1: one kernel per call, no partial sums, more column tiles);
-# bn 256 has fewer instructions per weight (int4 2.5, NF4 4.0, against the default's 2.9 / 4.4) at 168-217
-# registers; prefetch 1 loads each block's scales a loop step ahead (the one load in the loop Triton does not
-# pipeline), the same instruction count. The floor times them all (the sweep has no NF4 K-major class).
+                 "int4_sym" + KMAJOR_SUFFIX: (BlockSizes(bn=128, prefetch=1), BlockSizes(bn=64, k_rows=512, prefetch=1),
+                                              BlockSizes(bn=64, k_rows=256, prefetch=1, num_stages=4),
+                                              BlockSizes(bn=128, k_rows=256, prefetch=1, num_stages=4),
+                                              BlockSizes(bn=64, k_rows=256, prefetch=1, min_programs=1056),
+                                              BlockSizes(bn=256, prefetch=1)),
+                 "nf4" + KMAJOR_SUFFIX: (BlockSizes(bn=128, prefetch=1), BlockSizes(bn=64, k_rows=512, prefetch=1),
+                                         BlockSizes(bn=256, prefetch=1))}
+# K-major, after H200 run 4 (default `KMAJOR`: bn 64, 4 blocks of 64 per step, scales a step ahead; 16.9 us of
+# device time at 4096 x 14336, 57-60% of copy): bn 128 with prefetch, the floor's best there (15.9 us, 64%); more
+# bytes in flight per program (up to 8 blocks per step; a 4-stage pipeline) and more programs (1056); bn 256 (fewest
+# instructions per weight, 168-217 registers). Answered in run 4 and dropped: no K split (min_programs 1: 27-32 us).
 
 
 def seed_name(p):
@@ -487,8 +488,8 @@ def seed_name(p):
   if p.dot == "words":
     return f"words, bn {p.bn}"
   changed = [str(getattr(p, f)) for f in ("lookup", "convert", "rescale") if getattr(p, f) != getattr(base, f)]
-  return " + ".join(changed + [f"{f} {getattr(p, f)}" for f in ("bn", "bk", "min_programs", "prefetch")
-                               if getattr(p, f) != getattr(base, f)])
+  return " + ".join(changed + [f"{f} {getattr(p, f)}" for f in ("bn", "bk", "k_rows", "num_stages", "min_programs",
+                                                                "prefetch") if getattr(p, f) != getattr(base, f)])
 
 
 def policy_fields(fmt, m):
@@ -498,8 +499,8 @@ def policy_fields(fmt, m):
   f = dict(POLICY_FIELDS)
   if layout_of(fmt)[1]:  # the K-major kernel: tensor cores, its own code-to-value step; warpgroup dots need 4 warps
     return {**f, "dot": ("mma",), "lookup": ("select",), "convert": ("i2f",),
-            "rescale": ("weight",), "bn": (32, 64, 128, 256), "num_warps": (4, 8),
-            "min_programs": (1,) + f["min_programs"]}  # 1: no K split, one kernel per call
+            "rescale": ("weight",), "bn": (64, 128, 256), "num_warps": (4, 8), "bk": (1, 2, 4, 8),
+            "prefetch": (1, 0)}  # run 4: no K split (min_programs 1) and bn 32 were slow; prefetch in all 12 best
   if m > 1:
     f["dot"] = ("mma",)
   if fmt != "nf4":
@@ -512,17 +513,19 @@ def policy_fields(fmt, m):
   return f
 
 
-def valid_policy(p, m):
-  """Whether `BlockSizes` accepts the combination (e.g. rescale="partial" needs tensor-core dots)."""
+def valid_policy(p, m, k=None, n=128):
+  """Whether `BlockSizes` accepts the combination (e.g. rescale="partial" needs tensor-core dots) and, given K, an
+  explicit bk (times split_k) divides its blocks of 64."""
   try:
-    p.for_shape(m, 128)
-    return True
+    bs = p.for_shape(m, n, k, 64) if k else p.for_shape(m, n)
   except ValueError:
     return False
+  return not k or (k // 64) % (bs.bk * bs.split_k) == 0
 
 
 def policy_of(blocks):
-  return {k: getattr(blocks, k) for k in POLICY_FIELDS}
+  """Every field of a policy (those the sweep varies and the rest, e.g. `KMAJOR`'s k_rows), as a dict."""
+  return dataclasses.asdict(blocks)
 
 
 def compile_many(jobs):
@@ -599,7 +602,7 @@ def policy_sweep(args, result, shapes, pallas, gib, t_end):
       return tuple(sorted(policy_of(p).items()))
 
     def explore(policies, k, n):
-      todo = [p for p in policies if key(p) not in seen and valid_policy(p, m)]
+      todo = [p for p in policies if key(p) not in seen and valid_policy(p, m, k, n)]
       for i in range(0, len(todo), 16):
         if time.perf_counter() > c_end:
           return
