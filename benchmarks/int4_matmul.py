@@ -81,7 +81,7 @@ from device_trace import device_profile  # noqa: E402
 from _common import machine_info, save_json  # noqa: E402
 from generate import PARAGRAPH  # noqa: E402  (the generate benchmark's prompt text)
 
-from lora_jax.kernels import (CPU_M_MAX, SMALL_M_MAX, BlockSizes, call_blocks, default_blocks, pack_kmajor,  # noqa: E402
+from lora_jax.kernels import (CPU_M_MAX, KMAJOR, SMALL_M_MAX, BlockSizes, call_blocks, default_blocks, pack_kmajor,  # noqa: E402
                               qmatmul_cpu, qmatmul_pallas, qmatmul_reference, qmatmul_small_m)
 from lora_jax.kernels.qmatmul.kmajor import FORMATS as KMAJOR_FORMATS  # noqa: E402
 from lora_jax.quant import DEFAULT_RULES, QTensor, quantize, quantize_model_params  # noqa: E402
@@ -205,13 +205,16 @@ def run_gpu(args, result):
   peaks = result["peaks"] = device_peaks(args, gib, 256 if args.dry_run else 8192, jnp.bfloat16)
   print(f"copy {peaks['copy_gb_s']:.0f} GB/s, bf16 matmul {peaks['matmul_tflop_s']:.1f} TFLOP/s", flush=True)
   pallas = lambda blocks: (lambda x, w: qmatmul_pallas(x, w, blocks=blocks, interpret=interp))
-  tuned = {}
+  tuned, grid = {}, {}
+  if args.kmajor_grid:  # the main table's K-major rows then run its winners (device time), not the sweep's (wall)
+    grid = kmajor_grid(args, result, interp, gib, time.perf_counter() + args.grid_budget_s)
   if args.floor:
     floor(args, result, ((256, 128),) if args.dry_run else ((4096, 4096), (4096, 14336)), interp, gib,
           time.perf_counter() + args.floor_budget_s)
   if args.policy_sweep:  # first, so that the main table times the policies it found
     sweep_shapes = ((256, 128), (512, 256)) if args.dry_run else ((4096, 14336), (14336, 4096))
     tuned = policy_sweep(args, result, sweep_shapes, pallas, gib, time.perf_counter() + args.sweep_budget_s)
+  tuned.update(grid)
   print(GPU_HEADER, flush=True)
   bf16_dot = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
   t_end = time.perf_counter() + args.budget_s
@@ -469,17 +472,118 @@ SEED_POLICIES = {"nf4": (BlockSizes(lookup="gather", rescale="partial"),
                  "int4_sym": (BlockSizes(convert="magic", rescale="partial"),
                               BlockSizes(convert="magic16", rescale="partial"),
                               BlockSizes(dot="words", bn=256), BlockSizes(dot="words", bn=128)),
-                 "int4_sym" + KMAJOR_SUFFIX: (BlockSizes(bn=128, prefetch=1), BlockSizes(bn=64, k_rows=512, prefetch=1),
-                                              BlockSizes(bn=64, k_rows=256, prefetch=1, num_stages=4),
-                                              BlockSizes(bn=128, k_rows=256, prefetch=1, num_stages=4),
-                                              BlockSizes(bn=64, k_rows=256, prefetch=1, min_programs=1056),
-                                              BlockSizes(bn=256, prefetch=1)),
-                 "nf4" + KMAJOR_SUFFIX: (BlockSizes(bn=128, prefetch=1), BlockSizes(bn=64, k_rows=512, prefetch=1),
-                                         BlockSizes(bn=256, prefetch=1))}
-# K-major, after H200 run 4 (default `KMAJOR`: bn 64, 4 blocks of 64 per step, scales a step ahead; 16.9 us of
-# device time at 4096 x 14336, 57-60% of copy): bn 128 with prefetch, the floor's best there (15.9 us, 64%); more
-# bytes in flight per program (up to 8 blocks per step; a 4-stage pipeline) and more programs (1056); bn 256 (fewest
-# instructions per weight, 168-217 registers). Answered in run 4 and dropped: no K split (min_programs 1: 27-32 us).
+                 "int4_sym" + KMAJOR_SUFFIX: (BlockSizes(bn=128, prefetch=1, min_programs=1056),
+                                              BlockSizes(bn=64, k_rows=128, prefetch=1, min_programs=1056)),
+                 "nf4" + KMAJOR_SUFFIX: (BlockSizes(bn=128, prefetch=1, min_programs=1056),
+                                         BlockSizes(bn=64, k_rows=128, prefetch=1, min_programs=1056))}
+# K-major, after H200 run 5 (default `KMAJOR`: bn 64, 4 blocks of 64 per step, scales a step ahead, K split up to
+# 1056 programs; 16.4 us of device time at one row of 4096 x 14336): run 4's best one-row policy (bn 128, 2 blocks
+# per step, prefetch: 15.9 us) and steps of 2 blocks at bn 64, both with 1056 programs. Answered and dropped: no K
+# split (run 4: 27-32 us), 4-stage pipelines, 8 blocks per step, bn 256 (run 4-5: all slower).
+
+
+# The K-major grid (`kmajor_grid`): why the kernel sits near 60% of the copy bandwidth. Compiled for sm_90, a
+# 3-stage pipeline double-buffers the codes (their consumer is the register operand, one stage later than the
+# activation's shared-memory tile): one step of codes in flight per program. Run 4 halved the programs (no K split)
+# and the time rose 1.65x, as if bytes in flight bounded the bandwidth (Little's law); run 5's grid (stages 3-4,
+# steps of 4-8 blocks, tiles of 64-128 columns on 4-8 warps, 264 or 1056 programs) refuted that: every change that
+# puts more bytes in flight per program was slower (it costs shared memory, so fewer programs are resident per SM);
+# only more programs helped (1056: 16.4 us against 17.0 at one row), now `KMAJOR`'s. The grid now asks the converse:
+# less shared memory per program (steps of 2 blocks, 2 stages), so more programs resident (run 4's best one-row
+# time, 15.9 us, had tiles of 128 columns and steps of 2 blocks).
+GRID_FIELDS = {"k_rows": (128, 256), "num_stages": (3, 2), "tile": ((64, 4), (128, 4), (128, 8)),
+               "min_programs": (1056, 264)}
+
+
+def grid_policies():
+  """Every `GRID_FIELDS` combination as a BlockSizes (prefetch 1), `KMAJOR`'s own first."""
+  out = [dataclasses.replace(KMAJOR)]
+  for k_rows, stages, (bn, warps), programs in itertools.product(*GRID_FIELDS.values()):
+    p = BlockSizes(bn=bn, num_warps=warps, k_rows=k_rows, num_stages=stages, min_programs=programs, prefetch=1)
+    if p != out[0]:
+      out.append(p)
+  return out
+
+
+def kmajor_grid(args, result, interp, gib, t_end):
+  """Device time of the K-major kernel under every `grid_policies` entry: int4_sym at 1 and 16 rows on
+  4096 x 14336 (both rows per policy, so a budget cut leaves whole policies), then the six best (least summed
+  device time, outputs within the tolerance of the reference) on nf4 and on 4096 x 4096. Returns the tuned
+  policies {(fmt + KMAJOR_SUFFIX, 16): best} for the main table: int4's best over both shapes, NF4's best of its
+  six. Each policy's row records device time, kernels per op and % of the copy bandwidth."""
+  rows = result["kmajor_grid"] = []
+  copy = result["peaks"]["copy_gb_s"]
+  main, small = ((256, 128), (256, 128)) if args.dry_run else ((4096, 14336), (4096, 4096))
+  ms = (1, 16)
+  print(f"\nK-major grid (device time): {'fmt':8s} {'K':>5} {'N':>5} {'M':>3} {'policy':44s} {'dev us':>7} "
+        f"{'kern':>4} {'% copy':>6} {'wall us':>7}", flush=True)
+  weights = {}
+
+  def run(fmt, k, n, p):
+    if (fmt, k, n) not in weights:
+      weights.clear()
+      weights[(fmt, k, n)] = kmajor_copies(gpu_weights(args, k, n, fmt, gib)[1])
+    km = weights[(fmt, k, n)]
+    out = []
+    for m in ms:
+      bs = call_blocks(m, km[0], p)
+      row = {"fmt": fmt, "K": k, "N": n, "M": m, "policy": policy_of(p), "resolved": policy_of(bs),
+             "bytes": km[0].nbytes()}
+      rows.append(row)
+      try:
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+        first, prof = [], {}
+        row["time_s"] = time_op(lambda x, w: qmatmul_pallas(x, w, blocks=p, interpret=interp), x, km, args, first,
+                                prof)
+        row["device"] = prof
+        row["rel_err"] = rel_err(first[0], np.asarray(qmatmul_reference(x, km[0])))
+        row["pass"] = bool(row["rel_err"] < TOL)
+        dev = prof.get("device_s")
+        if dev:
+          row["device_frac_copy_bw"] = row["bytes"] / dev / 1e9 / copy
+        tag = (f"bn {bs.bn} w{bs.num_warps} s{bs.num_stages} bk {bs.bk} sk {bs.split_k} "
+               f"({(n // bs.bn) * bs.split_k} programs)")
+        print(f"K-major grid: {fmt:8s} {k:5d} {n:5d} {m:3d} {tag:44s} {(dev or float('nan')) * 1e6:7.1f} "
+              f"{prof.get('kernels_per_op', float('nan')):4.1f} {100 * row.get('device_frac_copy_bw', float('nan')):6.1f} "
+              f"{row['time_s'] * 1e6:7.1f}{'' if row['pass'] else '  WRONG'}", flush=True)
+      except Exception as e:
+        row["error"] = err_text(e)
+        print(f"K-major grid: {fmt:8s} {k:5d} {n:5d} {m:3d} ERROR {row['error'][:80]}", flush=True)
+      out.append(row)
+    save_json(result, args.out)
+    return out
+
+  def total(timed):  # summed device time of a policy's rows, inf if any failed
+    if len(timed) < len(ms) or not all(r.get("pass") and r.get("device", {}).get("device_s") for r in timed):
+      return float("inf")
+    return sum(r["device"]["device_s"] for r in timed)
+
+  policies = grid_policies()[:3] if args.dry_run else grid_policies()
+  first, main_end = {}, time.perf_counter() + 0.7 * (t_end - time.perf_counter())  # the rest: the six best
+  for p in policies:
+    if time.perf_counter() > main_end:
+      break
+    first[p] = total(run("int4_sym", *main, p))
+  ranked = sorted((p for p in first if first[p] < float("inf")), key=first.get)[:6]
+  tuned, summary = {}, result.setdefault("kmajor_grid_summary", {})
+  if not ranked:
+    return tuned
+  int4_total = {p: first[p] + total(run("int4_sym", *small, p)) if time.perf_counter() < t_end else first[p]
+                for p in ranked}
+  nf4_total = {p: total(run("nf4", *main, p)) for p in ranked if time.perf_counter() < t_end}
+  best4 = min(int4_total, key=int4_total.get)
+  tuned[("int4_sym" + KMAJOR_SUFFIX, 16)] = best4
+  summary["int4"] = {"best": policy_of(best4), "default": policy_of(KMAJOR),
+                     "best_main_device_s": first[best4], "default_main_device_s": first.get(KMAJOR)}
+  ok = {p: t for p, t in nf4_total.items() if t < float("inf")}
+  if ok:
+    best_nf4 = min(ok, key=ok.get)
+    tuned[("nf4" + KMAJOR_SUFFIX, 16)] = best_nf4
+    summary["nf4"] = {"best": policy_of(best_nf4), "best_main_device_s": ok[best_nf4]}
+  print(f"K-major grid: {len(first)} policies; int4 best {policy_of(best4)}: {first[best4] * 1e6:.1f} us (M 1 + 16) "
+        f"against KMAJOR's {first.get(KMAJOR, float('nan')) * 1e6:.1f}", flush=True)
+  save_json(result, args.out)
+  return tuned
 
 
 def seed_name(p):
@@ -829,6 +933,10 @@ def main():
   ap.add_argument("--floor", action="store_true", help="GPU: first, where the one-row time goes (the op, XLA's "
                   "dequantize + dot, a bf16 dot, a Pallas kernel that only streams the codes (as stored, and laid out in "
                   "contiguous column slabs), one that only writes, XLA's sum of the codes; each timed and profiled: device time, kernels per op)")
+  ap.add_argument("--kmajor-grid", action="store_true", help="GPU: first, the K-major kernel's device time over "
+                  "pipeline depth, step size, programs and tile (GRID_FIELDS); the main table's K-major rows then use "
+                  "the fastest")
+  ap.add_argument("--grid-budget-s", type=float, default=1e9, help="GPU: seconds for --kmajor-grid")
   ap.add_argument("--profile", action="store_true", help="GPU: also profile the main table's Pallas op at M <= 16 "
                   "(one traced call per row: kernels per op, device time; benchmarks/device_trace.py)")
   ap.add_argument("--dry-run", action="store_true", help="GPU mode on any backend: tiny shapes, Pallas interpret, 1 rep")
@@ -846,6 +954,7 @@ def main():
   args.mode = args.mode or ("gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "cpu")
   if args.dry_run:
     args.mode, args.reps, args.warmup, args.policy_sweep, args.floor, args.profile = "gpu", 1, 0, True, True, True
+    args.kmajor_grid = True
     args.out = args.out or "/tmp/int4_matmul_dryrun.json"
   if args.quick and args.mode == "gpu":
     args.shapes = "small"

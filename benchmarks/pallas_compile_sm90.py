@@ -51,7 +51,7 @@ VARIANTS = (("default", {}), ("magic", {"convert": "magic"}), ("partial", {"resc
             ("gather + partial", {"lookup": "gather", "rescale": "partial"}),
             ("prmt + partial", {"lookup": "prmt", "rescale": "partial"}),
             ("words, bn 256", {"dot": "words", "bn": 256}), ("words, bn 128", {"dot": "words", "bn": 128}),
-            ("K-major, bn 128 (KMAJOR)", {"kmajor": True}), ("K-major, bn 256", {"kmajor": True, "bn": 256}))
+            ("K-major (KMAJOR)", {"kmajor": True}), ("K-major, bn 256", {"kmajor": True, "bn": 256}))
 
 
 def abstract_weight(fmt, k, n, block=64):

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Everything a lent GPU should run, as one command (a device session has ~15 minutes in all): the GPU tests
 # (tests/kernels/test_qmatmul_gpu.py: the Pallas kernel's values, tilings and variants, the K-major layout's kernel,
-# fused LoRA, gradients, a QLoRA step), then benchmarks/int4_matmul.py: where the one-row time goes (--floor: wall
-# and device time per op from a profiler trace, the K-major kernel's among them), the policy sweep (its last class:
-# the K-major kernel), the main table with the sweep's winners (int4 rows also time the K-major kernel; M <= 16
-# Pallas rows profiled too: --profile), and fused vs split LoRA. Uses the machine's own python3 and packages (no
-# install); writes gpu_check.log, gpu_tests.xml and int4_matmul_gpu.json under $OUT (default benchmarks/results).
-# Budgets (tests 200 s: 106 tests, run 4's 104 took 181 s; floor 80 s, sweep 90 s, main table 90 s, fused LoRA
-# 10 s; each stops starting new work when spent) keep the command within about 9 minutes, inside the device's
-# 10-minute limit per command (H200 run 4 took 6.6 minutes with a main-table budget of 80 s; a session has 15
-# minutes of device time, so one such run and a short second one). The floor comes first: what the next run most
-# needs (after run 4: which K-major variants close the gap from 64% to the streaming kernel's 89% of copy).
-# Usage (device tool): bash scripts/gpu_check.sh        [BUDGET_S=90: seconds for the main table]
+# fused LoRA, gradients, a QLoRA step), then benchmarks/int4_matmul.py: the K-major kernel's device time over
+# pipeline depth, step size, programs and tiles (--kmajor-grid), where the one-row time goes (--floor: wall and
+# device time per op from a profiler trace), the policy sweep (wall time), the main table with the grid's and the
+# sweep's winners (int4 rows also time the K-major kernel; M <= 16 Pallas rows profiled too: --profile), and fused
+# vs split LoRA. Uses the machine's own python3 and packages (no install); writes gpu_check.log, gpu_tests.xml and
+# int4_matmul_gpu.json under $OUT (default benchmarks/results).
+# Each part has a budget in seconds (it stops starting new work when spent), set by the environment:
+#   TESTS=1 (0 skips the GPU tests; run 6's 104 took over 200 s, so they now have 300), GRID_BUDGET_S=120,
+#   FLOOR_BUDGET_S=0, SWEEP_BUDGET_S=0 (off since run 5: the grid answers the K-major questions in device time; the
+#   floor's rows and the wall-time sweep stay available, ~60 s each), BUDGET_S=90 (main table), LORA_BUDGET_S=10;
+#   a budget of 0 skips its part.
+# The defaults keep the command near 8 minutes, inside the device's 10-minute limit per command (H200 run 6, with
+# the grid at 130 s and the tests cut at 200 s: 6.4 minutes). A session has 15 minutes of device time: one such run
+# and a short second one (TESTS=0: the grid and the main table, ~5 minutes; run 5).
+# Usage (device tool): bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
@@ -20,11 +24,20 @@ log="$out/gpu_check.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" 2>&1 | tee "$log"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit --format=csv 2>&1 | tee -a "$log" || true
-timeout 200 python3 -m pytest -v -m gpu -p no:cacheprovider --junitxml "$out/gpu_tests.xml" \
-  tests/kernels/test_qmatmul_gpu.py 2>&1 | tee -a "$log"
-tests_rc=${PIPESTATUS[0]}
-python3 benchmarks/int4_matmul.py --mode gpu --floor --floor-budget-s 80 --profile --policy-sweep --sweep-budget-s 90 \
-  --budget-s "${BUDGET_S:-90}" --lora-budget-s 10 --out "$out/int4_matmul_gpu.json" 2>&1 | tee -a "$log"
+tests_rc=0
+if [ "${TESTS:-1}" != 0 ]; then
+  timeout 300 python3 -m pytest -v -m gpu -p no:cacheprovider --junitxml "$out/gpu_tests.xml" \
+    tests/kernels/test_qmatmul_gpu.py 2>&1 | tee -a "$log"
+  tests_rc=${PIPESTATUS[0]}
+fi
+part() {  # part FLAG BUDGET_FLAG SECONDS: the flags when SECONDS > 0
+  if [ "$(python3 -c "print(float('$3') > 0)")" = True ]; then echo "$1 $2 $3"; fi
+}
+python3 benchmarks/int4_matmul.py --mode gpu --profile \
+  $(part --kmajor-grid --grid-budget-s "${GRID_BUDGET_S:-120}") \
+  $(part --floor --floor-budget-s "${FLOOR_BUDGET_S:-0}") \
+  $(part --policy-sweep --sweep-budget-s "${SWEEP_BUDGET_S:-0}") \
+  --budget-s "${BUDGET_S:-90}" --lora-budget-s "${LORA_BUDGET_S:-10}" --out "$out/int4_matmul_gpu.json" 2>&1 | tee -a "$log"
 bench_rc=${PIPESTATUS[0]}
 echo "gpu tests rc=$tests_rc, benchmark rc=$bench_rc" | tee -a "$log"
 exit $(( tests_rc || bench_rc ))

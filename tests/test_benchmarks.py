@@ -80,9 +80,13 @@ def test_int4_matmul_gpu_dry_run(tmp_path):
   assert timed and all("time_s" in t and t["pass"] for t in timed), result["sweep"]
   assert result["tuned"] and all(entry["winner"] for entry in result["sweep"]), result["sweep"]
   floor = result["floor"]
-  assert len(floor) == 29 and all("time_s" in row for row in floor), floor  # 14 rows + SEED_POLICIES' 15
-  assert {"op, nf4/kmajor (bn 256 + prefetch 1)",
-          "op, int4_sym/kmajor (bn 128 + k_rows 256 + num_stages 4 + prefetch 1)"} <= {row["what"] for row in floor}, floor
+  assert len(floor) == 24 and all("time_s" in row for row in floor), floor  # 14 rows + SEED_POLICIES' 10
+  assert {"op, nf4/kmajor (bn 128 + min_programs 1056 + prefetch 1)",
+          "op, int4_sym/kmajor (min_programs 1056 + prefetch 1)"} <= {row["what"] for row in floor}, floor
+  # the K-major grid: device time per policy at 1 and 16 rows, every output checked; its winners ran in the table
+  grid = result["kmajor_grid"]
+  assert len(grid) >= 4 and all(row["pass"] and row["device"]["device_s"] > 0 for row in grid), grid
+  assert result["kmajor_grid_summary"]["int4"]["best"], result["kmajor_grid_summary"]
   assert {f"op, {f} K-major (default policy)" for f in ("int4_sym", "nf4")} <= {row["what"] for row in floor}, floor
   # every row also times the K-major layout's kernel, checked against the reference too
   assert all(row["kmajor_check"]["pass"] and "time_s" in row["pallas_kmajor"] for row in rows), rows

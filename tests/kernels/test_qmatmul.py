@@ -336,14 +336,15 @@ def test_sm90_machine_code_of_the_conversion_and_rescale_variants():
 def test_sm90_machine_code_of_the_words_dot():
   """What dot="words" is for, read off the sm_90 machine code at one row of int4: whole code words turned into
   floats by one masked OR per weight (LOP3 ~1, no byte permutes, no conversions, no tensor cores), one FFMA and a
-  half per weight, and under 0.6x the instructions of the best tensor-core variant (magic16 + partial scaling);
-  no spills."""
+  half per weight, and under 0.65x the instructions of the best tensor-core variant (magic16 + partial scaling: 5.8
+  per weight since the compile runs Triton's front-end passes, as XLA does, which fold its accumulation into the
+  dot; 6.3 without them, when the bound was 0.6x); no spills."""
   pytest.importorskip("triton", reason="the triton package (test extra) is not installed")
   from lora_jax.kernels import BlockSizes
   words = _sm90_loop("int4_sym", 1, BlockSizes(dot="words", bn=256))
   best_mma = _sm90_loop("int4_sym", 1, BlockSizes(convert="magic16", rescale="partial"))
   ops = words["per_weight_ops"]
-  assert words["per_weight"] < 0.6 * best_mma["per_weight"] and words["spill_bytes"] == 0, (words, best_mma)
+  assert words["per_weight"] < 0.65 * best_mma["per_weight"] and words["spill_bytes"] == 0, (words, best_mma)
   assert 0.9 < ops.get("LOP3", 0) < 1.2 and 1.4 < ops.get("FFMA", 0) < 1.6, ops
   assert not any(ops.get(op, 0) for op in ("I2F", "I2FP", "F2F", "F2FP", "PRMT", "HMMA")), ops
 

@@ -2,7 +2,7 @@
 
 A `QTensor` stores its codes as (K/2, N) bytes: a column's codes lie N bytes apart. A tensor-core kernel over that
 layout moves every dequantized weight tile through shared memory into the dot's register layout (on sm_90 the
-best such variant, magic16 + partial scaling, takes 6.3 machine instructions per weight, 0.7 of them
+best such variant, magic16 + partial scaling, takes 5.8 machine instructions per weight, 0.7 of them
 shared-memory loads; `benchmarks/pallas_compile_sm90.py`). `KMajor` holds the same codes as uint32
 words in column groups (below): each column's codes for a block contiguous, in the order in which the threads of
 a Hopper warpgroup dot hold a register operand (`nibble_order`). The kernel computes the transposed
@@ -25,8 +25,9 @@ mode runs the same operations in jnp. The (bn × bm) product of each quantizatio
 ``rescale="partial"`` does for the (K/2, N) layout. So the weights are exact in the 16-bit dot; the products and
 sums are float32.
 
-Compiled for sm_90, int4 in blocks of 64 at 1 or 16 rows (4096 × 14336): 2.84-2.87 instructions per weight under
-`pallas_gpu.KMAJOR` (bn 128), 2.39-2.41 at bn 256, against 6.33-6.34 for magic16 + partial and 3.68 for the one-row
+Compiled for sm_90, int4 in blocks of 64 at 1 or 16 rows (4096 × 14336): 3.30-3.33 instructions per weight under
+`pallas_gpu.KMAJOR` (bn 64, scales a step ahead; 2.84-2.87 at bn 128 without), 2.42 at bn 256, against 5.77-5.81
+for magic16 + partial and 3.68 for the one-row
 ``dot="words"`` kernel (benchmarks/results/pallas_compile_sm90.json, variants "K-major"): half a LOP3 and half an
 HFMA2 per weight, 0.38 shifts, a quarter FFMA for the block scale. (Written as jnp operations the mask and the OR
 with two constants compile to two LOP3s, 3.33 per weight; a magic passed at run time, which folds them into one,
@@ -36,16 +37,18 @@ Column groups: the words are stored (N/G, K/B, G, B/8), G = `column_group(N)` (u
 words for G columns are one run of memory and a program's column tile (bn <= G) reads bn·B/2 contiguous bytes per
 block; the block parameters are grouped alike, (N/G, K/B, G). On an H200 (benchmarks/results/*_run3/4.json) the
 ungrouped (N, K/8) layout, a 32-byte piece per column and block, read int4 at 4096 × 14336 and one row at 1434
-GB/s of device time; grouped, at 1789 GB/s under the same policy and 2079 GB/s (64% of the copy bandwidth) with
-each step's scales loaded a step ahead. A kernel that only streams the same bytes in contiguous runs: 2900 GB/s.
+GB/s of device time; grouped, at 1789 GB/s under the same policy and 2079 GB/s (64% of that run's copy bandwidth)
+with each step's scales loaded a step ahead; under `pallas_gpu.KMAJOR` (runs 5-6) 16.5 us, 62-70% of copy at
+1-16 rows. A kernel that only streams the same bytes in contiguous runs: 2900 GB/s.
 
 NF4 (plain or double-quantized, whose int8 scale codes are formed into floats per block and column): the table
 has no affine map, so each word's 8 codes are looked up by byte permutes over the table held in registers
 (`nf4_prmt.KMAJOR_PROGRAM`, emitted by `nf4_prmt.ptx_kmajor`: 24 instructions per word, 14 of them permutes,
 the table words kept in registers for the whole loop; each register pair's two codes adjacent in the word,
 `NF4_WORD_SLOTS`), the table rounded once to the 16-bit type as the QTensor kernel's "prmt" lookup does:
-4.59-4.62 instructions per weight at 1 or 16 rows, against 8.27-8.33 for the best QTensor NF4 policy
-(prmt + partial) and 11.3 / 26.7 for the defaults.
+6.16-6.22 instructions per weight at 1 or 16 rows under `KMAJOR` (4.05-4.06 at bn 256; 4.59-4.62 at bn 128
+without prefetch), against 7.70-7.77 for the best QTensor NF4 policy (prmt + partial) and 11.3 / 26.2 for the
+defaults.
 Float32 activations are not taken (the register operand is 16-bit; rounding x would lose precision).
 """
 

@@ -25,13 +25,14 @@ result (but for the CUDA-core paths' few rows below):
   loads, which take no mask in interpret mode, so x is padded to bm rows when M is not a power of two; W stays
   float32), or, for one or two rows of an int4 / GGUF weight, as multiply-adds over whole 32-bit words of codes
   (``dot="words"``, `_words_kernel`: each code a float by one masked OR, ~3.7 machine instructions per weight at
-  one row against 6.3 for the best tensor-core variant; its activation prepared by XLA ops; not yet timed on a
+  one row against 5.8 for the best tensor-core variant; its activation prepared by XLA ops; not yet timed on a
   GPU).
 
 A weight in the K-major layout (`kmajor.KMajor`) runs that module's kernel instead, over the same grid
 and `BlockSizes` (its tiling fields; default `KMAJOR`): the weight tile as the register operand of a warpgroup
-dot, no weight through shared memory, ~2.9 machine instructions per weight for int4 and ~4.4 for NF4 at any row
-count up to 16 (on an H200, int4 at 1-16 rows: 57-64% of the copy bandwidth in device time, README). It reads x as the caller holds it and stores the m rows of the result,
+dot, no weight through shared memory, ~3.3 machine instructions per weight for int4 and ~6.2 for NF4 (`KMAJOR`) at any row
+count up to 16 (on an H200, int4 at 1-16 rows of 4096 x 14336: 62-70% of the copy bandwidth in device time, runs
+5-6, README). It reads x as the caller holds it and stores the m rows of the result,
 masking the rest of a partial tile, and sums x per block itself (offset formats): no XLA op around the call but,
 with split_k > 1, the sum of the partial tiles.
 
@@ -185,12 +186,14 @@ DECODE_NF4 = BlockSizes(bn=128, bk=1, num_warps=4, num_stages=2, min_programs=10
 
 # A weight in the K-major layout (`kmajor`), up to 16 rows: H200 run 4's sweep winner (benchmarks/results/
 # int4_matmul_gpu_run4.json, int4 at 16 rows, 59 policies timed on 4096 x 14336 and 14336 x 4096): tensor-core tiles of
-# 64 columns, 4 blocks of 64 rows of K per loop step, each step's block scales loaded a step ahead (prefetch), K
-# split until 264 programs: 37.0 us wall at 4096 x 14336 against 65.6 for the earlier default (bn 128, bk 2, no
-# prefetch); prefetch was in every one of the 12 fastest policies. In device time it takes 16.9-17.6 us there at
-# 1-16 rows (57-60% of the copy bandwidth measured in that run) and 8.3-10.7 us at 4096 x 4096; at one row bn 128
-# with prefetch took 15.9 and 7.7 us (the floor), the best measured.
-KMAJOR = BlockSizes(bn=64, k_rows=256, prefetch=1)  # bk 4 for blocks of 64 where the block count allows
+# 64 columns, 4 blocks of 64 rows of K per loop step, each step's block scales loaded a step ahead (prefetch): 37.0 us
+# wall at 4096 x 14336 against 65.6 for the earlier default (bn 128, bk 2, no prefetch); prefetch was in every one
+# of the 12 fastest policies. Run 5's grid (device time, 24 policies: `benchmarks/int4_matmul.py --kmajor-grid`)
+# then raised `min_programs` from 264 to 1056: K split 4 ways instead of 2 at one row of 4096 x 14336 (16.4 us
+# against 17.0; NF4 26.7 against 30.3); 16 rows keep their split of 2 (the partial sums' bound) and their time.
+# Deeper pipelines (4 stages: 17.8-18.5 us), larger steps (8 blocks: 20.5-21.4) and tiles of 128 columns (19.3-21.2,
+# on 4 or 8 warps) were all slower: more shared memory per program, fewer programs resident per SM.
+KMAJOR = BlockSizes(bn=64, k_rows=256, prefetch=1, min_programs=1056)  # bk 4 for blocks of 64 where they allow
 # Above 16 rows (tiles of 64 rows): tiles of 128 columns, the (128 x 64) float32 accumulator on 8 warps' registers
 # (with 4: 255 registers per thread and spills; with 8: ~100, none), int4 and q4_1 alike (compiled for sm_90). On
 # the H200 (run 4) 0.74-1.44x the QTensor kernel's time at 64-256 rows.
@@ -439,7 +442,7 @@ def _words_kernel(x_ref, codes_ref, scale_ref, *refs, block: int, m: int, bk: in
   ``t = x_even·(256 + q_lo) + (x_odd/16)·(256 + 16·q_hi) - c = x_even·(q_lo - minus) + x_odd·(q_hi - minus)``
   (two FFMAs), scaled per column into an elementwise accumulator (a third), which is reduced over rows once,
   after the loop; the offset formats add each block's ``offset · Σx`` once per column. Compiled for sm_90 that is
-  about 3.7 machine instructions per weight at one row (`benchmarks/pallas_compile_sm90.py`), against 6.3 for the
+  about 3.7 machine instructions per weight at one row (`benchmarks/pallas_compile_sm90.py`), against 5.8 for the
   best tensor-core variant. Float32 throughout: bf16 / f16 activations are widened outside. The magic's offset
   cancels in float32 arithmetic whose operands are ~256/8 times the weights' codes, which costs about 5 bits of
   the sum's 24 (the interpret-mode tests hold it to the composite tolerance)."""

@@ -119,9 +119,9 @@ def compile_sm90(kernel: dict) -> dict:
 
   with tempfile.TemporaryDirectory(prefix="lj-triton-") as tmp:
     src = Path(tmp) / "kernel.ttir"
-    src.write_text(kernel["ir"])
     with _env(TRITON_CACHE_DIR=tmp):
       try:
+        src.write_text(_ttir_passes(kernel["ir"]))
         compiled = triton.compile(str(src), target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": kernel["num_warps"], "num_stages": kernel["num_stages"]})
       except RuntimeError as e:
@@ -146,6 +146,26 @@ def compile_sm90(kernel: dict) -> dict:
   return {"arch": arch, "shared_bytes": int(compiled.metadata.shared), "registers": int(regs.group(1)),
           "spill_bytes": int(spills.group(1)) + int(spills.group(2)), "ptx_lines": compiled.asm["ptx"].count("\n"),
           "num_warps": kernel["num_warps"], "num_stages": kernel["num_stages"], **sass_loop(sass)}
+
+
+def _ttir_passes(ir_text: str) -> str:
+  """The Triton IR after the passes Triton's own front end runs before layouts are assigned (the CUDA backend's
+  ``make_ttir``: canonicalization, combining ``acc + dot(a, b, 0)`` into ``dot(a, b, acc)``, CSE, ...), which
+  XLA's Triton pipeline runs too; ``triton.compile`` on an IR file starts after them. Raises what parsing raises."""
+  from triton._C.libtriton import ir
+  from triton.backends.compiler import GPUTarget
+  from triton.backends.nvidia.compiler import CUDABackend
+
+  backend = CUDABackend(GPUTarget("cuda", 90, 32))
+  context = ir.context()
+  ir.load_dialects(context)
+  backend.load_dialects(context)
+  with tempfile.NamedTemporaryFile("w", suffix=".ttir") as f:
+    f.write(ir_text)
+    f.flush()
+    module = ir.parse_mlir_module(f.name, context)
+  module.context = context
+  return str(backend.make_ttir(module, {}, backend.parse_options({}), 90))
 
 
 def qmatmul_sm90(m: int, w, blocks, dtype=None) -> dict:
