@@ -89,3 +89,31 @@ def test_rope_freqs_give_the_llama3_model(llama3_gguf, tmp_path):
   with pytest.raises(LoraJaxError, match="rope_freqs.weight.*HF folder instead"):  # no config.json can state it
     save_hf_folder(tmp_path / "out", model.params, model.config, model.tokenizer)
   assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_gguf_is_parsed_once_per_file_version(llama3_gguf, tmp_path):
+  """`load_gguf` parses a file's metadata once per process and file version (path, size, mtime): a second load
+  reuses the parse, each caller gets its own fields, and a rewritten or damaged file is read again (errors are
+  never cached)."""
+  import os
+  import shutil
+
+  from lora_jax.io import _gguf, load_gguf
+  path = tmp_path / "m.gguf"
+  shutil.copy(llama3_gguf[1], path)
+  first = load_gguf(path)
+  hits = _gguf._read.cache_info().hits
+  first.fields["general.architecture"] = "changed by a caller"
+  again = load_gguf(path)
+  assert _gguf._read.cache_info().hits == hits + 1 and again.fields["general.architecture"] == "llama"
+  np.testing.assert_array_equal(again.params["layers"]["attn"]["q_proj"]["kernel"],
+                                first.params["layers"]["attn"]["q_proj"]["kernel"])
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])  # damaged in place: another size, so read again and refused
+  with pytest.raises(LoraJaxError, match="corrupt or truncated"):
+    load_gguf(path)
+  path.write_bytes(data)
+  os.utime(path, ns=(1, 1))  # the same bytes, another version: parsed again, same model
+  misses = _gguf._read.cache_info().misses
+  np.testing.assert_array_equal(load_gguf(path).params["embed"]["embedding"], first.params["embed"]["embedding"])
+  assert _gguf._read.cache_info().misses == misses + 1
