@@ -114,6 +114,12 @@ def err_text(e):
   return f"{type(e).__name__}: {e}"[:600]
 
 
+def record_error(row, e, prefix):
+  """A failed measurement: its error into `row`, and a table line that says so."""
+  row["error"] = err_text(e)
+  print(f"{prefix} ERROR {row['error'][:80]}", flush=True)
+
+
 def rel_err(got, ref) -> float:
   """max |got - ref| / max |ref|: the check every GPU timing's output passes (< TOL)."""
   return float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
@@ -155,6 +161,16 @@ def time_op(op, x, ws, args, first=None, profile=None):
   if profile is not None:
     profile.update(device_profile(f, x, ws, per=len(ws)))
   return t
+
+
+def time_profiled(row, op, x, ws, args, nbytes, first=None):
+  """`time_op` with one profiled call, into `row`: time_s (wall), device (`device_trace.device_profile`'s figures)
+  and, when the trace has device time, device_gb_s (`nbytes` over it). Returns the profile."""
+  prof = row["device"] = {}
+  row["time_s"] = time_op(op, x, ws, args, first, prof)
+  if prof.get("device_s"):
+    row["device_gb_s"] = nbytes / prof["device_s"] / 1e9
+  return prof
 
 
 def device_peaks(args, copy_bytes, dot_n, dtype):
@@ -441,19 +457,15 @@ def floor(args, result, shapes, interp, gib, t_end):
         row["skipped"] = "budget"
         continue
       try:
-        prof = row["device"] = {}
-        t = time_op(fn, xs if what.endswith("an x per copy") else x, ws, args, profile=prof)
-        row.update(time_s=t, gb_s=nbytes / t / 1e9)
-        dev = prof.get("device_s")
-        if dev:
-          row["device_gb_s"] = nbytes / dev / 1e9
+        prof = time_profiled(row, fn, xs if what.endswith("an x per copy") else x, ws, args, nbytes)
+        t = row["time_s"]
+        row["gb_s"] = nbytes / t / 1e9
         us = lambda key: f"{prof[key] * 1e6:7.1f}" if key in prof else f"{'-':>7}"
         print(f"{k:5d} {n:5d} {what:42s} {t * 1e6:7.1f} {us('device_s')} {us('span_s')} "
               f"{prof.get('kernels_per_op', float('nan')):5.1f} {row['gb_s']:6.0f} "
               f"{row.get('device_gb_s', float('nan')):8.0f}", flush=True)
       except Exception as e:
-        row["error"] = err_text(e)
-        print(f"{k:5d} {n:5d} {what:42s} ERROR {row['error'][:80]}", flush=True)
+        record_error(row, e, f"{k:5d} {n:5d} {what:42s}")
     save_json(result, args.out)
     del wb, qs, qn, codes, slabs, km, kmn
 
@@ -532,23 +544,21 @@ def kmajor_grid(args, result, interp, gib, t_end):
       rows.append(row)
       try:
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-        first, prof = [], {}
-        row["time_s"] = time_op(lambda x, w: qmatmul_pallas(x, w, blocks=p, interpret=interp), x, km, args, first,
-                                prof)
-        row["device"] = prof
+        first = []
+        prof = time_profiled(row, lambda x, w: qmatmul_pallas(x, w, blocks=p, interpret=interp), x, km, args,
+                             row["bytes"], first)
         row["rel_err"] = rel_err(first[0], np.asarray(qmatmul_reference(x, km[0])))
         row["pass"] = bool(row["rel_err"] < TOL)
         dev = prof.get("device_s")
         if dev:
-          row["device_frac_copy_bw"] = row["bytes"] / dev / 1e9 / copy
+          row["device_frac_copy_bw"] = row["device_gb_s"] / copy
         tag = (f"bn {bs.bn} w{bs.num_warps} s{bs.num_stages} bk {bs.bk} sk {bs.split_k} "
                f"({(n // bs.bn) * bs.split_k} programs)")
         print(f"K-major grid: {fmt:8s} {k:5d} {n:5d} {m:3d} {tag:44s} {(dev or float('nan')) * 1e6:7.1f} "
               f"{prof.get('kernels_per_op', float('nan')):4.1f} {100 * row.get('device_frac_copy_bw', float('nan')):6.1f} "
               f"{row['time_s'] * 1e6:7.1f}{'' if row['pass'] else '  WRONG'}", flush=True)
       except Exception as e:
-        row["error"] = err_text(e)
-        print(f"K-major grid: {fmt:8s} {k:5d} {n:5d} {m:3d} ERROR {row['error'][:80]}", flush=True)
+        record_error(row, e, f"K-major grid: {fmt:8s} {k:5d} {n:5d} {m:3d}")
       out.append(row)
     save_json(result, args.out)
     return out
