@@ -166,3 +166,21 @@ def test_avx2_and_generic_builds_match_reference(march, isa, tmp_path, monkeypat
     assert_allclose(cpu._call(target, x, w), _want(x, w), "f32_composite", err_msg=f"{march} {fmt}")
   w, x, want = _every_finite_half_as_scale(n_extra=3)  # the scalar half -> float conversion on every value
   np.testing.assert_array_equal(np.asarray(cpu._call(target, x, w))[0], want)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_vmap_over_examples_keeps_one_weight(impl):
+  """`qmatmul` under vmap over x alone (per-example calls of a model): the dependency that keeps XLA from
+  dequantizing early (`_after`) must not give the weight the batch axis: the CPU kernel on a double-quantized NF4
+  base is one call for the whole batch (no loop over examples), and the reference dequantizes the kernel once
+  (no (B, K, N) float array); both equal the per-example results."""
+  from lora_jax.quant import quantize
+  w = quantize(jax.random.normal(jax.random.key(0), (576, 192)) * 0.05, "nf4", block_size=64, double_quant=True)
+  xs = jax.random.normal(jax.random.key(4), (5, 1, 576))
+  f = jax.vmap(lambda x: qmatmul(x, w, impl=impl))
+  want = jnp.stack([qmatmul(x, w, impl=impl) for x in xs])
+  assert_allclose(f(xs), want, "f32_composite")
+  jaxpr = str(jax.make_jaxpr(f)(xs))
+  assert "while" not in jaxpr and "scan" not in jaxpr and "f32[5,576,192]" not in jaxpr, jaxpr
+  if impl == "cpu":
+    assert jaxpr.count("ffi_call") == 1

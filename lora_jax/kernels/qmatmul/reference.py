@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from ...quant._qtensor import QTensor, dequantize
@@ -25,13 +26,27 @@ def _after(w: QTensor, x, field: str = "codes") -> QTensor:
   this). The add fuses into the dequantization. Not for the codes of the kernels (Pallas, CPU), whose custom
   calls would read a modified copy. Applied inside the custom VJPs, so the residual kept for the backward pass is
   the stored `w`.
-  Costs: under `vmap` over `x` the codes (and so the dequantized kernel) gain the batch axis; under SPMD
-  sharding of `x` the scalar x₀ would be broadcast from its device at each call (the library does not shard yet;
-  a per-shard dependency via shard_map would avoid that). ``field="scale"`` ties the (int8, double-quantized)
-  scales instead, for the CPU kernel, which reads the codes as stored and forms those scales before the call."""
+  Under `vmap` over `x` the tie takes x₀ of the first example (`_tie`'s batching rule), so the codes (and so the
+  dequantized kernel, or the CPU kernel's call) do not gain the batch axis. Under SPMD sharding of `x` the scalar
+  x₀ would be broadcast from its device at each call (the library does not shard yet; a per-shard dependency via
+  shard_map would avoid that). ``field="scale"`` ties the (int8, double-quantized) scales instead, for the CPU
+  kernel, which reads the codes as stored and forms those scales before the call."""
   if x.size == 0:
     return w
-  x0 = x.reshape(-1)[0]
-  zero = (x0 != x0) & (x0 == x0)
   a = getattr(w, field)
-  return dataclasses.replace(w, **{field: a + zero.astype(a.dtype)})
+  return dataclasses.replace(w, **{field: _tie(a, x.reshape(-1)[0])})
+
+
+@jax.custom_batching.custom_vmap
+def _tie(a, x0):
+  """`a` plus a zero computed from the scalar `x0` (`_after`)."""
+  zero = (x0 != x0) & (x0 == x0)
+  return a + zero.astype(a.dtype)
+
+
+@_tie.def_vmap
+def _tie_rule(axis_size, in_batched, a, x0):
+  """Batched x₀: the first example's stands for all (the tie orders the computation; its value is zero whatever
+  x₀ is), so an unbatched `a` stays unbatched: one dequantization per weight, not one per example."""
+  a_batched, x_batched = in_batched
+  return _tie(a, x0[0] if x_batched else x0), a_batched
