@@ -5,7 +5,12 @@ Mode by ``jax.default_backend()`` (or ``--mode gpu|cpu``); results go to benchma
 GPU (no network, no model): weights N(0, 0.02) quantized to nf4 (double-quantized, as `--quantize nf4` makes it)
 and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 4096} x (K, N) in {(4096, 4096),
 (4096, 14336), (14336, 4096), (8192, 8192)}.
-  * --floor (first): where the one-row time goes, at (4096, 4096) and (4096, 14336): the op (int4_sym and nf4;
+  * --kmajor-grid (first, with --grid-budget-s seconds): the K-major kernel's device time (profiled) under every
+    `grid_policies` entry (`GRID_FIELDS`: rows of K per step, pipeline stages, tile and warps, min_programs; the
+    scales a step ahead), int4_sym at M = 1 and 16 on (4096, 14336), then the six best on (4096, 4096) and on nf4;
+    every output checked. The main table's K-major rows run its winners (int4's best over both shapes, NF4's best
+    of its six), not the wall-time sweep's.
+  * --floor (then): where the one-row time goes, at (4096, 4096) and (4096, 14336): the op (int4_sym and nf4;
     default policies, int4 and nf4 in the K-major layout (`kernels.pack_kmajor`) under its default, int4's with
     an activation per weight copy, int4's with split_k 2, the runs' split at
     4096 x 4096, SEED_POLICIES), XLA's dequantize + dot, a bf16 dot, a Pallas kernel on the op's grid and loop
@@ -25,7 +30,7 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
   * the main table's Pallas column uses the sweep's winners (M = 1: its format's M = 1 class; M <= 16: its M = 16
     class; a class not swept, or M above 16: `default_blocks`); the row records the resolved BlockSizes. Every
     row also times the same weights in the K-major layout (packed once, outside the timing) under its format's
-    K-major class's winner, else `KMAJOR` ("pallas_kmajor", "kmajor_check", "kmajor_blocks", and its time over
+    K-major winner (the grid's, else the sweep's K-major class's), else `KMAJOR` ("pallas_kmajor", "kmajor_check", "kmajor_blocks", and its time over
     the QTensor kernel's).
   * check: max |pallas - reference| / max |reference| on every shape and policy (the outputs of the first, compiling,
     call), pass if < 2e-2 (bf16); failures and exceptions are recorded and the run goes on.
@@ -40,7 +45,7 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
   * fused LoRA: `qmatmul_lora_pallas` (the LoRA term inside the Pallas kernel, r = 16) vs the kernel followed by
     the two small LoRA products, on the first shape and format, M <= 16; relative error between the two.
   * the JSON is rewritten after every step; main-table shapes that start after --budget-s seconds are skipped, and
-    the floor, the sweep and the fused-LoRA timing stop starting new work after their own budgets, so a run cut short by a
+    the grid, the floor, the sweep and the fused-LoRA timing stop starting new work after their own budgets, so a run cut short by a
     time limit still leaves its results.
 CPU: the C++ kernel (`qmatmul_cpu`, for M <= CPU_M_MAX), the reference and, for M <= SMALL_M_MAX, the small_m
 multiply-reduce (the Pallas kernel needs a GPU; interpret mode is not timed) on SmolLM2-135M shapes (K, N) in
@@ -53,11 +58,11 @@ temporaries (a base dequantized all at once would show there); "same ids": greed
 "= kernel", to the kernel variant's) before the first difference.
 
 Usage: python benchmarks/int4_matmul.py [--quick] [--mode gpu|cpu] [--shapes small] [--formats nf4,int4_sym]
-                                       [--floor] [--profile] [--policy-sweep] [--budget-s S] [--floor-budget-s S]
-                                       [--sweep-budget-s S] [--lora-budget-s S]
+                                       [--kmajor-grid] [--floor] [--profile] [--policy-sweep] [--budget-s S]
+                                       [--grid-budget-s S] [--floor-budget-s S] [--sweep-budget-s S] [--lora-budget-s S]
                                        [--reps N] [--out PATH]
        python benchmarks/int4_matmul.py --mode gpu --dry-run   # the GPU code path on CPU: tiny shape, interpret mode
-  On a time-limited GPU: scripts/gpu_check.sh (the GPU tests, then the sweep and the main table within budgets).
+  On a time-limited GPU: scripts/gpu_check.sh (the GPU tests, then the grid and the main table within budgets).
 """
 
 from __future__ import annotations
