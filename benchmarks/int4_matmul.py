@@ -583,8 +583,8 @@ def kmajor_grid(args, result, interp, gib, t_end):
   tuned, summary = {}, result.setdefault("kmajor_grid_summary", {})
   if not ranked:
     return tuned
-  int4_total = {p: first[p] + total(run("int4_sym", *small, p)) if time.perf_counter() < t_end else first[p]
-                for p in ranked}
+  both = {p: first[p] + total(run("int4_sym", *small, p)) for p in ranked if time.perf_counter() < t_end}
+  int4_total = both or {p: first[p] for p in ranked}  # compared on both shapes, or (no time left) on the first
   nf4_total = {p: total(run("nf4", *main, p)) for p in ranked if time.perf_counter() < t_end}
   best4 = min(int4_total, key=int4_total.get)
   tuned[("int4_sym" + KMAJOR_SUFFIX, 16)] = best4
