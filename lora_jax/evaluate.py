@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from .data import build_rows, example_kind, iter_batches, prompt_ids, prompt_messages, reference_answer
 from .generate import generate_ids
 

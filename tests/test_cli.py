@@ -1,7 +1,6 @@
 """The lora-jax CLI: stdout carries only results; bad input gives one clear line on stderr and exit code 2."""
 
 import json
-import shutil
 
 import pytest
 

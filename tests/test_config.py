@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from lora_jax import LoraJaxError
-from lora_jax.config import RunConfig, apply_overrides, config_from_dict, expand_sweep, load_config
+from lora_jax.config import RunConfig, config_from_dict, expand_sweep, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"model": "smollm2-135m", "data": {"train": "x.jsonl"}}
@@ -93,7 +93,6 @@ def test_experiments_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: Path(p).stem)
 def test_every_experiment_point_traces_one_step(path, smollm2):
   """Parses the config and every sweep point, and traces one train step with jax.eval_shape (no compute)."""
-  from lora_jax.io import load_model
   from lora_jax.models import ModelConfig, init_params
   from lora_jax.peft import lora_optimizer
   from lora_jax.runner import lora_config

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax import LoraJaxError, load_model
+from lora_jax import LoraJaxError
 from lora_jax.generate import SamplingConfig, generate, generate_ids, greedy_token, sample_token
 from lora_jax.models import ModelConfig, init_params, unstack_layers
 

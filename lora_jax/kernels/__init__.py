@@ -44,10 +44,10 @@ import numpy as np
 
 from .._errors import LoraJaxError
 from .._log import log
-from ..quant._qtensor import QTensor, dequantize
+from ..quant._qtensor import QTensor
 from .qmatmul import cpu as _cpu
 from .qmatmul.cpu import CPU_M_MAX, qmatmul_cpu
-from .qmatmul.kmajor import KMajor, as_qtensor, pack_kmajor, to_kmajor, unpack_kmajor
+from .qmatmul.kmajor import KMajor, pack_kmajor, to_kmajor, unpack_kmajor
 from .qmatmul.pallas_gpu import (DECODE_NF4, KMAJOR, BlockSizes, call_blocks, default_blocks, qmatmul_lora_pallas,
                                  qmatmul_pallas, supports)
 from .qmatmul.reference import _after, qmatmul_reference
@@ -174,7 +174,7 @@ def _fwd(choice, interpret, x, w):
 
 def _bwd(choice, interpret, res, dy):
   w, x_dtype = res  # x's dtype as an empty array: the cotangent must have the primal's dtype
-  dx = jnp.einsum("...n,kn->...k", dy, dequantize(as_qtensor(_after(w, dy))).astype(jnp.float32)).astype(
+  dx = jnp.einsum("...n,kn->...k", dy, _after(w, dy).dequantize().astype(jnp.float32)).astype(
       x_dtype.dtype)
   zero = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.floating)
                       else jnp.zeros_like(a), w)

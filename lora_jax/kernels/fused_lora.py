@@ -8,14 +8,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..quant._qtensor import dequantize, is_quantized
-from .qmatmul.kmajor import as_qtensor
+from ..quant._qtensor import is_quantized
 from .qmatmul.reference import _after
 
 
 def _dense(w, like):
   """The frozen base as an array: a `QTensor` (or `KMajor`) is dequantized once `like` exists (see `_after`)."""
-  return dequantize(as_qtensor(_after(w, like))) if is_quantized(w) else w
+  return _after(w, like).dequantize() if is_quantized(w) else w
 
 
 def lora_linear(x, w, a, b, scale):

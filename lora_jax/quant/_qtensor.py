@@ -113,11 +113,7 @@ class QTensor(Blocks4bit):
 
   def block_scales(self):
     """Per-block scales as float32 (K/B, N), undoing double quantization."""
-    if not self.double_quantized:
-      return self.scale.astype(jnp.float32)
-    nb = self.scale.shape[-2] * self.scale.shape[-1]
-    group = jnp.repeat(self.dq_scale, DQ_GROUP, axis=-1)[..., :nb].reshape(self.scale.shape)
-    return self.scale.astype(jnp.float32) * group + jnp.asarray(self.dq_offset)[..., None, None]
+    return block_scales(self.scale, self.dq_scale, self.dq_offset)
 
   def dequantize(self):
     """The (K, N) kernel in `self.dtype`. The reference every kernel is tested against."""
@@ -173,15 +169,26 @@ def nf4_values(q):
   return jnp.where(b3, level3[1], level3[0]).astype(jnp.float32)
 
 
+def block_scales(scale, dq_scale=None, dq_offset=None):
+  """Per-block scales as float32, shaped like `scale` (..., K/B, N): as stored, or formed from double-quantized
+  int8 codes: ``c · dq_scale[i // DQ_GROUP] + dq_offset`` for the i-th block of the flattened (K/B, N) array."""
+  if dq_scale is None:
+    return scale.astype(jnp.float32)
+  nb = scale.shape[-2] * scale.shape[-1]
+  group = jnp.repeat(dq_scale, DQ_GROUP, axis=-1)[..., :nb].reshape(scale.shape)
+  return scale.astype(jnp.float32) * group + jnp.asarray(dq_offset)[..., None, None]
+
+
+def values(fmt: str, q, scale, offset=None):
+  """Dequantized float32 values of int codes `q` in 0..15 under `fmt`, with `scale` (and `offset`, for the offset
+  formats) broadcast against `q`: the one statement of each format's map, shared by both layouts' dequantize."""
+  if fmt == "nf4":
+    return jnp.asarray(NF4_TABLE)[q] * scale
+  if fmt in ("int4_sym", "q4_0"):
+    return (q - 8).astype(jnp.float32) * scale
+  return q.astype(jnp.float32) * scale + offset
+
+
 def dequantize(t: QTensor):
-  q = unpack(t.codes)
-  b = t.block_size
-  k, n = q.shape[-2:]
-  rep = lambda p: jnp.repeat(p.astype(jnp.float32), b, axis=-2)
-  if t.fmt == "nf4":
-    w = jnp.asarray(NF4_TABLE)[q] * rep(t.block_scales())
-  elif t.fmt in ("int4_sym", "q4_0"):
-    w = (q - 8).astype(jnp.float32) * rep(t.scale)
-  else:
-    w = q.astype(jnp.float32) * rep(t.scale) + rep(t.offset)
-  return w.astype(t.dtype)
+  rep = lambda p: None if p is None else jnp.repeat(p.astype(jnp.float32), t.block_size, axis=-2)
+  return values(t.fmt, unpack(t.codes), rep(t.block_scales()), rep(t.offset)).astype(t.dtype)

@@ -1,6 +1,8 @@
 """The K-major layout (`kernels/qmatmul/kmajor.py`): its code order, packing, the Pallas kernel that reads it
 (interpret mode on CPU, and its sm_90 machine code), and the `qmatmul` dispatch for it."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,8 +83,36 @@ def test_pack_kmajor_round_trips_exactly(fmt, block):
     back = unpack_kmajor(p)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(q)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  np.testing.assert_array_equal(np.asarray(pack_kmajor(w).dequantize()), np.asarray(w.dequantize()))
+    np.testing.assert_array_equal(np.asarray(p.dequantize()), np.asarray(q.dequantize()))  # from its own layout
   assert pack_kmajor(w).nbytes() == w.nbytes()
+
+
+@pytest.mark.parametrize("fmt", ["int4_sym", "nf4"])
+@pytest.mark.parametrize("block", [32, 64, 128, 256])
+def test_slot_to_row_transpose_is_the_nibble_order(block, fmt):
+  """`dequantize_kmajor` puts a block's rows in order with a transpose (`_rows_from_slots`), not a gather by the
+  inverse of `nibble_order`: the two agree for every block size the layout takes, both code orders."""
+  from lora_jax.kernels.qmatmul.kmajor import _rows_from_slots
+  rows = np.asarray(_rows_from_slots(jnp.asarray(nibble_order(block, fmt)), block, fmt))
+  np.testing.assert_array_equal(rows, np.arange(block))
+
+
+@pytest.mark.parametrize("fmt", ["int4_sym", "q4_1", "nf4_dq"])
+def test_kmajor_dequantize_reads_its_own_layout(fmt):
+  """The XLA path of a K-major weight (more rows than its kernel takes, training, the backward pass) dequantizes
+  from the K-major words, bf16 output and a layer stack included: the same values as the QTensor it came from,
+  and its program does not re-lay the codes: no gather (the affine formats' only one would be the inverse
+  nibble order; NF4's table lookup is the one gather in both layouts) and no uint8 repacking."""
+  w = random_qtensor(fmt.removesuffix("_dq"), 256, 48, 64 if fmt != "q4_1" else 32, double_quant=fmt == "nf4_dq")
+  w = dataclasses.replace(w, dtype=jnp.bfloat16)
+  stacked = jax.tree.map(lambda a: jnp.stack([a, a[::-1] if a.ndim else a]), w)
+  p = pack_kmajor(stacked)
+  got = jax.jit(lambda p: p.dequantize())(p)
+  assert got.dtype == jnp.bfloat16 and got.shape == (2, 256, 48)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(stacked.dequantize(), np.float32))
+  eqns = jax.make_jaxpr(lambda p: p.dequantize())(p).jaxpr.eqns
+  assert sum(str(e.primitive) == "gather" for e in eqns) == (1 if fmt == "nf4_dq" else 0)
+  assert not any(v.aval.dtype == jnp.uint8 for e in eqns for v in e.outvars)
 
 
 KERNEL_SHAPES = [(1, 512, 256, jnp.bfloat16, None), (5, 576, 384, jnp.float16, None),

@@ -64,7 +64,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from ...quant._qtensor import DQ_GROUP, OFFSET_FORMATS, Blocks4bit, QTensor, nf4_values, pack, unpack
+from ...quant._qtensor import (DQ_GROUP, OFFSET_FORMATS, Blocks4bit, QTensor, block_scales, nf4_values, pack, unpack,
+                               values)
 from . import _kloop, _rows, nf4_prmt
 
 AFFINE_FORMATS = ("int4_sym", "int4_asym", "q4_0", "q4_1")
@@ -122,8 +123,9 @@ class KMajor(Blocks4bit):
     self._check_block_params(grid, owner="KMajor: ")
 
   def dequantize(self):
-    """The (K, N) kernel in `self.dtype` (through `unpack_kmajor`: the reference every kernel is tested against)."""
-    return unpack_kmajor(self).dequantize()
+    """The (K, N) kernel in `self.dtype`, read from this layout (`dequantize_kmajor`; equal to
+    ``unpack_kmajor(self).dequantize()``, the reference every kernel is tested against)."""
+    return dequantize_kmajor(self)
 
   def linear(self, x):
     from .. import qmatmul
@@ -161,6 +163,41 @@ def nibble_order(block: int, fmt: str = "int4_sym") -> np.ndarray:
   if fmt == "nf4":
     order = order.reshape(-1, 8)[:, list(NF4_WORD_SLOTS)].reshape(-1)
   return order
+
+
+# `nibble_order` as a transpose: a block's B slots, split into the mixed-radix digits (t 4, w' B/32, 2, 2, 2) of
+# slot 2·byte + nu, byte = 4·(t·B/32 + w') + b, hold the rows whose digits (w', b mod 2, nu, t, b // 2) are these
+# axes in this order. The affine formats' last three slot digits are (b // 2, b mod 2, nu); NF4's
+# (`NF4_WORD_SLOTS`) are (b mod 2, nu, b // 2). Tested against `nibble_order`.
+_SLOT_TO_ROW = {"affine": (1, 3, 4, 0, 2), "nf4": (1, 2, 3, 0, 4)}
+
+
+def _rows_from_slots(a, block: int, fmt: str):
+  """(..., B) values of a block in slot order -> the same in row order (a transpose, no gather)."""
+  perm = _SLOT_TO_ROW["nf4" if fmt == "nf4" else "affine"]
+  lead = a.shape[:-1]
+  a = a.reshape(*lead, 4, block // 32, 2, 2, 2)
+  return a.transpose(*range(len(lead)), *(len(lead) + i for i in perm)).reshape(*lead, block)
+
+
+def dequantize_kmajor(p: KMajor):
+  """`p`'s (K, N) kernel in `p.dtype`, read from the K-major layout without moving the codes back: each word's
+  eight nibbles, their format's values (`quant._qtensor.values`, the map the QTensor layout uses), the block's
+  rows put in order by a transpose (`_rows_from_slots`) and the column groups undone by another, all of which
+  XLA fuses. Equal to ``unpack_kmajor(p).dequantize()`` (tested), at about the cost of a QTensor's dequantize:
+  the XLA path of a K-major weight (more rows than its kernel takes, as in training; its backward pass) does not
+  re-lay the codes at every call."""
+  (k, n), b, lead = p.shape, p.block_size, len(p.lead_shape)
+  q = (p.codes[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 0xF  # (..., N/G, nb, G, B/8, 8)
+  q = _rows_from_slots(q.reshape(*q.shape[:-2], b).astype(jnp.int32), b, p.fmt)  # (..., N/G, nb, G, B)
+  scale = p.scale
+  if p.double_quantized:  # the flat (block, column) index of bitsandbytes' layout picks the second-level group
+    scale = _grouped(block_scales(jnp.swapaxes(_ungrouped(scale, lead), -1, -2), p.dq_scale, p.dq_offset)
+                     .swapaxes(-1, -2), p.group, lead)
+  param = lambda a: None if a is None else a.astype(jnp.float32)[..., None]
+  w = values(p.fmt, q, param(scale), param(p.offset))  # (..., N/G, nb, G, B)
+  w = jnp.moveaxis(w, (lead + 1, lead + 3), (lead, lead + 1))  # (..., nb, B, N/G, G)
+  return w.reshape(*w.shape[:lead], k, n).astype(p.dtype)
 
 
 def _reorder(codes_kn, block: int, order):
@@ -233,11 +270,6 @@ def to_kmajor(tree):
   (`pack_kmajor`), for the GPU kernel; everything else unchanged."""
   ok = lambda w: isinstance(w, QTensor) and _not_packable(w) is None
   return jax.tree.map(lambda w: pack_kmajor(w) if ok(w) else w, tree, is_leaf=lambda w: isinstance(w, QTensor))
-
-
-def as_qtensor(w):
-  """`w` as a `QTensor` (a K-major weight unpacked), for the paths that read the (K/2, N) layout."""
-  return unpack_kmajor(w) if isinstance(w, KMajor) else w
 
 
 def check(x_dtype, p: KMajor) -> None:
@@ -377,5 +409,5 @@ def kernel(x_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, st
   rows.store(o_ref, acc)
 
 
-__all__ = ["AFFINE_FORMATS", "FORMATS", "GROUP_MAX", "KMajor", "NF4_WORD_SLOTS", "as_qtensor", "check", "kernel", "magic_word",
-           "column_group", "nibble_order", "pack_kmajor", "pair_constants", "pair_ptx", "to_kmajor", "unpack_kmajor"]
+__all__ = ["AFFINE_FORMATS", "FORMATS", "GROUP_MAX", "KMajor", "NF4_WORD_SLOTS", "check", "kernel", "magic_word",
+           "column_group", "dequantize_kmajor", "nibble_order", "pack_kmajor", "pair_constants", "pair_ptx", "to_kmajor", "unpack_kmajor"]

@@ -7,14 +7,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ...quant._qtensor import QTensor, dequantize
-from .kmajor import as_qtensor
+from ...quant._qtensor import QTensor
 
 
 def qmatmul_reference(x, w: QTensor):
-  """``x @ dequantize(w)`` accumulated in float32; returns float32 (..., N). `w` may be a `KMajor`."""
-  w = as_qtensor(w)
-  return jnp.einsum("...k,kn->...n", x, dequantize(w).astype(x.dtype), preferred_element_type=jnp.float32)
+  """``x @ dequantize(w)`` accumulated in float32; returns float32 (..., N). `w` may be a `KMajor` (dequantized
+  from its own layout)."""
+  return jnp.einsum("...k,kn->...n", x, w.dequantize().astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def _after(w: QTensor, x, field: str = "codes") -> QTensor:
