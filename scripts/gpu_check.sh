@@ -4,7 +4,7 @@
 # fused LoRA, gradients, a QLoRA step), then benchmarks/int4_matmul.py: the K-major kernel's device time over
 # pipeline depth, step size, programs and tiles (--kmajor-grid), where the one-row time goes (--floor: wall and
 # device time per op from a profiler trace), the policy sweep (wall time), the main table with the grid's and the
-# sweep's winners (int4 rows also time the K-major kernel; M <= 16 Pallas rows profiled too: --profile), and fused
+# sweep's winners (every row also times the K-major kernel; M <= 16 Pallas rows profiled too: --profile), and fused
 # vs split LoRA. Uses the machine's own python3 and packages (no install); writes gpu_check.log, gpu_tests.xml and
 # int4_matmul_gpu.json under $OUT (default benchmarks/results).
 # Each part has a budget in seconds (it stops starting new work when spent), set by the environment:

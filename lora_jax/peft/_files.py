@@ -136,7 +136,8 @@ def config_value(raw: dict, key: str, kind: type, default, src):
 
 
 def load_adapter(folder: str | Path, model_cfg: ModelConfig, *, dtype=jnp.float32) -> tuple[LoraConfig, dict]:
-  """Reads a PEFT LoRA/rsLoRA/DoRA adapter folder for a base with config `model_cfg`.
+  """Reads a PEFT LoRA/rsLoRA/DoRA adapter folder for a base with config `model_cfg` (an IA3 or prompt-method
+  folder is handed to `load_other`).
 
   Raises:
     LoraJaxError: unknown peft_type or unsupported option (named), pickled weights, tensors of another base

@@ -347,9 +347,10 @@ def kernel(x_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, st
   so the call needs no XLA op to pad or transpose x, nor one to slice the padding off the result. The offset
   formats sum each block's x tile in the kernel, for ``offset · Σx``, by a second tensor-core dot: a (bn × B)
   tile of ones times the x tile. Compiled for sm_90
-  (4096 × 14336, 1 or 16 rows), q4_1 in blocks of 32 takes 5.2 instructions per weight that way, against 5.8 with
-  a reduction of the x tile across threads and 4.8 with the sums formed by an XLA op before the call (one more
-  kernel per call); in blocks of 64, 4.4, 4.1 and 3.6.
+  (4096 × 14336, 1 or 16 rows) at tiles of 128 columns without prefetch, q4_1 in blocks of 32 took 5.2
+  instructions per weight that way, against 5.8 with a reduction of the x tile across threads and 4.8 with the
+  sums formed by an XLA op before the call (one more kernel per call); in blocks of 64, 4.4, 4.1 and 3.6. Under
+  `pallas_gpu.KMAJOR` (64 columns, scales a step ahead) it takes 5.7 (benchmarks/results/pallas_compile_sm90.json).
 
   ``prefetch``: each loop step's block parameters (scale, offset; a double-quantized NF4's scale formed from its
   code) are loaded a step ahead and carried in registers. Triton pipelines the codes' and x's loads through

@@ -19,14 +19,14 @@ result (but for the CUDA-core paths' few rows below):
 * the products run on tensor cores (``dot="mma"``: bm >= 16; each block's x tile loaded in one piece and its
   even and odd columns split in registers. The first H200 run split them with XLA ops before the call and ran
   int4 at M = 16 1.2-1.5x faster than the second run's strided loads in the kernel, though under different tile
-  policies; the split in registers has not run on a GPU: on sm_90 it takes fewer machine instructions than
-  either, 8.7 per weight for int4's default against 9.1-9.4 with the split outside) or, for a few rows, as a
+  policies; the split in registers, which ships since run 4, takes fewer sm_90 machine instructions than either:
+  8.0-8.1 per weight for int4's default, against 9.1-9.4 with the split outside) or, for a few rows, as a
   multiply-reduce on the CUDA cores (``dot="fma"``: bm = M rounded up to a power of two, x read with strided
   loads, which take no mask in interpret mode, so x is padded to bm rows when M is not a power of two; W stays
   float32), or, for one or two rows of an int4 / GGUF weight, as multiply-adds over whole 32-bit words of codes
   (``dot="words"``, `_words_kernel`: each code a float by one masked OR, ~3.7 machine instructions per weight at
-  one row against 5.8 for the best tensor-core variant; its activation prepared by XLA ops; not yet timed on a
-  GPU).
+  one row against 5.8 for the best tensor-core variant; its activation prepared by XLA ops; the run 3-4 sweeps'
+  pick for one int4 row, 1.11-1.15x the default policy).
 
 A weight in the K-major layout (`kmajor.KMajor`) runs that module's kernel instead, over the same grid
 and `BlockSizes` (its tiling fields; default `KMAJOR`): the weight tile as the register operand of a warpgroup
@@ -36,11 +36,11 @@ count up to 16 (on an H200, int4 at 1-16 rows of 4096 x 14336: 62-70% of the cop
 masking the rest of a partial tile, and sums x per block itself (offset formats): no XLA op around the call but,
 with split_k > 1, the sum of the partial tiles.
 
-Measured on an H200 (benchmarks/results/int4_matmul_gpu*.json, README): correct in every format and in every
-variant run there (prefetch, convert and rescale came later);
-1.7-4.1x faster than XLA's dequantize + dot at M <= 16 over both runs (2.1-4.1x with the tensor-core layout that
-ships), but at 5-20% of the copy bandwidth, far from the 75% a bandwidth-bound kernel should reach; above 64 rows
-(NF4) or 256 (int4) XLA's dequantize + cuBLAS is faster, and `kernels.qmatmul` dispatches there.
+Measured on an H200 in runs 1-6 (benchmarks/results/int4_matmul_gpu*.json, README): correct in every format and
+in every variant (all GPU tests pass in run 4); at M <= 16 faster than XLA's dequantize + dot (2x or more in all but
+two rows of run 5's table), the default QTensor policy at 39-40% of the copy bandwidth in device time (run 6,
+4096 x 14336) and the K-major layout at 59-70% (int4), below the 75% a bandwidth-bound kernel should reach; above
+64 rows (NF4) or 256 (int4) XLA's dequantize + cuBLAS is faster, and `kernels.qmatmul` dispatches there.
 
 Weight bytes read per output tile: K·bn/2 (+ K/B·bn scale bytes): the 4-bit traffic the decode-time speed
 depends on. `interpret=True` runs the same kernel on CPU (tests). On GPU it lowers through Triton, chosen
@@ -69,8 +69,8 @@ from . import kmajor as _kmajor
 class BlockSizes:
   """Tiling, kernel variants and Triton's launch parameters, in one place; `for_shape` resolves them for a call.
 
-  * ``bm × bn``: the output tile of one program. With ``dot="mma"`` bm >= 16 (Triton's dots need it; M is padded
-    to it): `bm` for M <= 16, 64 above. With ``dot="fma"`` bm is M rounded up to a power of two (at most 16).
+  * ``bm × bn``: the output tile of one program. With ``dot="mma"`` bm >= 16 (Triton's dots need it; the rows of
+    a partial tile are masked on load and store, `_rows`): `bm` for M <= 16, 64 above. With ``dot="fma"`` bm is M rounded up to a power of two (at most 16).
   * ``bk``: quantization blocks loaded per step of the loop over K (None: the largest power of two up to
     ``k_rows`` rows of K per step that divides the blocks evenly; one block when the block count is odd). An
     explicit bk must divide the blocks (per split); ``k_rows`` adapts to any K. At decode sizes the
@@ -91,7 +91,7 @@ class BlockSizes:
     weight is rounded to that dtype a second time, for the dot).
   * ``num_warps``, ``num_stages``: Triton's warps per program and software-pipelining depth.
   * ``prefetch``: 1 issues each loop step's loads one step ahead, carried in registers (Triton pipelines loads
-    that feed a dot through shared memory, but not those of the multiply-reduce path; not yet timed on a GPU).
+    that feed a dot through shared memory, but not those of the multiply-reduce path; in run 3-4's sweeps).
     In the K-major kernel, whose codes and activation Triton pipelines, it loads each block's scale (and
     offset) a step ahead: the one load in its loop that Triton leaves in place, two bytes per column and block.
   * ``convert``: int4 / GGUF codes to floats by "i2f" (an int-to-float conversion instruction: on sm_90 a
@@ -107,8 +107,10 @@ class BlockSizes:
     (int4_asym, q4_1) then add ``offset · Σ x`` over the block.
 
   `convert="magic"` / `"magic16"`, `lookup="prmt"`, `rescale="partial"` and `dot="words"` came from counting the
-  machine code's instructions per weight (`triton_compile.sass_loop`, benchmarks/pallas_compile_sm90.py); they are
-  in the policy sweep's space and not yet timed on a GPU, so the defaults keep the measured policies.
+  machine code's instructions per weight (`triton_compile.sass_loop`, benchmarks/pallas_compile_sm90.py) and were
+  timed in the run 3-4 policy sweeps (`words` 1.11-1.15x the default for one int4 row; `prmt` 1.17-1.19x for one
+  NF4 row, with `partial` 1.79-1.87x at 16 rows); the defaults keep run 2's measured policies for this layout,
+  since the K-major layout (`KMAJOR`) is faster than all of them at 1-16 rows.
 
   `default_blocks` picks the policy for a call when none is given: the fields' defaults here are the
   tensor-core policy, `DECODE_NF4` the one-row NF4 policy. Both were measured on an H200
@@ -173,8 +175,9 @@ class BlockSizes:
     return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-# One row of NF4 (batch-1 decoding), block size 64: the policy sweep's winner on an H200
-# (benchmarks/results/int4_matmul_gpu.json). NF4's code-to-value map dominates there, and gathering it from the
+# One row of NF4 (batch-1 decoding), block size 64: run 2's policy sweep winner on an H200
+# (benchmarks/results/int4_matmul_gpu.json; the later sweeps, with the byte-permute lookup, preferred "prmt",
+# 1.17-1.19x this; kept as the measured default, the K-major layout being faster than both). NF4's code-to-value map dominates there, and gathering it from the
 # table in L1 is the win: 76 us at 4096 x 14336 against 125 us for the best multiply-reduce with the select tree,
 # 151 us for the best tensor-core policy and 153 us for the sweep's default (multiply-reduce, select); at
 # 14336 x 4096, 77 us against that default's 128. Of the two best (153.1 us in total each) this is the one with
@@ -206,8 +209,8 @@ def default_blocks(m: int, fmt: str, block_size: int = 64, kmajor: bool = False)
   for int4 at M = 1 on the benchmark's shapes). For int4 at one row the second run's sweep found no clear winner:
   its best (tensor cores, bn 128, bk 4) took 0.90x the then-default multiply-reduce's total time, and longer on
   one of the two shapes. Since those runs, a tile stores only the call's rows (the rest of a 16-row tile is
-  masked), so the partial-sum bound lets a few rows split K further than the runs did (8 ways instead of 2 at
-  4096 x 4096 for one row: 512 programs on 132 SMs instead of 128); not yet timed. A K-major weight
+  masked), so the partial-sum bound lets a few rows split K further than those runs did (8 ways instead of 2 at
+  4096 x 4096 for one row: 512 programs on 132 SMs instead of 128; as runs 5-6 timed it). A K-major weight
   (``kmajor``) gets `KMAJOR`, above 16 rows `KMAJOR_ROWS`."""
   if kmajor:
     return KMAJOR if m <= 16 else KMAJOR_ROWS
