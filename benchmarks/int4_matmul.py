@@ -6,8 +6,8 @@ GPU (no network, no model): weights N(0, 0.02) quantized to nf4 (double-quantize
 and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 4096} x (K, N) in {(4096, 4096),
 (4096, 14336), (14336, 4096), (8192, 8192)}.
   * --kmajor-grid (first, with --grid-budget-s seconds): the K-major kernel's device time (profiled) under every
-    `grid_policies` entry (`GRID_FIELDS`: rows of K per step, pipeline stages, tile and warps, min_programs; the
-    scales a step ahead), int4_sym at M = 1 and 16 on (4096, 14336), then the six best on (4096, 4096) and on nf4;
+    `grid_policies` entry (`GRID_FIELDS`: the shortest step K may be cut to for a further split with min_programs,
+    the partial sums' bound, pipeline stages, tile and warps; the scales a step ahead), int4_sym at M = 1 and 16 on (4096, 14336), then the six best on (4096, 4096) and on nf4;
     every output checked. The main table's K-major rows run its winners (int4's best over both shapes, NF4's best
     of its six), not the wall-time sweep's.
   * --floor (then): where the one-row time goes, at (4096, 4096) and (4096, 14336): the op (int4_sym and nf4;
@@ -505,18 +505,26 @@ SEED_POLICIES = {"nf4": (BlockSizes(lookup="gather", rescale="partial"),
 # and the time rose 1.65x, as if bytes in flight bounded the bandwidth (Little's law); run 5's grid (stages 3-4,
 # steps of 4-8 blocks, tiles of 64-128 columns on 4-8 warps, 264 or 1056 programs) refuted that: every change that
 # puts more bytes in flight per program was slower (it costs shared memory, so fewer programs are resident per SM);
-# only more programs helped (1056: 16.4 us against 17.0 at one row), now `KMAJOR`'s. The grid now asks the converse:
-# less shared memory per program (steps of 2 blocks, 2 stages), so more programs resident (run 4's best one-row
-# time, 15.9 us, had tiles of 128 columns and steps of 2 blocks).
-GRID_FIELDS = {"k_rows": (128, 256), "num_stages": (3, 2), "tile": ((64, 4), (128, 4), (128, 8)),
-               "min_programs": (1056, 264)}
+# only more programs helped (1056: 16.4 us against 17.0 at one row). Run 6's grid asked the converse (steps of 2
+# blocks, 2 stages: less shared memory per program): steps of 2 blocks won at every one-row shape, as they let K
+# split 8 ways instead of 4 (int4 4096 x 14336: 15.35 us, 74.6% of copy), and lost at 16 rows, where the split stays
+# 2; 2 stages won only at one row of 4096 x 14336 (15.17 us). `KMAJOR` now halves its step only where that splits
+# K further (`min_step_rows`). This grid asks whether splitting further still pays: at one row, steps down to one
+# block and up to 2112 programs (1792 now at 4096 x 14336); at 16 rows, whose split the partial sums' bound holds
+# at 2 (448 programs: 3.4 per SM, so some SMs run 4 and some 3), that bound at 1/4 of the codes' bytes instead of
+# 1/8 (split 4); with 2 or 3 stages and tiles of 64 or 128 columns (NF4's best one-row time in run 6, 23.75 us
+# against 26.26, had 128-column tiles and steps of 2 blocks).
+GRID_FIELDS = {"split": ((128, 1056), (64, 2112)), "partial_frac": (0.125, 0.25), "num_stages": (3, 2),
+               "tile": ((64, 4), (128, 4))}
 
 
 def grid_policies():
-  """Every `GRID_FIELDS` combination as a BlockSizes (prefetch 1), `KMAJOR`'s own first."""
+  """Every `GRID_FIELDS` combination as a BlockSizes (steps of 256 rows of K halved down to min_step_rows, scales a
+  step ahead), `KMAJOR`'s own first."""
   out = [dataclasses.replace(KMAJOR)]
-  for k_rows, stages, (bn, warps), programs in itertools.product(*GRID_FIELDS.values()):
-    p = BlockSizes(bn=bn, num_warps=warps, k_rows=k_rows, num_stages=stages, min_programs=programs, prefetch=1)
+  for (step_rows, programs), frac, stages, (bn, warps) in itertools.product(*GRID_FIELDS.values()):
+    p = BlockSizes(bn=bn, num_warps=warps, k_rows=256, min_step_rows=step_rows, min_programs=programs,
+                   partial_frac=frac, num_stages=stages, prefetch=1)
     if p != out[0]:
       out.append(p)
   return out

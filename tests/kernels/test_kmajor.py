@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lora_jax import LoraJaxError
-from lora_jax.kernels import (KMAJOR, BlockSizes, KMajor, _choose, default_blocks, pack_kmajor, qmatmul,
+from lora_jax.kernels import (KMAJOR, BlockSizes, KMajor, _choose, call_blocks, default_blocks, pack_kmajor, qmatmul,
                               qmatmul_lora, qmatmul_lora_pallas, qmatmul_pallas, qmatmul_reference, to_kmajor,
                               unpack_kmajor)
 from lora_jax.kernels.qmatmul.kmajor import column_group, nibble_order
@@ -177,6 +177,28 @@ def test_a_kmajor_call_is_one_kernel(fmt, block):
     assert loads and all(masked == partial for masked in loads + stores) and len(stores) == 1, (m, loads, stores)
 
 
+@pytest.mark.parametrize("m,k,n,fmt,block,want", [
+    (1, 4096, 14336, "int4_sym", 64, (2, 8)),   # run 6: 15.35 us against 16.55 with steps of 4 blocks (split 4)
+    (1, 4096, 4096, "int4_sym", 64, (2, 8)),    # run 6: 7.19 us against 7.95
+    (1, 4096, 14336, "nf4", 64, (2, 8)),        # run 6: 26.26 us against 26.75
+    (4, 4096, 14336, "int4_sym", 64, (2, 8)),   # 4 rows split as one does (not timed)
+    (16, 4096, 14336, "int4_sym", 64, (4, 2)),  # the partial sums' bound holds the split at 2: 4-block steps stay
+    (16, 4096, 4096, "int4_sym", 64, (4, 2)),   # (run 6: 17.66 / 10.56 us against 18.12 / 12.18 with 2-block steps)
+    (8, 4096, 14336, "int4_sym", 64, (4, 4)),   # split 4 is the bound at 8 rows: halving the step gains nothing
+    (1, 14336, 4096, "q4_1", 32, (4, 16)),      # blocks of 32: 8 per step, halved to 4 (128 rows of K)
+    (1, 576, 1536, "int4_sym", 64, (1, 1)),     # 9 blocks: odd, one block per step, no split
+])
+def test_kmajor_policy_halves_the_step_only_to_split_k_further(m, k, n, fmt, block, want):
+  """`KMAJOR` resolves (bk, split_k) per call: steps of 256 rows of K, halved to 128 (`min_step_rows`) only where
+  that lets K split further toward its 1056 programs, as run 6's grid measured it at one row; at 16 rows, where
+  the split is bounded by the partial sums' bytes, the longer steps stay (faster there)."""
+  w = jax.eval_shape(lambda: pack_kmajor(_q(fmt, k, n, block)))
+  bs = call_blocks(m, w)
+  assert (bs.bm, bs.bn, bs.bk, bs.split_k) == (16, 64, *want)
+  fixed = dataclasses.replace(KMAJOR, min_step_rows=None).for_shape(m, n, k, block, max_bn=w.group)
+  assert bs.bk == fixed.bk or bs.split_k > fixed.split_k  # halved only for a further split
+
+
 def test_kmajor_refuses_what_it_cannot_take():
   w = random_qtensor("int4_sym", 256, 128, 64)
   p = pack_kmajor(w)
@@ -284,9 +306,10 @@ def test_sm90_machine_code_of_the_kmajor_kernel():
   assert nf4["per_weight"] < 0.6 * nf4_best["per_weight"] and nf4["spill_bytes"] == 0, (nf4, nf4_best)
   assert all(nf4["per_weight_ops"].get(op, 0) < 0.05 for op in ("SHFL", "STS", "STSM", "FSEL")), nf4
   assert nf4["per_weight_ops"].get("IMAD", 0) < 0.3 and abs(nf4["per_weight_ops"].get("PRMT", 0) - 14 / 8) < 0.05, nf4
-  for fmt in ("q4_0", "q4_1"):  # blocks of 32: compiled within the chip's limits
-    r = _sm90(fmt, 1, KMAJOR, block=32)
-    assert r["spill_bytes"] == 0 and r["registers"] <= 255 and r["per_weight"] < best_mma["per_weight"], r
+  for fmt in ("q4_0", "q4_1"):  # blocks of 32, one row (KMAJOR's shorter steps): within the chip's limits, and
+    r = _sm90(fmt, 1, KMAJOR, block=32)  # fewer instructions than the QTensor layout's kernel for the same call
+    qt = _sm90(fmt, 1, default_blocks(1, fmt, 32), block=32, kmajor=False)
+    assert r["spill_bytes"] == 0 and r["registers"] <= 255 and r["per_weight"] < qt["per_weight"], (r, qt)
   for fmt, block in (("int4_sym", 64), ("q4_1", 32)):  # above 16 rows: tiles of 64 rows, the default's 8 warps
     r = _sm90(fmt, 40, default_blocks(40, fmt, block, kmajor=True), block=block)
     assert r["spill_bytes"] == 0 and r["registers"] < 255, r

@@ -25,9 +25,10 @@ mode runs the same operations in jnp. The (bn × bm) product of each quantizatio
 ``rescale="partial"`` does for the (K/2, N) layout. So the weights are exact in the 16-bit dot; the products and
 sums are float32.
 
-Compiled for sm_90, int4 in blocks of 64 at 1 or 16 rows (4096 × 14336): 3.30-3.33 instructions per weight under
-`pallas_gpu.KMAJOR` (bn 64, scales a step ahead; 2.84-2.87 at bn 128 without), 2.42 at bn 256, against 5.77-5.81
-for magic16 + partial and 3.68 for the one-row
+Compiled for sm_90, int4 in blocks of 64 at 16 rows (4096 × 14336): 3.30 instructions per weight under
+`pallas_gpu.KMAJOR` (bn 64, 4 blocks per step, scales a step ahead; 3.92 at one row, whose steps of 2 blocks let
+K split further; 2.84-2.87 at bn 128 without prefetch), 2.42 at bn 256, against 5.77-5.81 for magic16 + partial and
+3.68 for the one-row
 ``dot="words"`` kernel (benchmarks/results/pallas_compile_sm90.json, variants "K-major"): half a LOP3 and half an
 HFMA2 per weight, 0.38 shifts, a quarter FFMA for the block scale. (Written as jnp operations the mask and the OR
 with two constants compile to two LOP3s, 3.33 per weight; a magic passed at run time, which folds them into one,
@@ -38,15 +39,15 @@ words for G columns are one run of memory and a program's column tile (bn <= G) 
 block; the block parameters are grouped alike, (N/G, K/B, G). On an H200 (benchmarks/results/*_run3/4.json) the
 ungrouped (N, K/8) layout, a 32-byte piece per column and block, read int4 at 4096 × 14336 and one row at 1434
 GB/s of device time; grouped, at 1789 GB/s under the same policy and 2079 GB/s (64% of that run's copy bandwidth)
-with each step's scales loaded a step ahead; under `pallas_gpu.KMAJOR` (runs 5-6) 16.5 us, 62-70% of copy at
-1-16 rows. A kernel that only streams the same bytes in contiguous runs: 2900 GB/s.
+with each step's scales loaded a step ahead; under run 5's `KMAJOR` 16.5 us, 62-70% of copy at 1-16 rows (runs
+5-6), and with one row's step halved so that K splits 8 ways (`KMAJOR` now) 15.35 us, 74.6% (run 6's grid). A kernel that only streams the same bytes in contiguous runs: 2900 GB/s.
 
 NF4 (plain or double-quantized, whose int8 scale codes are formed into floats per block and column): the table
 has no affine map, so each word's 8 codes are looked up by byte permutes over the table held in registers
 (`nf4_prmt.KMAJOR_PROGRAM`, emitted by `nf4_prmt.ptx_kmajor`: 24 instructions per word, 14 of them permutes,
 the table words kept in registers for the whole loop; each register pair's two codes adjacent in the word,
 `NF4_WORD_SLOTS`), the table rounded once to the 16-bit type as the QTensor kernel's "prmt" lookup does:
-6.16-6.22 instructions per weight at 1 or 16 rows under `KMAJOR` (4.05-4.06 at bn 256; 4.59-4.62 at bn 128
+6.05-6.16 instructions per weight at 1 or 16 rows under `KMAJOR` (4.05-4.18 at bn 256; 4.59-4.62 at bn 128
 without prefetch), against 7.70-7.77 for the best QTensor NF4 policy (prmt + partial) and 11.3 / 26.2 for the
 defaults.
 Float32 activations are not taken (the register operand is 16-bit; rounding x would lose precision).

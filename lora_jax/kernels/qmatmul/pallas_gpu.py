@@ -30,8 +30,8 @@ result (but for the CUDA-core paths' few rows below):
 
 A weight in the K-major layout (`kmajor.KMajor`) runs that module's kernel instead, over the same grid
 and `BlockSizes` (its tiling fields; default `KMAJOR`): the weight tile as the register operand of a warpgroup
-dot, no weight through shared memory, ~3.3 machine instructions per weight for int4 and ~6.2 for NF4 (`KMAJOR`) at any row
-count up to 16 (on an H200, int4 at 1-16 rows of 4096 x 14336: 62-70% of the copy bandwidth in device time, runs
+dot, no weight through shared memory, ~3.3-3.9 machine instructions per weight for int4 and ~6.1 for NF4 (`KMAJOR`) at any row
+count up to 16 (on an H200, int4 at 1-16 rows of 4096 x 14336: 65-75% of the copy bandwidth in device time, runs
 5-6, README). It reads x as the caller holds it and stores the m rows of the result,
 masking the rest of a partial tile, and sums x per block itself (offset formats): no XLA op around the call but,
 with split_k > 1, the sum of the partial tiles.
@@ -75,10 +75,13 @@ class BlockSizes:
     ``k_rows`` rows of K per step that divides the blocks evenly; one block when the block count is odd). An
     explicit bk must divide the blocks (per split); ``k_rows`` adapts to any K. At decode sizes the
     weight stream is all there is, so larger steps mean more bytes in flight (Little's law: ~3 MB across an H200
-    to reach its bandwidth).
+    to reach its bandwidth); for the K-major kernel the H200 grids (runs 5-6) found more programs worth more.
+  * ``min_step_rows`` (None: off): with bk and split_k unset, halve the step (down to this many rows of K) while
+    that alone lets K split further toward `min_programs` (the split keeps >= 4 steps per program, so a step of
+    fewer blocks is what allows the next split).
   * ``split_k``: programs along K, whose float32 partial tiles are summed afterwards (None: doubled while there are
     fewer than `min_programs` programs, each keeps >= 4 steps, and the partial sums' traffic, written and read
-    back, 8·split_k·M·N bytes, stays within 1/8 of the packed codes' K·N/2).
+    back, 8·split_k·M·N bytes, stays within ``partial_frac`` (1/8) of the packed codes' K·N/2).
   * ``dot``: "mma" (tensor cores) or "fma" (multiply-reduce on CUDA cores; for one or a few rows: its float32
     accumulator holds bm·B/2·bn values; Triton 3.5 spills at 64 per thread, e.g. one row, bn 128, 2 warps) or
     "words" (multiply-add on CUDA cores over whole 32-bit words of codes, for one or a few rows of an affine
@@ -129,6 +132,8 @@ class BlockSizes:
   convert: str = "i2f"
   rescale: str = "weight"
   k_rows: int = 128
+  min_step_rows: int | None = None
+  partial_frac: float = 0.125
 
   def for_shape(self, m: int, n: int, k: int | None = None, block_size: int | None = None,
                 max_bn: int | None = None) -> "BlockSizes":
@@ -159,17 +164,28 @@ class BlockSizes:
     nb = k // block_size
     per_split = nb // self.split_k if self.split_k and nb % self.split_k == 0 else nb
     bk = self.bk or _pow2_divisor(per_split, max(1, self.k_rows // block_size))
-    steps = nb // bk if nb % bk == 0 else 0
-    split = self.split_k
-    if split is None:
-      row_tiles = -(-m // self.bm)
-      programs = row_tiles * (n // self.bn)
-      rows = m  # rows of each partial result (`_rows`: a kernel stores only the call's rows)
-      split = 1
-      while (programs * split < self.min_programs and steps % (2 * split) == 0 and steps // (2 * split) >= 4
-             and 8 * (2 * split) * rows <= k // 2 // 8):  # partial sums' bytes <= 1/8 of the packed codes'
-        split *= 2
+    if self.split_k is not None:
+      return dataclasses.replace(self, bk=bk)
+    programs = -(-m // self.bm) * (n // self.bn)
+    split = self._split(m, k, nb // bk if nb % bk == 0 else 0, programs)
+    # Smaller steps where only they let K split further toward min_programs (each program keeps >= 4 steps)
+    while (self.bk is None and self.min_step_rows and programs * split < self.min_programs and bk % 2 == 0
+           and bk // 2 * block_size >= self.min_step_rows):
+      finer = self._split(m, k, nb // (bk // 2), programs)
+      if finer <= split:
+        break
+      bk, split = bk // 2, finer
     return dataclasses.replace(self, bk=bk, split_k=split)
+
+  def _split(self, m: int, k: int, steps: int, programs: int) -> int:
+    """split_k for `steps` loop steps along K and `programs` (row tile, column tile) programs: doubled while there
+    are fewer than min_programs programs, each keeps >= 4 steps and the partial sums' bytes (m rows each, `_rows`:
+    a kernel stores only the call's rows) stay within `partial_frac` of the packed codes'."""
+    split = 1
+    while (programs * split < self.min_programs and steps % (2 * split) == 0 and steps // (2 * split) >= 4
+           and 8 * (2 * split) * m <= k // 2 * self.partial_frac):
+      split *= 2
+    return split
 
   def compiler_params(self) -> pltriton.CompilerParams:
     return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
@@ -195,8 +211,13 @@ DECODE_NF4 = BlockSizes(bn=128, bk=1, num_warps=4, num_stages=2, min_programs=10
 # then raised `min_programs` from 264 to 1056: K split 4 ways instead of 2 at one row of 4096 x 14336 (16.4 us
 # against 17.0; NF4 26.7 against 30.3); 16 rows keep their split of 2 (the partial sums' bound) and their time.
 # Deeper pipelines (4 stages: 17.8-18.5 us), larger steps (8 blocks: 20.5-21.4) and tiles of 128 columns (19.3-21.2,
-# on 4 or 8 warps) were all slower: more shared memory per program, fewer programs resident per SM.
-KMAJOR = BlockSizes(bn=64, k_rows=256, prefetch=1, min_programs=1056)  # bk 4 for blocks of 64 where they allow
+# on 4 or 8 warps) were all slower: more shared memory per program, fewer programs resident per SM. Run 6's grid:
+# steps of 2 blocks (k_rows 128) let one row split K 8 ways instead of 4 (each program keeps 4 steps), and won at
+# every one-row shape it timed: int4 4096 x 14336 15.35 us against 16.55 (74.6% of that run's copy bandwidth
+# against 69.2%), 4096 x 4096 7.19 against 7.95, NF4 26.26 against 26.75; at 16 rows, where the partial sums'
+# bound keeps the split at 2 either way, steps of 4 blocks stayed faster (17.66 us against 18.12; 10.56 against
+# 12.18; NF4 30.73 against 32.10). So the step halves (`min_step_rows`) only where that lets K split further.
+KMAJOR = BlockSizes(bn=64, k_rows=256, min_step_rows=128, prefetch=1, min_programs=1056)
 # Above 16 rows (tiles of 64 rows): tiles of 128 columns, the (128 x 64) float32 accumulator on 8 warps' registers
 # (with 4: 255 registers per thread and spills; with 8: ~100, none), int4 and q4_1 alike (compiled for sm_90). On
 # the H200 (run 4) 0.74-1.44x the QTensor kernel's time at 64-256 rows.
