@@ -185,9 +185,10 @@ def dequantize_kmajor(p: KMajor):
   """`p`'s (K, N) kernel in `p.dtype`, read from the K-major layout without moving the codes back: each word's
   eight nibbles, their format's values (`quant._qtensor.values`, the map the QTensor layout uses), the block's
   rows put in order by a transpose (`_rows_from_slots`) and the column groups undone by another, all of which
-  XLA fuses. Equal to ``unpack_kmajor(p).dequantize()`` (tested), at about the cost of a QTensor's dequantize:
-  the XLA path of a K-major weight (more rows than its kernel takes, as in training; its backward pass) does not
-  re-lay the codes at every call."""
+  XLA fuses. Equal to ``unpack_kmajor(p).dequantize()`` (tested). So the XLA path of a K-major weight (more rows
+  than its kernel takes, as in training; its backward pass) does not re-lay the codes at every call: on a 2-core
+  CPU, 4096 x 4096, 1.15-1.55x the time of the QTensor's own dequantize, against 1.3-1.7x through
+  `unpack_kmajor`."""
   (k, n), b, lead = p.shape, p.block_size, len(p.lead_shape)
   q = (p.codes[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 0xF  # (..., N/G, nb, G, B/8, 8)
   q = _rows_from_slots(q.reshape(*q.shape[:-2], b).astype(jnp.int32), b, p.fmt)  # (..., N/G, nb, G, B)
