@@ -20,6 +20,10 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
     (`device_trace.device_profile`: kernels per op, their device time and span, so launch gaps and extra kernels
     show apart from the kernel's own time).
   * --profile: the main table's Pallas op at M <= 16 profiled the same way (row["pallas"]["device"]).
+  * --decode-budget-s S (last; 0, the default, skips it): end-to-end batch-1 greedy decoding (`gpu_decode`) of a
+    random Llama with Llama-3-8B's layer shapes (8 layers, vocabulary 32000), its linears in bf16, int4 and NF4,
+    each 4-bit base in both layouts, dispatched by `qmatmul` as in use: ms per decoded token, tokens/s, the
+    weight bytes a step reads over its time, and whether the K-major run's greedy ids equal the QTensor run's.
   * --policy-sweep (then, with --sweep-budget-s seconds): a search over the kernel's shape-independent choices
     (`BlockSizes`: dot mma|fma|words, NF4 lookup select|gather|prmt, bn, bk, num_warps, num_stages, min_programs,
     which sets split_k, prefetch 0|1, convert i2f|magic|magic16, rescale weight|partial) for nf4 at M = 1 and
@@ -89,7 +93,8 @@ from generate import PARAGRAPH  # noqa: E402  (the generate benchmark's prompt t
 from lora_jax.kernels import (CPU_M_MAX, KMAJOR, SMALL_M_MAX, BlockSizes, call_blocks, default_blocks, pack_kmajor,  # noqa: E402
                               qmatmul_cpu, qmatmul_pallas, qmatmul_reference, qmatmul_small_m)
 from lora_jax.kernels.qmatmul.kmajor import FORMATS as KMAJOR_FORMATS  # noqa: E402
-from lora_jax.quant import DEFAULT_RULES, QTensor, quantize, quantize_model_params  # noqa: E402
+from lora_jax.quant import DEFAULT_RULES, quantize, quantize_model_params  # noqa: E402
+from lora_jax.quant._qtensor import is_quantized  # noqa: E402
 
 GPU_MS, CPU_MS = (1, 8, 16, 64, 128, 256, 4096), (1, 8, 64, 256)
 GPU_SHAPES = {"all": ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)), "small": ((4096, 4096), (4096, 14336))}
@@ -292,6 +297,73 @@ def run_gpu(args, result):
       del wb, qs, km
   fused_lora(args, result, shapes[0], args.formats[0], [m for m in ms if m <= 16], interp, gib, peaks,
              time.perf_counter() + args.lora_budget_s, tuned)
+  if args.decode_budget_s > 0:
+    gpu_decode(args, result, time.perf_counter() + args.decode_budget_s)
+
+
+# The GPU decode model: Llama-3-8B's layer shapes (d 4096, MLP 14336, 32 query / 8 KV heads of 128), 8 of its 32
+# layers and a 32000-token vocabulary, so that the linear weights are what a decode step mostly reads and the
+# program compiles in seconds; random weights (no checkpoint on the GPU machine). The dry run's is tiny.
+DECODE_MODEL = dict(architecture="llama", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=8,
+                    num_heads=32, num_kv_heads=8, head_dim=128)
+DECODE_MODEL_DRY = dict(DECODE_MODEL, vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=64)
+GPU_DECODE_VARIANTS = ("bf16", "int4", "int4" + KMAJOR_SUFFIX, "nf4", "nf4" + KMAJOR_SUFFIX)
+
+
+def gpu_decode(args, result, t_end, prompt=32, chunks=(1, 3)):
+  """End-to-end batch-1 greedy decoding (`generate.generate_ids`, per-layer layout, bf16 activations) of a random
+  Llama with `DECODE_MODEL`'s shapes, its block linears in bf16, int4 (group 64) and NF4 (double-quantized), each
+  4-bit base in the QTensor and the K-major layout, every product dispatched by `qmatmul` as in use (Pallas up to
+  `PALLAS_M_MAX` rows on a GPU). A decode step's time is the difference between generating chunks[1] and chunks[0]
+  decode chunks (`DECODE_CHUNK` tokens each) over the tokens between, so the 32-token prefill and the first
+  chunk's compilation drop out; the step's weight traffic (every weight but the embedding table, of which it reads
+  one row) over that time is its bandwidth. Greedy ids are compared with the same format's QTensor run."""
+  from lora_jax.generate import DECODE_CHUNK, generate_ids
+  from lora_jax.kernels import to_kmajor
+  from lora_jax.models import ModelConfig, init_params, unstack_layers
+  cfg = ModelConfig(**(DECODE_MODEL_DRY if args.dry_run else DECODE_MODEL), max_position_embeddings=4096)
+  base = init_params(cfg, key=jax.random.key(0), dtype=jnp.bfloat16)
+  ids = [int(i) for i in np.random.default_rng(0).integers(0, cfg.vocab_size, prompt)]
+  short, long = (c * DECODE_CHUNK for c in chunks)
+  rows = result["gpu_decode"] = []
+  result["gpu_decode_config"] = {"model": {k: v for k, v in dataclasses.asdict(cfg).items() if k in DECODE_MODEL},
+                                 "batch": 1, "prompt_tokens": prompt, "new_tokens": [short, long],
+                                 "reps": args.decode_reps, "statistic": "median"}
+  print(f"\ndecode, random Llama ({cfg.num_layers} x d {cfg.hidden_size}, MLP {cfg.intermediate_size}): "
+        f"{'weights':14s} {'MB/token':>8} {'ms/token':>8} {'tok/s':>7} {'GB/s':>7} {'vs bf16':>7} {'same ids':>8}")
+  ids_of = {}
+  for variant in GPU_DECODE_VARIANTS[1:3] if args.dry_run else GPU_DECODE_VARIANTS:  # dry run: both layouts' code
+    row = {"variant": variant}
+    rows.append(row)
+    if time.perf_counter() > t_end:
+      row["skipped"] = "budget"
+      continue
+    try:
+      fmt = variant.removesuffix(KMAJOR_SUFFIX)
+      params = base if fmt == "bf16" else quantize_model_params(base, fmt)
+      params = unstack_layers(to_kmajor(params) if variant.endswith(KMAJOR_SUFFIX) else params)
+      gen = lambda n: generate_ids(params, cfg, [ids], max_new_tokens=n, eos=())[0][0]
+      out = gen(long)  # compiles the prefill and the decode chunk (each length: its own cache size)
+      t_short, t_long = (median_s(lambda n=n: gen(n), reps=args.decode_reps, warmup=int(n == short))
+                         for n in (short, long))
+      step = (t_long - t_short) / (long - short)
+      read = tree_bytes(params) - base["embed"]["embedding"].nbytes
+      row.update({"weight_bytes_per_token": read, "linear_weight_bytes": tree_bytes(params, True),
+                  "step_s": step, "tok_s": 1 / step, "generate_s": t_long, "weight_gb_s": read / step / 1e9})
+      ref, ids_of[variant] = ids_of.get(fmt) if variant != fmt else None, out
+      row["identical_prefix_vs_qtensor"] = None if ref is None else next(
+          (i for i, (u, v) in enumerate(zip(out, ref)) if u != v), len(out))
+      bf16 = next((r["tok_s"] for r in rows if r["variant"] == "bf16" and "tok_s" in r), None)
+      row["tok_s_vs_bf16"] = row["tok_s"] / bf16 if bf16 else None
+      same = row["identical_prefix_vs_qtensor"]
+      print(f"{'':52s} {variant:14s} {read / 1e6:8.1f} {step * 1e3:8.3f} {row['tok_s']:7.1f} "
+            f"{row['weight_gb_s']:7.0f} {row['tok_s_vs_bf16'] or float('nan'):7.2f} "
+            f"{'-' if same is None else f'{same}/{len(out)}':>8}", flush=True)
+      del params
+    except Exception as e:
+      record_error(row, e, f"decode: {variant}")
+    save_json(result, args.out)
 
 
 def fused_lora(args, result, shape, fmt, ms, interp, gib, peaks, t_end, tuned, rank=16):
@@ -817,13 +889,14 @@ GPU_HEADER = (f"{'M':>5} {'K':>5} {'N':>5} {'fmt':8s} {'rel err':>8} {'pallas us
 
 
 def tree_bytes(params, only_linear=False):
-  """Bytes of the weights `params` holds (QTensor.nbytes() for 4-bit leaves); only_linear: the DEFAULT_RULES kernels."""
+  """Bytes of the weights `params` holds (`nbytes()` for 4-bit leaves, either layout); only_linear: the
+  DEFAULT_RULES kernels."""
   total = 0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda l: isinstance(l, QTensor))[0]:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
     key = "/".join(str(getattr(p, "key", p)) for p in path if not hasattr(p, "idx"))  # per-layer: drop the index
     if only_linear and not any(re.fullmatch(r, key) for r in DEFAULT_RULES):
       continue
-    total += leaf.nbytes() if isinstance(leaf, QTensor) else leaf.nbytes
+    total += leaf.nbytes() if is_quantized(leaf) else leaf.nbytes
   return total
 
 
@@ -970,6 +1043,9 @@ def main():
   ap.add_argument("--floor-budget-s", type=float, default=1e9, help="GPU: seconds for --floor")
   ap.add_argument("--sweep-budget-s", type=float, default=1e9, help="GPU: seconds for the policy sweep")
   ap.add_argument("--lora-budget-s", type=float, default=1e9, help="GPU: seconds for the fused-LoRA timing")
+  ap.add_argument("--decode-budget-s", type=float, default=0, help="GPU: seconds for the end-to-end decode of a "
+                  "random Llama with Llama-3-8B's layer shapes (bf16, int4, NF4; both 4-bit layouts); 0 (default) "
+                  "skips it")
   ap.add_argument("--new-tokens", type=int, help="CPU decode: new tokens (64; 16 with --quick)")
   ap.add_argument("--decode-reps", type=int, help="CPU decode: timed repetitions (3; 1 with --quick)")
   ap.add_argument("--out", help="JSON path (default benchmarks/results/int4_matmul_{mode}.json)")
@@ -977,7 +1053,7 @@ def main():
   args.mode = args.mode or ("gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "cpu")
   if args.dry_run:
     args.mode, args.reps, args.warmup, args.policy_sweep, args.floor, args.profile = "gpu", 1, 0, True, True, True
-    args.kmajor_grid = True
+    args.kmajor_grid, args.decode_budget_s = True, 1e9
     args.out = args.out or "/tmp/int4_matmul_dryrun.json"
   if args.quick and args.mode == "gpu":
     args.shapes = "small"

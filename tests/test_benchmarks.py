@@ -99,6 +99,12 @@ def test_int4_matmul_gpu_dry_run(tmp_path):
   for row in rows:
     default = "fma" if (row["M"], row["fmt"]) == (1, "nf4") else "mma"
     assert row["blocks"]["dot"] == tuned.get((row["fmt"], 1 if row["M"] == 1 else 16), default), (row, tuned)
+  # end-to-end decode of the random Llama, both 4-bit layouts: a positive step time, 4-bit weights read per token
+  decode = {row["variant"]: row for row in result["gpu_decode"]}
+  assert set(decode) == {"int4", "int4/kmajor"} and all(r["step_s"] > 0 for r in decode.values()), decode
+  assert decode["int4/kmajor"]["weight_bytes_per_token"] == decode["int4"]["weight_bytes_per_token"], decode
+  bf16_linear = 2 * 2 * (256 * (256 + 2 * 128) + 256 * 256 + 3 * 256 * 512)  # 2 layers of the dry-run model, 2 B each
+  assert decode["int4/kmajor"]["linear_weight_bytes"] < 0.3 * bf16_linear, decode
 
 
 def test_device_trace_reads_gpu_kernels_once_each():
