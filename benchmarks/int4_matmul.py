@@ -583,10 +583,12 @@ SEED_POLICIES = {"nf4": (BlockSizes(lookup="gather", rescale="partial"),
 # 2; 2 stages won only at one row of 4096 x 14336 (15.17 us). `KMAJOR` now halves its step only where that splits
 # K further (`min_step_rows`). This grid asks whether splitting further still pays: at one row, steps down to one
 # block and up to 2112 programs (1792 now at 4096 x 14336); at 16 rows, whose split the partial sums' bound holds
-# at 2 (448 programs: 3.4 per SM, so some SMs run 4 and some 3), that bound at 1/4 of the codes' bytes instead of
-# 1/8 (split 4); with 2 or 3 stages and tiles of 64 or 128 columns (NF4's best one-row time in run 6, 23.75 us
-# against 26.26, had 128-column tiles and steps of 2 blocks).
-GRID_FIELDS = {"split": ((128, 1056), (64, 2112)), "partial_frac": (0.125, 0.25), "num_stages": (3, 2),
+# at 2 (448 programs, all resident at once at 40 KiB of shared memory each: 3.4 per SM, so some SMs run 4 and some
+# 3, and the 4s set the time; at 4096 x 4096, 128 programs for 132 SMs), that bound at 1/4 or 1/2 of the codes'
+# bytes instead of 1/8 (split 4 or 8; the partial sums, 2-4 MiB, are read back from the 50 MiB L2); with 2 or 3
+# stages and tiles of 64 or 128 columns (NF4's best one-row time in run 6, 23.75 us against 26.26, had 128-column
+# tiles and steps of 2 blocks).
+GRID_FIELDS = {"split": ((128, 1056), (64, 2112)), "partial_frac": (0.125, 0.25, 0.5), "num_stages": (3, 2),
                "tile": ((64, 4), (128, 4))}
 
 
