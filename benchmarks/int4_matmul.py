@@ -4,7 +4,8 @@ Mode by ``jax.default_backend()`` (or ``--mode gpu|cpu``); results go to benchma
 
 GPU (no network, no model): weights N(0, 0.02) quantized to nf4 (double-quantized, as `--quantize nf4` makes it)
 and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 4096} x (K, N) in {(4096, 4096),
-(4096, 14336), (14336, 4096), (8192, 8192)}.
+(4096, 14336), (14336, 4096), (8192, 8192)} (--shapes cross: then the other five pairs of 4096, 8192, 14336, as
+scripts/gpu_check.sh runs it).
   * --kmajor-grid (first, with --grid-budget-s seconds): the K-major kernel's device time (profiled) under every
     `grid_policies` entry (`GRID_FIELDS`: the shortest step K may be cut to for a further split with min_programs,
     the partial sums' bound, pipeline stages, tile and warps; the scales a step ahead), int4_sym at M = 1 and 16 on (4096, 14336), then the six best on (4096, 4096) and on nf4;
@@ -98,6 +99,8 @@ from lora_jax.quant._qtensor import is_quantized  # noqa: E402
 
 GPU_MS, CPU_MS = (1, 8, 16, 64, 128, 256, 4096), (1, 8, 64, 256)
 GPU_SHAPES = {"all": ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)), "small": ((4096, 4096), (4096, 14336))}
+# The QLoRA issue's K, N in {4096, 8192, 14336}: every pair, "all"'s four first (a budget cut drops the rest)
+GPU_SHAPES["cross"] = GPU_SHAPES["all"] + ((4096, 8192), (8192, 4096), (8192, 14336), (14336, 8192), (14336, 14336))
 CPU_SHAPES = ((576, 1536), (1536, 576), (576, 576), (4096, 4096))
 FORMATS, TOL = ("nf4", "int4_sym"), 2e-2
 KMAJOR_SUFFIX = "/kmajor"  # a format name with this suffix: its weights in the K-major layout (`pack_kmajor`)
@@ -1024,7 +1027,8 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--mode", choices=("gpu", "cpu"), help="default: gpu if jax.default_backend() is a GPU, else cpu")
   ap.add_argument("--quick", action="store_true", help="GPU: --shapes small, 10 reps; CPU: 3 reps, 16 new tokens, 1 decode rep")
-  ap.add_argument("--shapes", choices=("all", "small"), default="all", help="GPU (K, N) set")
+  ap.add_argument("--shapes", choices=tuple(GPU_SHAPES), default="all",
+                  help="GPU (K, N) set: all (4 shapes), small (2), cross (every K, N in 4096, 8192, 14336; all's first)")
   ap.add_argument("--formats", type=lambda v: tuple(v.split(",")), default=FORMATS, help="GPU: nf4,int4_sym")
   ap.add_argument("--policy-sweep", action="store_true", help="GPU: search the kernel's BlockSizes policies first "
                   "(nf4 M = 1 and 16, int4_sym M = 1, int4_sym K-major M = 16); the main table then uses the winners")

@@ -176,3 +176,25 @@ def test_every_benchmark_script_imports(script):
   r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True, text=True,
                      cwd=ROOT, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0 and "usage" in r.stdout, r.stderr[-2000:]
+
+
+def test_gpu_check_script_passes_only_flags_the_benchmark_takes():
+  """scripts/gpu_check.sh runs on a lent GPU, once: a flag the benchmark does not take, a `--shapes` value it does
+  not know or a shell syntax error would cost that session. Every option the script passes to int4_matmul.py (and
+  the decode-only command its header gives) must be one of the benchmark's, with a value it accepts."""
+  import re
+  script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+  assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")]).returncode == 0
+  call = script[script.index("python3 benchmarks/int4_matmul.py"):script.index("bench_rc=")]
+  flags = set(re.findall(r"(--[a-z][a-z0-9-]*)", call))
+  assert {"--kmajor-grid", "--decode-budget-s", "--shapes", "--profile"} <= flags, flags
+  r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int4_matmul.py"), "--help"], capture_output=True,
+                     text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert flags <= set(re.findall(r"(--[a-z][a-z0-9-]*)", r.stdout)), flags - set(re.findall(r"--[a-z0-9-]+", r.stdout))
+  shapes = re.search(r"--shapes (\w+)", call).group(1)
+  assert re.search(r"--shapes \{([^}]*)\}", r.stdout).group(1).split(",").count(shapes) == 1, shapes
+  # the environment variables the script documents are the ones it reads
+  documented = set(re.findall(r"\b([A-Z_]+_S|TESTS)=", script[:script.index("set -uo")]))
+  read = set(re.findall(r"\$\{([A-Z_]+):-", script))
+  assert documented == read - {"PYTHONPATH", "OUT"}, (documented, read)  # OUT: where results go (header too)
