@@ -8,7 +8,8 @@ and int4_sym (group 64), bf16 activations, for M in {1, 8, 16, 64, 128, 256, 409
 scripts/gpu_check.sh runs it).
   * --kmajor-grid (first, with --grid-budget-s seconds): the K-major kernel's device time (profiled) under every
     `grid_policies` entry (`GRID_FIELDS`: the shortest step K may be cut to for a further split with min_programs,
-    the partial sums' bound, pipeline stages, tile and warps; the scales a step ahead), int4_sym at M = 1 and 16 on (4096, 14336), then the six best on (4096, 4096) and on nf4;
+    the partial sums' bound, pipeline stages, tile and warps; the scales a step ahead), int4_sym at M = 1 and 16
+    on (4096, 14336), then the six best on (4096, 4096) and on nf4;
     every output checked. The main table's K-major rows run its winners (int4's best over both shapes, NF4's best
     of its six), not the wall-time sweep's.
   * --floor (then): where the one-row time goes, at (4096, 4096) and (4096, 14336): the op (int4_sym and nf4;

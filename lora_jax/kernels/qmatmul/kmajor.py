@@ -40,7 +40,8 @@ block; the block parameters are grouped alike, (N/G, K/B, G). On an H200 (benchm
 ungrouped (N, K/8) layout, a 32-byte piece per column and block, read int4 at 4096 × 14336 and one row at 1434
 GB/s of device time; grouped, at 1789 GB/s under the same policy and 2079 GB/s (64% of that run's copy bandwidth)
 with each step's scales loaded a step ahead; under run 5's `KMAJOR` 16.5 us, 62-70% of copy at 1-16 rows (runs
-5-6), and with one row's step halved so that K splits 8 ways (`KMAJOR` now) 15.35 us, 74.6% (run 6's grid). A kernel that only streams the same bytes in contiguous runs: 2900 GB/s.
+5-6), and with one row's step halved so that K splits 8 ways (`KMAJOR` now) 15.35 us, 74.6% (run 6's grid). A
+kernel that only streams the same bytes in contiguous runs: 2900 GB/s.
 
 NF4 (plain or double-quantized, whose int8 scale codes are formed into floats per block and column): the table
 has no affine map, so each word's 8 codes are looked up by byte permutes over the table held in registers
@@ -412,5 +413,6 @@ def kernel(x_ref, codes_ref, scale_ref, *refs, fmt: str, block: int, bk: int, st
   rows.store(o_ref, acc)
 
 
-__all__ = ["AFFINE_FORMATS", "FORMATS", "GROUP_MAX", "KMajor", "NF4_WORD_SLOTS", "check", "kernel", "magic_word",
-           "column_group", "dequantize_kmajor", "nibble_order", "pack_kmajor", "pair_constants", "pair_ptx", "to_kmajor", "unpack_kmajor"]
+__all__ = ["AFFINE_FORMATS", "FORMATS", "GROUP_MAX", "KMajor", "NF4_WORD_SLOTS", "check", "column_group",
+           "dequantize_kmajor", "kernel", "magic_word", "nibble_order", "pack_kmajor", "pair_constants", "pair_ptx",
+           "to_kmajor", "unpack_kmajor"]

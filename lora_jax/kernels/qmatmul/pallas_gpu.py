@@ -30,16 +30,16 @@ result (but for the CUDA-core paths' few rows below):
 
 A weight in the K-major layout (`kmajor.KMajor`) runs that module's kernel instead, over the same grid
 and `BlockSizes` (its tiling fields; default `KMAJOR`): the weight tile as the register operand of a warpgroup
-dot, no weight through shared memory, ~3.3-3.9 machine instructions per weight for int4 and ~6.1 for NF4 (`KMAJOR`) at any row
-count up to 16 (on an H200, int4 at 1-16 rows of 4096 x 14336: 65-75% of the copy bandwidth in device time, runs
-5-6, README). It reads x as the caller holds it and stores the m rows of the result,
-masking the rest of a partial tile, and sums x per block itself (offset formats): no XLA op around the call but,
+dot, no weight through shared memory, ~3.3-3.9 machine instructions per weight for int4 and ~6.1 for NF4
+(`KMAJOR`) at any row count up to 16 (on an H200, int4 at 1-16 rows of 4096 x 14336: 65-75% of the copy
+bandwidth in device time, runs 5-6, README). It reads x as the caller holds it and stores the m rows of the
+result, masking the rest of a partial tile, and sums x per block itself (offset formats): no XLA op around the call but,
 with split_k > 1, the sum of the partial tiles.
 
 Measured on an H200 in runs 1-6 (benchmarks/results/int4_matmul_gpu*.json, README): correct in every format and
 in every variant (all GPU tests pass in run 4); at M <= 16 faster than XLA's dequantize + dot (2x or more in all but
 two rows of run 5's table), the default QTensor policy at 39-40% of the copy bandwidth in device time (run 6,
-4096 x 14336) and the K-major layout at 59-70% (int4), below the 75% a bandwidth-bound kernel should reach; above
+4096 x 14336) and the K-major layout at 59-75% (int4), below the 75% a bandwidth-bound kernel should reach; above
 64 rows (NF4) or 256 (int4) XLA's dequantize + cuBLAS is faster, and `kernels.qmatmul` dispatches there.
 
 Weight bytes read per output tile: K·bn/2 (+ K/B·bn scale bytes): the 4-bit traffic the decode-time speed
@@ -70,7 +70,8 @@ class BlockSizes:
   """Tiling, kernel variants and Triton's launch parameters, in one place; `for_shape` resolves them for a call.
 
   * ``bm × bn``: the output tile of one program. With ``dot="mma"`` bm >= 16 (Triton's dots need it; the rows of
-    a partial tile are masked on load and store, `_rows`): `bm` for M <= 16, 64 above. With ``dot="fma"`` bm is M rounded up to a power of two (at most 16).
+    a partial tile are masked on load and store, `_rows`): `bm` for M <= 16, 64 above. With ``dot="fma"`` bm is
+    M rounded up to a power of two (at most 16).
   * ``bk``: quantization blocks loaded per step of the loop over K (None: the largest power of two up to
     ``k_rows`` rows of K per step that divides the blocks evenly; one block when the block count is odd). An
     explicit bk must divide the blocks (per split); ``k_rows`` adapts to any K. At decode sizes the
@@ -193,10 +194,10 @@ class BlockSizes:
 
 # One row of NF4 (batch-1 decoding), block size 64: run 2's policy sweep winner on an H200
 # (benchmarks/results/int4_matmul_gpu.json; the later sweeps, with the byte-permute lookup, preferred "prmt",
-# 1.17-1.19x this; kept as the measured default, the K-major layout being faster than both). NF4's code-to-value map dominates there, and gathering it from the
-# table in L1 is the win: 76 us at 4096 x 14336 against 125 us for the best multiply-reduce with the select tree,
-# 151 us for the best tensor-core policy and 153 us for the sweep's default (multiply-reduce, select); at
-# 14336 x 4096, 77 us against that default's 128. Of the two best (153.1 us in total each) this is the one with
+# 1.17-1.19x this; kept as the measured default, the K-major layout being faster than both). NF4's code-to-value
+# map dominates there, and gathering it from the table in L1 is the win: 76 us at 4096 x 14336 against 125 us for
+# the best multiply-reduce with the select tree, 151 us for the best tensor-core policy and 153 us for the sweep's
+# default (multiply-reduce, select); at 14336 x 4096, 77 us against that default's 128. Of the two best (153.1 us in total each) this is the one with
 # 4 warps, not 2: with 2, each thread holds twice the (1 x 32 x 128) float32 accumulator, and Triton 3.5 spills it
 # (tests/kernels: no default may spill). With block 128 the accumulator doubles and spills too: that gets the
 # tensor-core default.
