@@ -63,9 +63,10 @@ with the kernel disabled (LORA_JAX_CPU_KERNEL=0: XLA paths, "-xla"), the bytes h
 temporaries (a base dequantized all at once would show there); "same ids": greedy tokens equal to fp32's (or,
 "= kernel", to the kernel variant's) before the first difference.
 
-Usage: python benchmarks/int4_matmul.py [--quick] [--mode gpu|cpu] [--shapes small] [--formats nf4,int4_sym]
+Usage: python benchmarks/int4_matmul.py [--quick] [--mode gpu|cpu] [--shapes all|small|cross] [--formats nf4,int4_sym]
                                        [--kmajor-grid] [--floor] [--profile] [--policy-sweep] [--budget-s S]
                                        [--grid-budget-s S] [--floor-budget-s S] [--sweep-budget-s S] [--lora-budget-s S]
+                                       [--decode-budget-s S]
                                        [--reps N] [--out PATH]
        python benchmarks/int4_matmul.py --mode gpu --dry-run   # the GPU code path on CPU: tiny shape, interpret mode
   On a time-limited GPU: scripts/gpu_check.sh (the GPU tests, then the grid and the main table within budgets).
@@ -137,6 +138,11 @@ def record_error(row, e, prefix):
 def rel_err(got, ref) -> float:
   """max |got - ref| / max |ref|: the check every GPU timing's output passes (< TOL)."""
   return float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+
+
+def identical_prefix(a, b) -> int:
+  """How many leading token ids two generations share (their length if all)."""
+  return next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), min(len(a), len(b)))
 
 
 def median_s(fn, *args, reps, warmup, record=None):
@@ -356,8 +362,7 @@ def gpu_decode(args, result, t_end, prompt=32, chunks=(1, 3)):
       row.update({"weight_bytes_per_token": read, "linear_weight_bytes": tree_bytes(params, True),
                   "step_s": step, "tok_s": 1 / step, "generate_s": t_long, "weight_gb_s": read / step / 1e9})
       ref, ids_of[variant] = ids_of.get(fmt) if variant != fmt else None, out
-      row["identical_prefix_vs_qtensor"] = None if ref is None else next(
-          (i for i, (u, v) in enumerate(zip(out, ref)) if u != v), len(out))
+      row["identical_prefix_vs_qtensor"] = None if ref is None else identical_prefix(out, ref)
       bf16 = next((r["tok_s"] for r in rows if r["variant"] == "bf16" and "tok_s" in r), None)
       row["tok_s_vs_bf16"] = row["tok_s"] / bf16 if bf16 else None
       same = row["identical_prefix_vs_qtensor"]
@@ -1007,12 +1012,11 @@ def run_cpu(args, result):
     base_ids = base_ids or out
     times = []
     t = median_s(gen, reps=args.decode_reps, warmup=0, record=times)
-    prefix = lambda a, b: next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), new)
-    same = prefix(out, base_ids)
+    same = identical_prefix(out, base_ids)
     ids_of[variant] = out
     d = {"variant": variant, "weight_bytes": tree_bytes(params), "linear_weight_bytes": tree_bytes(params, True),
          "generate_s": t, "times_s": times, "tok_s": new / t, "identical_prefix_vs_fp32": same,
-         "identical_prefix_vs_kernel": prefix(out, ids_of[mode]) if xla else None,
+         "identical_prefix_vs_kernel": identical_prefix(out, ids_of[mode]) if xla else None,
          "decode_temp_bytes": decode_temp_bytes(params, model.config, new)}
     d["tok_s_vs_fp32"] = d["tok_s"] / (result["decode"][0]["tok_s"] if result["decode"] else d["tok_s"])
     result["decode"].append(d)
