@@ -153,8 +153,9 @@ def unpack(codes):
 
 
 def pack(q):
-  """int codes (..., K, N) in 0..15 -> uint8 (..., K/2, N)."""
-  q = jnp.asarray(q).astype(jnp.uint8)
+  """int codes (..., K, N) in 0..15 -> uint8 (..., K/2, N); numpy in, numpy out (no device op: loading a GGUF
+  packs hundreds of tensors, each shape a compile), otherwise a jax array."""
+  q = q.astype(np.uint8) if isinstance(q, np.ndarray) else jnp.asarray(q).astype(jnp.uint8)
   return q[..., 0::2, :] | (q[..., 1::2, :] << 4)
 
 

@@ -109,7 +109,7 @@ def from_gguf(stored, dtype=jnp.float32) -> QTensor:
   m = raw[..., 2:4].copy().view(np.float16)[..., 0] if per == 20 else None
   qs = raw[..., per - 16:]
   q = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(out, k)   # element j and j+16 of each block
-  codes = np.asarray(pack(q.T.astype(np.int32)))
+  codes = pack(q.T)
   fmt = "q4_0" if per == 18 else "q4_1"
   return QTensor(jnp.asarray(codes), jnp.asarray(d.T), None if m is None else jnp.asarray(m.T), fmt=fmt,
                  block_size=32, shape=(k, out), dtype=dtype)
@@ -140,7 +140,7 @@ def quantize_params(params: dict, fmt: str, *, rules: Sequence[str] = DEFAULT_RU
         raise LoraJaxError(f"--quantize native: {key} has no stored 4-bit blocks (the model is not a 4-bit GGUF, "
                            f"or this tensor is stored as {'float' if gguf_blocks else 'unknown'})")
       per_layer = [from_gguf(s, leaf.dtype) for s in stored]
-      return jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+      return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *per_layer)  # stacked on the host: no compile
     return quantize(leaf, fmt, block_size=block_size, double_quant=double_quant, name=key)
 
   out = jax.tree_util.tree_map_with_path(visit, params)
@@ -184,6 +184,6 @@ def from_bitsandbytes(packed, absmax, out_in: tuple[int, int], *, blocksize: int
     raise LoraJaxError(f"bitsandbytes weight: in={k} is not divisible by blocksize {blocksize}")
   b = np.asarray(packed, np.uint8).reshape(-1)
   q = np.stack([b >> 4, b & 0xF], axis=-1).reshape(out, k)
-  codes = pack(jnp.asarray(q.T.astype(np.int32)))
+  codes = jnp.asarray(pack(q.T))
   scale = np.asarray(absmax, np.float32).reshape(out, k // blocksize).T
   return QTensor(codes, jnp.asarray(scale), fmt="nf4", block_size=blocksize, shape=(k, out), dtype=dtype)
