@@ -89,8 +89,8 @@ def test_qlora_training_matches_lora(smollm2, tmp_path):
   QLoRA against fp32 LoRA on the same base values: ``native`` trains on the GGUF file's own Q4_1 blocks, i.e. on
   exactly the weights the float run uses, and ``nf4`` against a float run on its own dequantized NF4 weights:
   each within 2% (they agree to float rounding). Against the original weights, ``nf4`` *re*-quantizes weights
-  that were already 4-bit, so its base is a slightly different model (first loss measured ≈8% higher): it must
-  learn, and stay within the measured gap (≈13% on the mean of the last losses; bound 25%).
+  that were already 4-bit, so its base is a slightly different model (first loss measured ≈10% higher): it must
+  learn, and stay within the measured gap (≈12% on the mean of the last losses; bound 25%).
   """
   import dataclasses
   from lora_jax.quant import quantize_model_params
@@ -102,7 +102,7 @@ def test_qlora_training_matches_lora(smollm2, tmp_path):
     data.write_text("".join(src.readlines()[:64]))
   raw = {"model": "smollm2-135m", "seed": 0, "data": {"train": str(data), "max_eval_examples": 0},
          "peft": {"rank": 8, "alpha": 16},
-         "train": {"steps": 10, "batch_size": 2, "seq_len": 256, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
+         "train": {"steps": 10, "batch_size": 2, "seq_len": 128, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
                    "checkpoint_every": 100, "exact_match": False}}
   nf4_values = dataclasses.replace(smollm2, params=_dequantize_tree(quantize_model_params(smollm2.params, "nf4")))
   curves = {}
