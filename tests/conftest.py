@@ -9,6 +9,27 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # Rank promotion stays allowed: per-feature vectors (norm scales, biases) broadcast over leading axes by design.
 
 
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the whole test session (`LORA_JAX_TEST_XLA_CACHE`; made by the process
+  that starts the session, inherited by pytest-xdist's workers and by the CLI subprocesses the tests start): the
+  suite is compile-bound, and modules, workers and subprocesses compile many of the same programs (a train step,
+  a model's forward). jax keys each entry by the program, the compile options and the jax/XLA versions. Removed
+  when the session ends; `LORA_JAX_TEST_XLA_CACHE=0` turns it off."""
+  import tempfile
+  if os.environ.get("LORA_JAX_TEST_XLA_CACHE") == "0":
+    return
+  if "LORA_JAX_TEST_XLA_CACHE" not in os.environ:
+    os.environ["LORA_JAX_TEST_XLA_CACHE"] = config._lora_jax_xla_cache = tempfile.mkdtemp(prefix="lora_jax_xla_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["LORA_JAX_TEST_XLA_CACHE"]
+  jax.config.update("jax_compilation_cache_dir", os.environ["LORA_JAX_TEST_XLA_CACHE"])
+
+
+def pytest_unconfigure(config):
+  import shutil
+  if getattr(config, "_lora_jax_xla_cache", None):
+    shutil.rmtree(config._lora_jax_xla_cache, ignore_errors=True)
+
+
 def _has(module: str) -> bool:
   import importlib.util
   return importlib.util.find_spec(module) is not None
