@@ -17,6 +17,7 @@ def pytest_configure(config):
   when the session ends; `LORA_JAX_TEST_XLA_CACHE=0` turns it off."""
   import tempfile
   if os.environ.get("LORA_JAX_TEST_XLA_CACHE") == "0":
+    os.environ["LORA_JAX_XLA_CACHE"] = "0"  # nor the CLI's own cache (`cli._use_compilation_cache`)
     return
   if "LORA_JAX_TEST_XLA_CACHE" not in os.environ:
     os.environ["LORA_JAX_TEST_XLA_CACHE"] = config._lora_jax_xla_cache = tempfile.mkdtemp(prefix="lora_jax_xla_")

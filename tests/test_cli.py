@@ -22,6 +22,25 @@ def test_generate_prints_only_the_continuation(capsys, smollm2):
   assert out.strip() and "<|im_start|>" not in out and "What is 2+2?" not in out
 
 
+@pytest.mark.parametrize("setting,want", [({}, "{cache}/xla 2147483648"), ({"LORA_JAX_XLA_CACHE": "0"}, "None -1"),
+                                          ({"JAX_COMPILATION_CACHE_DIR": "{tmp}/own"}, "{tmp}/own -1"),
+                                          ({"LORA_JAX_CACHE": "/proc/nope"}, "None -1")])
+def test_cli_keeps_compiled_programs_in_its_cache(tmp_path, setting, want):
+  """The CLI's persistent compilation cache: under $LORA_JAX_CACHE/xla with a 2 GiB cap; off when asked, left to a
+  directory set through jax, and off (no error) where the directory cannot be made."""
+  import os
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "LORA_JAX_XLA_CACHE")}
+  env.update({"LORA_JAX_CACHE": str(tmp_path / "c"), "JAX_PLATFORMS": "cpu"})
+  env.update({k: v.format(tmp=tmp_path) for k, v in setting.items()})
+  code = ("import jax; from lora_jax.cli import _use_compilation_cache as use; use(); "
+          "print(jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)")
+  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split() == want.format(cache=tmp_path / "c", tmp=tmp_path).split()
+
+
 def test_generate_json_batch(capsys, tiny_folder):
   code, out, _ = run(capsys, "generate", "--model", str(tiny_folder), "--prompt", "w3 w4", "--prompt", "w5",
                      "--max-new-tokens", "5", "--json", "-q")
