@@ -93,26 +93,34 @@ def _double_quantize(absmax):
 
 
 def from_gguf(stored, dtype=jnp.float32) -> QTensor:
-  """A GGUF Q4_0/Q4_1 weight (`lora_jax.io.GGUFQuantized`, rows = outputs) as a `QTensor` (K, N).
+  """A GGUF Q4_0/Q4_1 weight (`lora_jax.io.GGUFQuantized`, rows = outputs) as a `QTensor` (K, N); a list of them
+  (one per layer, same shape and type) as one stacked `QTensor` (L, K, N), stacked on the host (no device op).
 
   GGUF block (32 values): f16 d [, f16 m], then 16 bytes whose low nibbles are values 0..15 and high nibbles values
   16..31. The f16 parameters are kept; the nibbles are moved to our layout. Nothing is requantized.
   """
+  stacked = isinstance(stored, (list, tuple))
+  layers = stored if stacked else [stored]
+  codes, d, m = (None if arrays[0] is None else np.stack(arrays) if stacked else arrays[0]
+                 for arrays in zip(*map(_gguf_arrays, layers)))
+  out, k = layers[0].shape
+  return QTensor(jnp.asarray(codes), jnp.asarray(d), None if m is None else jnp.asarray(m),
+                 fmt="q4_0" if layers[0].qtype == "Q4_0" else "q4_1", block_size=32, shape=(k, out), dtype=dtype)
+
+
+def _gguf_arrays(stored):
+  """(codes (K/2, N) uint8, d (K/32, N) f16, m (K/32, N) f16 or None) of one stored GGUF weight, as numpy."""
   if stored.qtype not in ("Q4_0", "Q4_1"):
     raise LoraJaxError(f"{stored.name}: GGUF quantization {stored.qtype} is not supported natively "
                        f"(supported: Q4_0, Q4_1); use --quantize nf4/int4 to requantize instead")
   out, k = stored.shape
   per = 18 if stored.qtype == "Q4_0" else 20
-  nb = k // 32
-  raw = np.asarray(stored.blocks).reshape(out, nb, per)
+  raw = np.asarray(stored.blocks).reshape(out, k // 32, per)
   d = raw[..., 0:2].copy().view(np.float16)[..., 0]                 # (out, nb)
   m = raw[..., 2:4].copy().view(np.float16)[..., 0] if per == 20 else None
   qs = raw[..., per - 16:]
   q = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(out, k)   # element j and j+16 of each block
-  codes = pack(q.T)
-  fmt = "q4_0" if per == 18 else "q4_1"
-  return QTensor(jnp.asarray(codes), jnp.asarray(d.T), None if m is None else jnp.asarray(m.T), fmt=fmt,
-                 block_size=32, shape=(k, out), dtype=dtype)
+  return pack(q.T), d.T, None if m is None else m.T
 
 
 def _matches(path: str, rules: Sequence[str]) -> bool:
@@ -139,8 +147,7 @@ def quantize_params(params: dict, fmt: str, *, rules: Sequence[str] = DEFAULT_RU
       if not stored:
         raise LoraJaxError(f"--quantize native: {key} has no stored 4-bit blocks (the model is not a 4-bit GGUF, "
                            f"or this tensor is stored as {'float' if gguf_blocks else 'unknown'})")
-      per_layer = [from_gguf(s, leaf.dtype) for s in stored]
-      return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *per_layer)  # stacked on the host: no compile
+      return from_gguf(stored, leaf.dtype)
     return quantize(leaf, fmt, block_size=block_size, double_quant=double_quant, name=key)
 
   out = jax.tree_util.tree_map_with_path(visit, params)

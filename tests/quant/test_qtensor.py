@@ -88,6 +88,10 @@ def test_native_gguf_blocks_dequantize_bit_exactly(smollm2):
     assert q.fmt == "q4_1" and q.scale.dtype == jnp.float16
     group, sub, leaf = path.split("/")[1:]
     np.testing.assert_array_equal(np.asarray(q.dequantize()), np.asarray(smollm2.params["layers"][group][sub][leaf][3]))
+    stacked = from_gguf(smollm2.quantized[path][2:5])  # a list of layers: one QTensor, stacked on the host
+    assert stacked.codes.shape == (3, *q.codes.shape)
+    np.testing.assert_array_equal(np.asarray(stacked.dequantize()),
+                                  np.asarray(smollm2.params["layers"][group][sub][leaf][2:5]))
 
 
 def test_quantize_params_default_rules_skip_norms_and_embeddings():
