@@ -108,9 +108,30 @@ def attention_mask(q_slots: Int[Array, "B T"], kv_valid: Bool[Array, "B S"], cfg
   return mask
 
 
+def causal_blocks(t: int) -> list[tuple[int, int]]:
+  """Query blocks [start, end) for causal self-attention over `t` tokens: one block below 128 tokens, else
+  `min(8, t // 64)` near-equal blocks. Block i needs only the keys [0, end_i); the keys after it are masked
+  for every query in it, so their products are skipped (the upper triangle: up to ~45% of the work at 8 blocks).
+  More blocks skip more but add a compiled program per block; 64-token blocks and the cap of 8 were chosen
+  on SmolLM2's shapes, forward + backward, in `benchmarks/train_step.py` (see README, "Performance")."""
+  n = 1 if t < 128 else min(8, t // 64)
+  edges = [round(i * t / n) for i in range(n + 1)]
+  return list(zip(edges[:-1], edges[1:]))
+
+
 def attention(q: Float[Array, "B T Hq hd"], k: Float[Array, "B Hkv S hd"], v: Float[Array, "B Hkv S hd"],
-              mask: Bool[Array, "B T S"]) -> Float[Array, "B T Hq hd"]:
+              mask: Bool[Array, "B T S"], *, causal: bool = False) -> Float[Array, "B T Hq hd"]:
   """Grouped-query softmax attention; scores and softmax in float32.
+
+  The scores are laid out [B, Hkv, T, G, S] (G = Hq / Hkv query heads per key head), which keeps T next to B
+  as q has it: XLA on CPU then needs no transpose of q, the scores or the output around the batched dots
+  (forward + backward of one SmolLM2 layer at 4 x 256 tokens ≈20% faster than [B, Hkv, G, T, S]).
+
+  causal: `k`/`v` are the queries' own sequence (slot i holds query i; no cache), so `mask` hides every slot
+  after the query. The queries are then taken in `causal_blocks`, each against only the keys up to its last
+  query. A query that sees at least one key gets the same result as the full product up to summation order
+  (the skipped keys have probability exactly 0 there); a query that sees none (left padding) attends uniformly
+  to the keys of its block instead of to all keys: an unspecified value either way, which callers discard.
 
   A single query per row (a decode step) takes the products as multiply-reduce: XLA on CPU fuses those with
   the cache reads, where the batched dots made it transpose each layer's V cache at every step (measured in
@@ -121,17 +142,23 @@ def attention(q: Float[Array, "B T Hq hd"], k: Float[Array, "B Hkv S hd"], v: Fl
   qg = q.reshape(b, t, hkv, hq // hkv, hd)
   if t == 1:
     qf = qg[:, 0, :, :, None, :].astype(jnp.float32)                         # [B, Hkv, G, 1, hd]
-    scores = jnp.sum(qf * k[:, :, None].astype(jnp.float32), axis=-1)[:, :, :, None]  # [B, Hkv, G, 1, S]
-  else:  # products of 16-bit floats are exact in float32, so widening first is the same math; XLA:CPU has no
-    # bf16 x bf16 -> f32 dot for some of these layouts ("Unsupported element type for DotThunk")
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg.astype(jnp.float32), k.astype(jnp.float32))
-  scores = jnp.where(mask[:, None, None], scores / np.sqrt(hd), jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  if t == 1:
-    pf = probs[:, :, :, 0, :, None].astype(jnp.float32)                      # [B, Hkv, G, S, 1]
+    scores = jnp.sum(qf * k[:, :, None].astype(jnp.float32), axis=-1)[:, :, None]  # [B, Hkv, 1, G, S]
+    scores = jnp.where(mask[:, None, :, None], scores / np.sqrt(hd), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    pf = probs[:, :, 0, :, :, None].astype(jnp.float32)                      # [B, Hkv, G, S, 1]
     out = jnp.sum(pf * v[:, :, None].astype(jnp.float32), axis=-2)[:, None]  # [B, 1, Hkv, G, hd]
-  else:
-    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(jnp.float32), v.astype(jnp.float32))
+    return out.reshape(b, t, hq, hd).astype(q.dtype)
+  # products of 16-bit floats are exact in float32, so widening first is the same math; XLA:CPU has no
+  # bf16 x bf16 -> f32 dot for some of these layouts ("Unsupported element type for DotThunk")
+  qg, k32, v32 = qg.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
+  outs = []
+  for start, end in causal_blocks(t) if causal else [(0, t)]:
+    stop = end if causal else k.shape[2]                                     # keys this block can see
+    scores = jnp.einsum("btkgd,bksd->bktgs", qg[:, start:end], k32[:, :, :stop])  # [B, Hkv, Tb, G, Sb]
+    scores = jnp.where(mask[:, None, start:end, None, :stop], scores / np.sqrt(hd), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).astype(jnp.float32)
+    outs.append(jnp.einsum("bktgs,bksd->btkgd", probs, v32[:, :, :stop]))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
   return out.reshape(b, t, hq, hd).astype(q.dtype)
 
 
@@ -151,12 +178,13 @@ def layer(cfg: ModelConfig, p: Params, x: Float[Array, "B T D"], cos, sin, k_all
   v = _proj(a, "v_proj", n).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd], the cache layout
-  if k_all is None:  # no cache: the keys are this sequence
+  causal = k_all is None
+  if causal:  # no cache: the keys are this sequence
     k_all, v_all = k, v
   else:
     k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), write_slot, axis=2)
     v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), write_slot, axis=2)
-  o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
+  o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, causal=causal)
   x = x + _proj(a, "o_proj", o.reshape(b, t, cfg.q_size))
   n = rms_norm(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
   m = p["mlp"]

@@ -121,6 +121,52 @@ def test_attention_matches_reference_gqa_and_mask(t):
   assert_allclose(got, ref_attention(*(a.astype(np.float64) for a in (q, k, v)), mask), "f32_op")
 
 
+@pytest.mark.parametrize("t", [1, 64, 127, 128, 200, 513, 2048])
+def test_causal_blocks_tile_the_sequence(t):
+  blocks = L.causal_blocks(t)
+  assert blocks[0][0] == 0 and blocks[-1][1] == t
+  assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))               # contiguous, no overlap
+  assert len(blocks) == (1 if t < 128 else min(8, t // 64))
+  assert max(e - s for s, e in blocks) - min(e - s for s, e in blocks) <= 1  # near-equal
+
+
+@pytest.mark.parametrize("t", [130, 256, 513])
+def test_causal_blocks_attention_matches_reference_and_full_product(t):
+  """Causal self-attention in blocks against the float64 reference and against the unblocked product, value and
+  gradient, under a mask that is any subset of the causal one: packed segments, right padding, a window."""
+  rng = np.random.default_rng(t)
+  b, hq, hkv, hd = 2, 4, 2, 8
+  q = rng.normal(size=(b, t, hq, hd)).astype(np.float32)
+  k, v = (rng.normal(size=(b, t, hkv, hd)).astype(np.float32) for _ in range(2))
+  seg = np.stack([np.repeat([1, 2, 3], [t // 3, t // 2, t - t // 3 - t // 2]), np.ones(t, int)])
+  valid = np.ones((b, t), bool)
+  valid[1, t - 17:] = False                                                    # right padding
+  slot = np.arange(t)
+  mask = (slot[None, :, None] >= slot[None, None, :]) & valid[:, None, :] & (seg[:, :, None] == seg[:, None, :])
+  mask[1] &= (slot[:, None] - slot[None, :]) < 100                             # a sliding window on row 1
+  assert mask[:, np.arange(t), np.arange(t)][valid].all()                     # every real query sees a key
+  heads_first = lambda a: jnp.asarray(a).transpose(0, 2, 1, 3)
+  blocked = jax.jit(lambda q, k, v: L.attention(q, heads_first(k), heads_first(v), mask, causal=True))
+  full = jax.jit(lambda q, k, v: L.attention(q, heads_first(k), heads_first(v), mask))
+  got = np.asarray(blocked(q, k, v))
+  assert_allclose(got[valid], ref_attention(*(a.astype(np.float64) for a in (q, k, v)), mask)[valid], "f32_op")
+  assert_allclose(got[valid], np.asarray(full(q, k, v))[valid], "f32_op")
+  w = rng.normal(size=q.shape).astype(np.float32) * valid[:, :, None, None]   # the loss ignores padded rows
+  grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, k, v)
+  assert_trees_all_close(grad(blocked), grad(full), "f32_composite")
+
+
+def test_long_sequence_forward_matches_float64_reference():
+  """A sequence long enough for `causal_blocks` to split it (160 tokens: two blocks), padded on the right."""
+  cfg = dataclasses.replace(TINY, max_position_embeddings=256)
+  params = init_params(cfg, key=jax.random.key(0), std=0.2)
+  tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 160)).astype(np.int32)
+  valid = np.ones((2, 160), bool)
+  valid[1, 150:] = False
+  got = jax.jit(forward, static_argnums=1)(params, cfg, tokens, valid=valid)
+  assert_allclose(np.asarray(got)[valid], ref_forward(params, cfg, tokens, valid)[valid], "f32_composite")
+
+
 # ---------------------------------------------------------------- whole model
 LAYOUTS = {"stacked": lambda p: p, "per_layer": L.unstack_layers}
 
