@@ -18,8 +18,16 @@ def machine_info() -> dict:
       if os.path.exists("/proc/cpuinfo") else platform.processor()
   versions = {p: md.version(p) for p in ("jax", "jaxlib", "torch", "transformers", "numpy")}
   return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+          "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
           "python": platform.python_version(), **versions,
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def cpu_seconds() -> float:
+  """CPU seconds (user + system) this process has used: over a timed section, divided by its wall seconds, the
+  number of cores it kept busy (``cpu_util``), so a comparison records whether both sides used the same cores."""
+  t = os.times()
+  return t.user + t.system
 
 
 def peak_rss_mib() -> float:

@@ -36,7 +36,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (hf_causal_lm_from_gguf, machine_info, peak_rss_mib, run_worker,  # noqa: E402
+from _common import (cpu_seconds, hf_causal_lm_from_gguf, machine_info, peak_rss_mib, run_worker,  # noqa: E402
                      save_json, worker_main)
 
 PRESET = "smollm2-135m"
@@ -48,17 +48,20 @@ PARAGRAPH = ("The old lighthouse stood at the edge of the cliff, its white paint
              "beam sweep across the dark water, counting the ships that passed safely into the harbour below. ")
 
 TIMES = {}  # every repetition's wall seconds, by label: reported in the JSON to show the spread
+UTIL = {}  # cores kept busy over those repetitions (CPU seconds / wall seconds), by label
 
 
 def timed(label, fn, reps):
   """Median wall seconds of `reps` calls of fn() (fn must block until its result is ready)."""
   times = []
+  cpu0 = cpu_seconds()
   for _ in range(reps):
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
   TIMES[label] = [round(t, 4) for t in times]
-  print(f"  {label}: {' '.join(f'{t:.3f}s' for t in times)}", file=sys.stderr, flush=True)
+  UTIL[label] = round((cpu_seconds() - cpu0) / sum(times), 3)
+  print(f"  {label}: {' '.join(f'{t:.3f}s' for t in times)} (cpu_util {UTIL[label]:.2f})", file=sys.stderr, flush=True)
   return statistics.median(times)
 
 
@@ -123,7 +126,7 @@ def worker_lora_jax(args, _inputs):
       assert all(len(r[0]) == n for r in generate_ids(stacked, cfg, [ids] * b, max_new_tokens=n, eos=()))
     gen_stacked()
     out[f"generate_b{b}_stacked_tok_s"] = b * n / timed(f"generate_b{b}_stacked", gen_stacked, args.reps)
-  out["times_s"] = TIMES
+  out["times_s"], out["cpu_util"] = TIMES, UTIL
   out["device"] = str(jax.devices()[0])
   return out
 
@@ -170,7 +173,7 @@ def worker_hf(args, inputs):
       out[f"b{b}"] = {"generate_s": wall, "prefill_s": pre_wall, "generate_tok_s": b * n / wall,
                       "decode_tok_s": b * n / (wall - pre_wall)}
   out["peak_rss_mib"] = peak_rss_mib()
-  out["times_s"] = TIMES
+  out["times_s"], out["cpu_util"] = TIMES, UTIL
   out["threads"] = torch.get_num_threads()
   return out
 
@@ -225,6 +228,8 @@ def main():
   print(f"\ngreedy b=1: first {same}/{args.new_tokens} generated tokens identical between lora_jax and transformers")
   print(f"lora_jax b=1 decode reads weights at {lj['weight_gb_s']:.1f} GB/s; this machine reads {lj['read_gb_s']:.1f} "
         f"GB/s -> bandwidth floor {floor_tok_s:.1f} tok/s, decode at {decode_b1 / floor_tok_s:.0%} of it")
+  print("cores busy while timed (cpu_util, lora_jax / transformers): " + ", ".join(
+      f"{k} {lj['cpu_util'][k]:.2f} / {hf['cpu_util'][k]:.2f}" for k in hf["cpu_util"] if k in lj["cpu_util"]))
   for b in BATCHES:
     print(f"layout ablation: b={b} generate {lj[f'generate_b{b}_stacked_tok_s']:.1f} tok/s stacked (scan) vs "
           f"{lj[f'b{b}']['generate_tok_s']:.1f} tok/s per-layer")

@@ -14,12 +14,15 @@ subprocess (``--worker lora_jax`` / ``--worker hf``) so peak RSS figures are ind
 
 Measured per system: first_step_s (the first step; for lora_jax it includes tracing + XLA compilation), then the
 remaining warm-up steps untimed, then the median wall seconds of N timed steps (each blocks on the loss), tokens/s
-= 1024 / median, peak RSS (``ru_maxrss`` of the worker), and the loss of the first step. At init LoRA B = 0, so the
+= 1024 / median, peak RSS (``ru_maxrss`` of the worker), cpu_util (the worker's CPU seconds over the timed steps'
+wall seconds: the cores it kept busy, so the table shows whether both sides used the same cores), and the loss of
+the first step. At init LoRA B = 0, so the
 first loss is the base model's loss on identical weights and ids: the two must agree to ~1e-3.
 
 FLOPs of one step (multiply-add = 2 FLOPs; T = batch x seq = 1024 tokens; d hidden, L layers, V vocab, r rank):
   fwd_base = 2 T L (d*q + 2 d*kv + q*d + 3 d*ffn)        the frozen projection matmuls (q = heads*head_dim, kv likewise)
-  fwd_attn = 4 B S^2 heads head_dim L                     QK^T and PV, full S x S (dense masked attention, as executed)
+  fwd_attn = 4 B S^2 heads head_dim L                     QK^T and PV over the full S x S (a fixed convention for both
+                                                          sides; lora_jax's causal blocks skip ~3/8 of it at S=256)
   fwd_head = 2 T d V                                      the tied LM head (49152-vocab logits)
   fwd_lora = 2 T r L sum_targets(in + out)                x A and (x A) B
   step = 2 fwd_base + 2 fwd_head + 3 fwd_attn + 3 fwd_lora
@@ -47,7 +50,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (hf_causal_lm_from_gguf, machine_info, peak_rss_mib, run_worker,  # noqa: E402
+from _common import (cpu_seconds, hf_causal_lm_from_gguf, machine_info, peak_rss_mib, run_worker,  # noqa: E402
                      save_json, worker_main)
 
 PRESET = "smollm2-135m"
@@ -65,12 +68,16 @@ def run_steps(step, args):
   for _ in range(args.warmup - 1):
     losses.append(step())
   times = []
+  cpu0 = cpu_seconds()
   for _ in range(args.steps):
     t0 = time.perf_counter()
     losses.append(step())
     times.append(time.perf_counter() - t0)
-  print(f"  first {first:.2f}s, steps: {' '.join(f'{t:.3f}s' for t in times)}", file=sys.stderr, flush=True)
+  util = (cpu_seconds() - cpu0) / sum(times)
+  print(f"  first {first:.2f}s, steps: {' '.join(f'{t:.3f}s' for t in times)} (cpu_util {util:.2f})", file=sys.stderr,
+        flush=True)
   return {"first_step_s": first, "median_step_s": statistics.median(times), "times_s": [round(t, 4) for t in times],
+          "cpu_util": util,
           "first_loss": losses[0], "losses": losses, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -214,7 +221,8 @@ def main():
   rows = [("load (s)", "load_s", "hf/lj"), ("first step incl. compile (s)", "first_step_s", "hf/lj"),
           ("median step (s)", "median_step_s", "hf/lj"), ("tokens/s", "tok_s", "lj/hf"),
           ("achieved GFLOP/s", "gflop_s", "lj/hf"), ("fraction of matmul peak", "fraction_of_peak", "lj/hf"),
-          ("peak RSS (MiB)", "peak_rss_mib", "hf/lj"), ("first-step loss", "first_loss", None)]
+          ("peak RSS (MiB)", "peak_rss_mib", "hf/lj"), ("cores busy while timed (cpu_util)", "cpu_util", None),
+          ("first-step loss", "first_loss", None)]
   figures = {}
   for label, k, kind in rows:
     a, b = lj[k], hf[k]

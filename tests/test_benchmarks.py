@@ -198,3 +198,21 @@ def test_gpu_check_script_passes_only_flags_the_benchmark_takes():
   documented = set(re.findall(r"\b([A-Z_]+_S|TESTS)=", script[:script.index("set -uo")]))
   read = set(re.findall(r"\$\{([A-Z_]+):-", script))
   assert documented == read - {"PYTHONPATH", "OUT"}, (documented, read)  # OUT: where results go (header too)
+
+
+def test_cpu_util_counts_the_cores_a_worker_kept_busy():
+  """The CPU benchmarks record each side's CPU seconds over its timed wall seconds (`cpu_util`): a busy loop on one
+  thread reads about one core, a sleep about none, so a run in which one side used more cores than the other shows."""
+  import time
+  from _common import cpu_seconds, machine_info
+  def util(fn):
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    fn()
+    return (cpu_seconds() - c0) / (time.perf_counter() - t0)
+  def spin(s=0.3):
+    end = time.perf_counter() + s
+    while time.perf_counter() < end:
+      pass
+  assert 0.7 < util(spin) < 1.3
+  assert util(lambda: time.sleep(0.3)) < 0.2
+  assert machine_info()["usable_cpus"] >= 1
