@@ -3,7 +3,7 @@
 XLA:CPU has no narrow-weight dot: whatever the formulation (dequantize + dot, the `small_m` multiply-reduce, bf16
 or int8 weights), it widens the weight to float32 first, so a 4-bit base decodes slower than a float32 one
 (benchmarks/results/int4_matmul_cpu.json). The kernel streams the packed codes once, maps codes to values with
-one vector permute and never writes the dequantized weight (see the header of `cpu_kernel.cc`).
+one vector permute (NF4) or conversion (integer formats) and never writes the dequantized weight (see the header of `cpu_kernel.cc`).
 
 The source is compiled on first use with the host's C++ compiler (``$CXX``, else ``g++``/``c++``/``clang++``;
 ``-O3 -march=native``, against the FFI headers jaxlib ships) into ``$LORA_JAX_CACHE/kernels/`` under a name

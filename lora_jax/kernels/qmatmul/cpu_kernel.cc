@@ -18,7 +18,8 @@
 //   y[m, n] = Σ_g ( s[g, n] · Σ_{k in g} x[m, k] · table[q[k, n]]  +  o[g, n] · xsum[m, g] )
 //
 // Vectorisation: one vector of output columns (16 on AVX-512, 8 on AVX2, 4 otherwise; GCC vector extensions for
-// the arithmetic, intrinsics for unpacking), the code-to-value map is a register permute, the inner sum
+// the arithmetic, intrinsics for unpacking), the code-to-value map is a register permute
+// (NF4) or an integer-to-float conversion (the integer formats, `Affine`), the inner sum
 // accumulates per block in a small buffer that stays in L1, four rows of x share each pass over the codes. Work
 // is split over column panels and run on XLA's intra-op thread pool.
 
@@ -120,6 +121,21 @@ struct Table {
 };
 #endif
 
+// Integer tables (int4_sym, q4_0: q - 8; int4_asym, q4_1: q): table[z & 15] = float(z & 15) + table[0], by a
+// conversion and an add instead of `Table`'s permutes (AVX2: two permutes and a blend per vector, the unpacking's
+// bottleneck). Small integers are exact in float32, so the values are the table's bit for bit.
+struct Affine {
+  f32v base;
+  explicit Affine(const float* v) : base(f32v{} + v[0]) {}
+  f32v operator()(i32v z) const { return __builtin_convertvector(z & 15, f32v) + base; }
+};
+
+inline bool is_affine(const float* t) {
+  for (int i = 1; i < 16; ++i)
+    if (t[i] != t[0] + static_cast<float>(i)) return false;
+  return true;
+}
+
 // IEEE half -> float by bit manipulation (no _Float16, which older compilers lack on x86): exact, including
 // subnormals, infinities and NaN.
 inline float half_to_float(uint16_t h) {
@@ -192,18 +208,19 @@ struct Problem {
   const void* offset;    // (G, N) or nullptr
   ParamType scale_type, offset_type;
   float table[16];
+  bool affine;           // table[i] = table[0] + i (the integer formats): `Affine` instead of `Table`
   float* y;              // (M, N)
   const float* xsum;     // (M, G), when offset
   int64_t m, k, n, block;
 };
 
 // Rows [m0, m0 + R) of y over the vector columns [c0, c1) (c1 - c0 a multiple of kLanes, at most kMaxPanel).
-template <int R>
+template <int R, typename Lookup>
 void panel(const Problem& p, int64_t m0, int64_t c0, int64_t c1) {
   const int64_t width = c1 - c0, groups = p.k / p.block, half = p.block / 2;
   alignas(64) float acc[R][kMaxPanel];
   alignas(64) float out[R][kMaxPanel];
-  const Table table(p.table);
+  const Lookup table(p.table);
   const float* x[R];
   for (int r = 0; r < R; ++r) {
     x[r] = p.x + (m0 + r) * p.k;
@@ -271,13 +288,19 @@ void scalar_outputs(const Problem& p, int64_t vec_cols) {
   }
 }
 
-void run_unit(const Problem& p, int64_t m0, int64_t rows, int64_t c0, int64_t c1) {
+template <typename Lookup>
+void run_rows(const Problem& p, int64_t m0, int64_t rows, int64_t c0, int64_t c1) {
   switch (rows) {
-    case 4: return panel<4>(p, m0, c0, c1);
-    case 3: return panel<3>(p, m0, c0, c1);
-    case 2: return panel<2>(p, m0, c0, c1);
-    default: return panel<1>(p, m0, c0, c1);
+    case 4: return panel<4, Lookup>(p, m0, c0, c1);
+    case 3: return panel<3, Lookup>(p, m0, c0, c1);
+    case 2: return panel<2, Lookup>(p, m0, c0, c1);
+    default: return panel<1, Lookup>(p, m0, c0, c1);
   }
+}
+
+void run_unit(const Problem& p, int64_t m0, int64_t rows, int64_t c0, int64_t c1) {
+  if (p.affine) return run_rows<Affine>(p, m0, rows, c0, c1);
+  return run_rows<Table>(p, m0, rows, c0, c1);
 }
 
 // Work shared by the caller and the pool's threads: units are (row chunk, column panel) pairs taken from a
@@ -332,6 +355,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   p.scale = scale.untyped_data();
   p.offset = has_offset ? offset.untyped_data() : nullptr;
   std::memcpy(p.table, table.typed_data(), sizeof(p.table));
+  p.affine = is_affine(p.table);
   p.y = y->typed_data();
   p.m = m;
   p.k = k;
