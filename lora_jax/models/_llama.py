@@ -112,8 +112,9 @@ def causal_blocks(t: int) -> list[tuple[int, int]]:
   """Query blocks [start, end) for causal self-attention over `t` tokens: one block below 128 tokens, else
   `min(8, t // 64)` near-equal blocks. Block i needs only the keys [0, end_i); the keys after it are masked
   for every query in it, so their products are skipped (the upper triangle: up to ~45% of the work at 8 blocks).
-  More blocks skip more but add a compiled program per block; 64-token blocks and the cap of 8 were chosen
-  on SmolLM2's shapes, forward + backward, in `benchmarks/train_step.py` (see README, "Performance")."""
+  More blocks skip more but add code to compile per block (~0.3 s each for forward + backward); 64-token blocks
+  and the cap of 8 were chosen from standalone forward + backward timings of one SmolLM2 layer's attention at
+  4 x 256, 2 x 512 and 1 x 1024 tokens (README, "Performance"); the train step is `benchmarks/train_step.py`."""
   n = 1 if t < 128 else min(8, t // 64)
   edges = [round(i * t / n) for i in range(n + 1)]
   return list(zip(edges[:-1], edges[1:]))
